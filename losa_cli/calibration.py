@@ -1,0 +1,164 @@
+"""The sequential pipeline: run a model one decoder block at a time on captured inputs.
+
+Block l is calibrated on the outputs of blocks < l *after* they were pruned, which is how Wanda
+and SparseGPT reach their published numbers.  Only the current block lives on the compute
+device; the other blocks stay where they were loaded.  The inputs of block 0 and the keyword
+arguments every block receives (attention mask, rotary embeddings, ... which differ per block
+in e.g. Gemma 3) are captured by running the model once with every block replaced by a
+recorder that computes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .modeling import find_blocks, find_linears
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+class _StopForward(Exception):
+    """Raised by a recorder to end a forward pass once it has what it needs."""
+
+
+class _BlockRecorder(nn.Module):
+    """Stands in for a decoder block: records its inputs and returns them unchanged."""
+
+    def __init__(self, block: nn.Module, index: int, last: bool, sink: "_Capture") -> None:
+        super().__init__()
+        self.block = block
+        self.index = index
+        self.last = last
+        self.sink = sink
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # models read attributes such as ``attention_type`` off blocks
+            return getattr(super().__getattr__("block"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if self.index == 0:
+            self.sink.hidden.append(hidden)
+        if self.sink.record_kwargs:
+            self.sink.kwargs.append({"args": args[1:], "kwargs": {k: v for k, v in kwargs.items() if k != "hidden_states"}})
+        if self.last or not self.sink.record_kwargs:
+            raise _StopForward
+        return hidden
+
+
+@dataclass
+class _Capture:
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+    record_kwargs: bool
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _move_all_but_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Put embeddings, norms and rotary tables on ``device``; leave the blocks where they are."""
+    in_blocks = {id(m) for m in blocks.modules()}
+    for module in model.modules():
+        if id(module) in in_blocks:
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            param.data = param.data.to(device)
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = buffer.to(device)
+
+
+@torch.inference_mode()
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
+    """Inputs of block 0 for every window, and the extra arguments each block receives."""
+    blocks = find_blocks(model)
+    _move_all_but_blocks(model, blocks, device)
+    capture = _Capture(hidden=[], kwargs=[], record_kwargs=True)
+    originals = list(blocks)
+    for i, block in enumerate(originals):
+        blocks[i] = _BlockRecorder(block, i, i == len(originals) - 1, capture)
+    try:
+        for row in range(windows.shape[0]):
+            try:
+                model(input_ids=windows[row : row + 1].to(device), use_cache=False)
+            except _StopForward:
+                pass
+            capture.record_kwargs = False
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return capture.hidden, [_to_device(k, device) for k in capture.kwargs]
+
+
+def _output_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@dataclass
+class BlockStep:
+    """One block of the sequential pass, on the compute device, with its current inputs."""
+
+    index: int
+    block: nn.Module
+    inputs: list[torch.Tensor]
+    call: dict
+
+    def run(self) -> list[torch.Tensor]:
+        """The block's outputs on its current inputs."""
+        with torch.inference_mode():
+            return [_output_tensor(self.block(x, *self.call["args"], **self.call["kwargs"])) for x in self.inputs]
+
+    def observe_linear_inputs(self, make_observer: Callable[[str, nn.Linear], Callable[[torch.Tensor], None]]) -> None:
+        """Run the block once with a hook feeding each linear layer's inputs to its observer."""
+        def hook_for(observe: Callable[[torch.Tensor], None]):
+            def hook(_module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+                observe(args[0])  # returns None: a forward hook's return value would replace the output
+
+            return hook
+
+        handles = [
+            linear.register_forward_hook(hook_for(make_observer(name, linear)))
+            for name, linear in find_linears(self.block).items()
+        ]
+        try:
+            self.run()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def sequential_blocks(
+    model: nn.Module, windows: torch.Tensor, device: torch.device, progress: ProgressFn | None = None
+) -> Iterator[BlockStep]:
+    """Yield each block on ``device`` with the outputs of the (already modified) blocks before it.
+
+    The caller may change the block while holding the step; its outputs are computed after the
+    caller resumes the iteration, so block l+1 sees what the modified block l produces.
+    """
+    blocks = find_blocks(model)
+    home = next(blocks[0].parameters()).device
+    hidden, calls = capture_block_inputs(model, windows, device)
+    for index, block in enumerate(blocks):
+        block.to(device)
+        step = BlockStep(index, block, hidden, calls[index])
+        yield step
+        hidden = step.run()
+        block.to(home)
+        if progress:
+            progress("blocks", index + 1, len(blocks))

@@ -1,0 +1,204 @@
+"""The ``losa`` command line: one thin function per command.
+
+Each command parses its options into a config, calls one workflow, and renders the result:
+a table on stdout (or JSON with ``--json``), progress bars on stderr.  This is the one place
+that maps exceptions to one-line messages and exit codes; ``--debug`` or ``LOSA_DEBUG=1``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .config import DEFAULT_MODEL, CalibrationConfig, EvalConfig, PruneConfig
+from .errors import LosaError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make LLMs sparse and keep them accurate.")
+stdout = Console()
+stderr = Console(stderr=True)
+_debug = {"on": os.environ.get("LOSA_DEBUG", "") not in ("", "0")}
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+    """losa: prune, recover, export, benchmark and evaluate sparse LLMs."""
+    if debug:
+        _debug["on"] = True
+    # Spin-waiting OpenMP threads slow torch ~5x on a busy 2-core machine; must precede torch's import.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # losa draws its own progress; keep stderr readable
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handled(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn known failures into a one-line message and a non-zero exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except LosaError as exc:
+            if _debug["on"]:
+                raise
+            raise _fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            if _debug["on"]:
+                raise
+            raise _fail("interrupted; nothing was written", 130) from None
+        except MemoryError:
+            if _debug["on"]:
+                raise
+            raise _fail("out of memory: lower --nsamples or --seqlen, or use --dtype bfloat16", 3) from None
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if _debug["on"] or "out of memory" not in str(exc).lower():
+                raise
+            raise _fail("out of memory on the device: lower --nsamples or --seqlen, or use --device cpu", 3) from None
+
+    return wrapper
+
+
+@contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A progress callback drawing one rich bar per task description on stderr."""
+    if not enabled or not stderr.is_terminal and os.environ.get("LOSA_PROGRESS") != "1":
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=False) as bars:
+        tasks: dict[str, int] = {}
+
+        def update(description: str, done: int, total: int) -> None:
+            if description not in tasks:
+                tasks[description] = bars.add_task(description, total=total)
+            bars.update(tasks[description], completed=done, total=total)
+
+        yield update
+
+
+def _emit_json(payload: dict) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+
+
+def _warn(warnings: list[str]) -> None:
+    for line in warnings:
+        stderr.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model folder, .gguf file, Hub id, or smollm2-135m.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+@app.command()
+@handled
+def prune(
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder to write the pruned model to.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    method: Annotated[str, typer.Option(help="wanda | sparsegpt | magnitude")] = PruneConfig.method,
+    sparsity: Annotated[float, typer.Option(help="Unstructured sparsity in [0, 1).")] = PruneConfig.sparsity,
+    pattern: Annotated[Optional[str], typer.Option(help="N:M pattern (zero N of every M inputs), e.g. 2:4.")] = None,
+    per_layer: Annotated[Optional[str], typer.Option("--per-layer", help="JSON file of per-block rates.")] = None,
+    calib: Annotated[str, typer.Option(help="Calibration text: .txt, .jsonl, saved dataset folder, or c4/wikitext2.")] = CalibrationConfig.calib,
+    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = CalibrationConfig.nsamples,
+    seqlen: Annotated[int, typer.Option(help="Tokens per window (clipped to the model's context).")] = CalibrationConfig.seqlen,
+    seed: Annotated[int, typer.Option(help="Seed for sampling the windows.")] = CalibrationConfig.seed,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = PruneConfig.device,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 (statistics are fp32 always).")] = PruneConfig.dtype,
+    damp: Annotated[float, typer.Option(help="SparseGPT damping, fraction of mean(diag H).")] = PruneConfig.damp,
+    blocksize: Annotated[int, typer.Option(help="SparseGPT column block size.")] = PruneConfig.blocksize,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prune a model's linear layers block by block (Wanda, SparseGPT or magnitude)."""
+    from .prune import run_prune
+
+    config = PruneConfig(
+        model=model, out=out, method=method, sparsity=sparsity, pattern=pattern, per_layer=per_layer,
+        calibration=CalibrationConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed),
+        device=device, dtype=dtype, damp=damp, blocksize=blocksize, force=force, trust_remote_code=trust_remote_code,
+    )
+    with progress_bars(not as_json) as progress:
+        result = run_prune(config, progress)
+    _warn(result.warnings)
+    if as_json:
+        _emit_json(asdict(result))
+        return
+    table = Table(title=f"losa prune: {result.method} {result.pattern or f'{result.target_sparsity:.0%}'} -> {result.out}")
+    table.add_column("block", justify="right")
+    table.add_column("target", justify="right")
+    table.add_column("zeros", justify="right")
+    for index, (rate, actual) in enumerate(zip(result.per_block_rates, result.per_block_sparsity)):
+        table.add_row(str(index), f"{rate:.4f}", f"{actual:.4f}")
+    table.add_row("all", f"{result.target_sparsity:.4f}", f"{result.global_sparsity:.4f}", style="bold")
+    stdout.print(table)
+    stdout.print(
+        f"calibration {result.nsamples} x {result.seqlen} tokens on {result.device}; "
+        f"{result.wall_time_s:.1f} s, peak memory {result.peak_memory_mib:.0f} MiB; mask sha256 {result.mask_checksum[:16]}",
+        highlight=False,
+    )
+
+
+@app.command("eval")
+@handled
+def eval_(
+    model: ModelOpt = DEFAULT_MODEL,
+    data: Annotated[Optional[str], typer.Option(help="Evaluation text (.txt/.jsonl/saved dataset, or wikitext2).")] = None,
+    seqlen: Annotated[int, typer.Option(help="Tokens per window (clipped to the model's context).")] = EvalConfig.seqlen,
+    max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Use at most this many windows.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = EvalConfig.batch_size,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = EvalConfig.dtype,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = EvalConfig.device,
+    sparsity: Annotated[bool, typer.Option("--sparsity", help="Report per-layer and global zero fractions.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Perplexity over non-overlapping windows, and/or the zero fractions of any model."""
+    from .evaluate import run_eval
+
+    config = EvalConfig(model=model, data=data, seqlen=seqlen, max_windows=max_windows, dtype=dtype, device=device,
+                        batch_size=batch_size, sparsity=sparsity, trust_remote_code=trust_remote_code)
+    with progress_bars(not as_json) as progress:
+        result = run_eval(config, progress)
+    _warn(result.warnings)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    if result.sparsity is not None:
+        table = Table(title=f"zero fractions of {result.model}")
+        table.add_column("layer")
+        table.add_column("zeros", justify="right")
+        for name, fraction in result.sparsity.per_layer_sparsity.items():
+            table.add_row(name, f"{fraction:.4f}")
+        table.add_row("all pruned linear layers", f"{result.sparsity.global_sparsity:.4f}", style="bold")
+        stdout.print(table)
+    if result.perplexity is not None:
+        p = result.perplexity
+        stdout.print(
+            f"perplexity {p.perplexity:.4f} on {p.data}: {p.windows} windows x {p.seqlen} tokens "
+            f"({p.predicted_tokens} predicted), BOS per window: {'yes' if p.bos_per_window else 'no'}, "
+            f"{p.dtype} on {p.device}, {p.wall_time_s:.1f} s",
+            highlight=False,
+        )
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()

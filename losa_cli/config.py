@@ -1,0 +1,160 @@
+"""Settings of each command as dataclasses that validate themselves.
+
+Defaults live here and only here; the CLI reads them from these classes.  ``validate`` collects
+every problem and raises one ``ConfigError`` listing them all, so a user fixes a run in one go.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m"
+METHODS = ("wanda", "sparsegpt", "magnitude")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_nm(pattern: str) -> str | None:
+    parts = pattern.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        return f"--pattern {pattern!r} is not N:M; use e.g. 2:4 or 4:8"
+    n, m = int(parts[0]), int(parts[1])
+    if not 0 < n < m:
+        return f"--pattern {pattern}: N must be below M and above 0 (e.g. 2:4), got N={n}, M={m}"
+    return None
+
+
+@dataclass
+class CalibrationConfig:
+    """Where calibration windows come from and how many."""
+
+    calib: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.nsamples < 1:
+            found.append(f"--nsamples must be at least 1, got {self.nsamples}")
+        if self.seqlen < 2:
+            found.append(f"--seqlen must be at least 2, got {self.seqlen}")
+        return found
+
+
+@dataclass
+class PruneConfig:
+    """Settings of ``losa prune``."""
+
+    model: str = DEFAULT_MODEL
+    out: str = ""
+    method: str = "wanda"
+    sparsity: float = 0.5
+    pattern: str | None = None
+    per_layer: str | None = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    device: str = "auto"
+    dtype: str = "float32"
+    damp: float = 0.01
+    blocksize: int = 128
+    force: bool = False
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        found = self.calibration.problems()
+        if not self.out:
+            found.append("--out is required: the folder to write the pruned model to")
+        if self.method not in METHODS:
+            found.append(f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        if not 0.0 <= self.sparsity < 1.0:
+            found.append(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.pattern is not None:
+            problem = _check_nm(self.pattern)
+            if problem:
+                found.append(problem)
+            if self.per_layer:
+                found.append("--pattern and --per-layer cannot be combined: N:M fixes every layer's rate")
+        if self.device not in DEVICES:
+            found.append(f"--device {self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            found.append(f"--dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+        if not 0.0 < self.damp <= 1.0:
+            found.append(f"--damp must be in (0, 1], got {self.damp}")
+        if self.blocksize < 1:
+            found.append(f"--blocksize must be positive, got {self.blocksize}")
+        if found:
+            raise ConfigError("; ".join(found))
+
+
+@dataclass
+class EvalConfig:
+    """Settings of ``losa eval``."""
+
+    model: str = DEFAULT_MODEL
+    data: str | None = None
+    seqlen: int = 2048
+    max_windows: int | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    batch_size: int = 1
+    sparsity: bool = False
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        found = []
+        if self.data is None and not self.sparsity:
+            found.append("give --data FILE for perplexity, or --sparsity to count zeros")
+        if self.seqlen < 2:
+            found.append(f"--seqlen must be at least 2, got {self.seqlen}")
+        if self.max_windows is not None and self.max_windows < 1:
+            found.append(f"--max-windows must be at least 1, got {self.max_windows}")
+        if self.batch_size < 1:
+            found.append(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            found.append(f"--dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            found.append(f"--device {self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
+        if found:
+            raise ConfigError("; ".join(found))
+
+
+def to_dict(config: object) -> dict:
+    """Plain-dict view of a config dataclass (for manifests and ``--json``)."""
+    return asdict(config)  # type: ignore[arg-type]
+
+
+def load_per_layer(path: str, num_blocks: int) -> list[float]:
+    """Read explicit per-block rates: a JSON list, or a JSON object {block index: rate}.
+
+    Accepts a losa manifest too (its ``per_block_rates``), so a previous run's allocation can be
+    replayed.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--per-layer file {path} does not exist")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--per-layer file {path} is not valid JSON ({exc})") from None
+    if isinstance(data, dict) and "per_block_rates" in data:
+        data = data["per_block_rates"]
+    if isinstance(data, dict):
+        try:
+            rates = [float(data[str(i)] if str(i) in data else data[i]) for i in range(num_blocks)]
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"--per-layer file {path} must give a rate for every block 0..{num_blocks - 1}") from None
+    elif isinstance(data, list):
+        rates = [float(r) for r in data]
+    else:
+        raise ConfigError(f"--per-layer file {path} must hold a JSON list of rates or an object {{block: rate}}")
+    if len(rates) != num_blocks:
+        raise ConfigError(f"--per-layer file {path} gives {len(rates)} rates but the model has {num_blocks} blocks")
+    bad = [f"block {i}: {r}" for i, r in enumerate(rates) if not 0.0 <= r < 1.0]
+    if bad:
+        raise ConfigError(f"--per-layer rates must be in [0, 1): {', '.join(bad)}")
+    return rates
+

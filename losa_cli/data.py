@@ -1,0 +1,172 @@
+"""Text sources -> token windows for calibration and evaluation.
+
+Accepted sources: a ``.txt`` file (documents separated by blank lines, or one per line when the
+file has no blank lines), a ``.jsonl`` file (a ``text`` field, or Alpaca-style instruction
+records), a folder saved with ``datasets.save_to_disk``, or the Hub names ``c4`` / ``wikitext2``
+when online.  Documents are joined with a blank line and tokenised once, as the perplexity
+protocol prescribes; windows are cut from that one token stream.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+
+HUB_DATASETS = {
+    "c4": {"path": "allenai/c4", "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}, "split": "train", "field": "text"},
+    "wikitext2": {"path": "wikitext", "name": "wikitext-2-raw-v1", "split": "test", "field": "text"},
+}
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def format_instruction(record: dict) -> tuple[str, str]:
+    """(prompt, response) of an Alpaca-style record, with the Alpaca template."""
+    template = ALPACA_WITH_INPUT if record.get("input") else ALPACA_NO_INPUT
+    prompt = template.format(instruction=record["instruction"], input=record.get("input", ""))
+    return prompt, str(record.get("output", ""))
+
+
+def _read_txt(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    separator = "\n\n" if "\n\n" in text else "\n"
+    return [doc.strip() for doc in text.split(separator) if doc.strip()]
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object per line")
+            if "text" in record:
+                docs.append(str(record["text"]))
+            elif "instruction" in record:
+                prompt, response = format_instruction(record)
+                docs.append(prompt + response)
+            else:
+                raise DataError(f"{path}:{number}: needs a 'text' field or 'instruction'/'output' fields")
+    return docs
+
+
+def _read_saved_dataset(path: Path) -> list[str]:
+    from datasets import load_from_disk
+
+    try:
+        dataset = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(f"{path} is not a folder saved with datasets.save_to_disk: {exc}") from None
+    if hasattr(dataset, "keys"):  # a DatasetDict: take the first split
+        dataset = dataset[sorted(dataset.keys())[0]]
+    if "text" not in dataset.column_names:
+        raise DataError(f"the dataset in {path} has no 'text' column (columns: {', '.join(dataset.column_names)})")
+    return [t for t in dataset["text"] if t and t.strip()]
+
+
+def _read_hub(name: str) -> list[str]:
+    spec = dict(HUB_DATASETS[name])
+    field = spec.pop("field")
+    try:
+        from datasets import load_dataset
+
+        dataset = load_dataset(**spec)
+    except Exception as exc:  # noqa: BLE001 - any network/Hub failure means the same to the user
+        raise DataError(
+            f"cannot fetch the Hub dataset {name!r} ({type(exc).__name__}); offline? pass a local file, e.g. --calib c4-sample.txt"
+        ) from None
+    return [t for t in dataset[field] if t and t.strip()]
+
+
+def read_documents(source: str) -> list[str]:
+    """The documents of a text source, in file order."""
+    if source in HUB_DATASETS and not Path(source).exists():
+        return _read_hub(source)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data file {source} does not exist (or use {' / '.join(HUB_DATASETS)} when online)")
+    if path.is_dir():
+        docs = _read_saved_dataset(path)
+    elif path.suffix == ".jsonl":
+        docs = _read_jsonl(path)
+    elif path.suffix in (".txt", ".text", ".md", ""):
+        try:
+            docs = _read_txt(path)
+        except UnicodeDecodeError:
+            raise DataError(f"{source} is not UTF-8 text") from None
+    else:
+        raise DataError(f"{source}: unsupported data format {path.suffix!r}; use .txt, .jsonl or a saved datasets folder")
+    if not docs:
+        raise DataError(f"{source} holds no text")
+    return docs
+
+
+def bos_token_to_prepend(tokenizer) -> int | None:
+    """The BOS id when the tokenizer adds one to every sequence by default (Llama-2, Gemma), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a").input_ids
+    return bos if ids and ids[0] == bos else None
+
+
+def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:
+    """Join documents with a blank line and tokenise once, without special tokens."""
+    ids = tokenizer("\n\n".join(documents), add_special_tokens=False).input_ids
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def sample_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, bos: int | None, source: str) -> torch.Tensor:
+    """``nsamples`` distinct, non-overlapping windows of ``seqlen`` tokens chosen with ``seed``.
+
+    With a BOS token each window is BOS + ``seqlen - 1`` text tokens, so the model sees what it
+    saw in training.
+    """
+    body = seqlen - (1 if bos is not None else 0)
+    available = len(stream) // body
+    if available < nsamples:
+        raise DataError(
+            f"{source} holds {len(stream)} tokens = {available} windows of {seqlen} tokens, "
+            f"fewer than the {nsamples} asked for; lower --nsamples or --seqlen, or give more text"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    slack = len(stream) - available * body
+    offset = int(torch.randint(0, slack + 1, (1,), generator=generator))
+    chosen = torch.randperm(available, generator=generator)[:nsamples]
+    starts = offset + chosen * body
+    windows = torch.stack([stream[s : s + body] for s in starts.tolist()])
+    return _with_bos(windows, bos)
+
+
+def consecutive_windows(stream: torch.Tensor, seqlen: int, max_windows: int | None, bos: int | None) -> torch.Tensor:
+    """Non-overlapping windows from the start of the stream (the perplexity protocol)."""
+    body = seqlen - (1 if bos is not None else 0)
+    count = len(stream) // body
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise DataError(f"the evaluation text holds {len(stream)} tokens, fewer than one window of {seqlen}; lower --seqlen")
+    windows = stream[: count * body].view(count, body)
+    return _with_bos(windows, bos)

@@ -1,0 +1,109 @@
+"""Workflow of ``losa eval``: perplexity, and zero fractions of any model.
+
+Perplexity follows the protocol in docs/losa-method.md §6: the evaluation text joined with a
+blank line, tokenised once, cut into non-overlapping windows of ``seqlen`` tokens; the mean
+token NLL over all predicted tokens.  A BOS token starts every window when the model's
+tokenizer adds one by default (Gemma, Llama-2); the result says whether it did.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .calibration import ProgressFn
+from .config import EvalConfig
+from .data import bos_token_to_prepend, consecutive_windows, read_documents, token_stream
+from .modeling import load_model, max_context, resolve_device, sparsity_report
+
+
+@dataclass
+class PerplexityResult:
+    data: str
+    perplexity: float
+    mean_nll: float
+    seqlen: int
+    windows: int
+    predicted_tokens: int
+    bos_per_window: bool
+    dtype: str
+    device: str
+    wall_time_s: float
+
+
+@dataclass
+class SparsityResult:
+    global_sparsity: float
+    per_block_sparsity: list[float]
+    per_layer_sparsity: dict[str, float]
+    mask_checksum: str
+
+
+@dataclass
+class EvalResult:
+    model: str
+    perplexity: PerplexityResult | None
+    sparsity: SparsityResult | None
+    warnings: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def window_nll(model: torch.nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 1,
+               progress: ProgressFn | None = None) -> tuple[float, int]:
+    """Summed next-token NLL (fp32) over all windows, and the number of predicted tokens."""
+    total = 0.0
+    count = 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        targets = batch[:, 1:]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+        count += targets.numel()
+        if progress:
+            progress("perplexity", min(start + batch_size, windows.shape[0]), windows.shape[0])
+    return total, count
+
+
+def run_eval(config: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
+    """``losa eval``: perplexity on ``--data`` and/or the zero fractions of the model."""
+    config.validate()
+    device = resolve_device(config.device)
+    loaded = load_model(config.model, config.dtype, config.trust_remote_code)
+    warnings: list[str] = []
+    sparsity = None
+    if config.sparsity:
+        per_layer, per_block, global_sparsity, checksum = sparsity_report(loaded.model)
+        sparsity = SparsityResult(global_sparsity, per_block, per_layer, checksum)
+    ppl = None
+    if config.data is not None:
+        seqlen = config.seqlen
+        limit = max_context(loaded.model)
+        if limit is not None and seqlen > limit:
+            warnings.append(f"--seqlen {seqlen} exceeds the model's context {limit}; using {limit}")
+            seqlen = limit
+        bos = bos_token_to_prepend(loaded.tokenizer)
+        windows = consecutive_windows(token_stream(loaded.tokenizer, read_documents(config.data)), seqlen, config.max_windows, bos)
+        started = time.perf_counter()
+        model = loaded.model.to(device)
+        total, count = window_nll(model, windows, device, config.batch_size, progress)
+        mean = total / count
+        ppl = PerplexityResult(
+            data=config.data,
+            perplexity=math.exp(mean),
+            mean_nll=mean,
+            seqlen=seqlen,
+            windows=int(windows.shape[0]),
+            predicted_tokens=count,
+            bos_per_window=bos is not None,
+            dtype=config.dtype,
+            device=str(device),
+            wall_time_s=time.perf_counter() - started,
+        )
+    return EvalResult(model=config.model, perplexity=ppl, sparsity=sparsity, warnings=warnings)

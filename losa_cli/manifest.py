@@ -1,0 +1,87 @@
+"""``losa_manifest.json``: how an output folder was made (standard library only).
+
+Records the command, inputs, settings, seed, library versions, machine, results and timing,
+so that anyone can reproduce or audit a number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "losa_manifest.json"
+TRACKED_PACKAGES = ("losa", "torch", "transformers", "accelerate", "safetensors", "datasets", "numpy", "gguf")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that can change a result."""
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, OS and core count of the machine that ran the job."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
+def manifest_hash(manifest: dict) -> str:
+    """SHA-256 of a manifest's canonical JSON: how a child names its parent."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def build_manifest(command: str, inputs: dict, settings: dict, results: dict, parent: dict | None = None) -> dict:
+    """Assemble a manifest; ``parent`` is the manifest of the input model, if it had one."""
+    return {
+        "losa_manifest_version": 1,
+        "command": command,
+        "argv": sys.argv,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": inputs,
+        "settings": settings,
+        "results": results,
+        "versions": library_versions(),
+        "machine": machine_info(),
+        "parent_manifest": None if parent is None else {"command": parent.get("command"), "sha256": manifest_hash(parent)},
+    }
+
+
+def write_manifest(folder: Path, manifest: dict) -> Path:
+    """Write ``losa_manifest.json`` into ``folder``."""
+    path = folder / MANIFEST_NAME
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The folder's manifest, or None when it has none."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())

@@ -1,0 +1,90 @@
+"""Mask selection from scores, sparsity counting and mask checksums (torch only).
+
+Convention: a *mask* is a bool tensor shaped like the weight that is ``True`` where the weight
+is pruned (set to zero).  Selection picks an exact count with ``topk`` rather than a threshold,
+so ties can never push a row or layer past its target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import torch
+
+
+def parse_nm(pattern: str) -> tuple[int, int]:
+    """Parse ``"N:M"`` (zero N weights in every group of M consecutive inputs).
+
+    Raises ``ValueError`` with a message the CLI can show as is.
+    """
+    try:
+        n_text, m_text = pattern.split(":")
+        n, m = int(n_text), int(m_text)
+    except ValueError:
+        raise ValueError(f"pattern {pattern!r} is not N:M; use e.g. 2:4 or 4:8") from None
+    if not 0 < n < m:
+        raise ValueError(f"pattern {pattern}: need 0 < N < M (e.g. 2:4), got N={n}, M={m}")
+    return n, m
+
+
+def prune_count(total: int, sparsity: float) -> int:
+    """Number of weights to prune out of ``total`` for a target rate (nearest integer)."""
+    return int(round(total * sparsity))
+
+
+def rowwise_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the lowest-scoring ``round(in * sparsity)`` weights of every output row (Wanda)."""
+    k = prune_count(scores.shape[1], sparsity)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        lowest = torch.topk(scores, k, dim=1, largest=False).indices
+        mask.scatter_(1, lowest, True)
+    return mask
+
+
+def layerwise_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the lowest-scoring ``round(numel * sparsity)`` weights of the whole layer (magnitude)."""
+    k = prune_count(scores.numel(), sparsity)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.topk(scores.flatten(), k, largest=False).indices] = True
+    return mask.view_as(scores)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Prune the ``n`` lowest scores in every group of ``m`` consecutive inputs of each row."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"N:M with M={m} needs the input width to be a multiple of {m}; got {cols}")
+    groups = scores.reshape(rows, cols // m, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, torch.topk(groups, n, dim=2, largest=False).indices, True)
+    return mask.reshape(rows, cols)
+
+
+def satisfies_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group of ``m`` consecutive inputs holds at least ``n`` zeros."""
+    rows, cols = weight.shape
+    zeros = (weight.reshape(rows, cols // m, m) == 0).sum(dim=2)
+    return bool((zeros >= n).all())
+
+
+def zero_fraction(weight: torch.Tensor) -> float:
+    """Fraction of exactly-zero entries."""
+    return float((weight == 0).sum()) / weight.numel()
+
+
+def mask_checksum(masks: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over the names and packed bits of the masks, in the given order.
+
+    Two models share this checksum exactly when the same weights are zero, so a user can check
+    that merging or exporting kept the pattern.
+    """
+    digest = hashlib.sha256()
+    for name, mask in masks:
+        digest.update(name.encode())
+        bits = mask.detach().to("cpu", torch.bool).flatten()
+        digest.update(str(tuple(mask.shape)).encode())
+        digest.update(bits.numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny models built from config with a tiny trained tokenizer (offline, fast)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+WORDS = (
+    "the a model sparse weight layer block prune keep zero token window text data run fast slow small large "
+    "river mountain city house tree water light dark red blue green cat dog bird fish sun moon star rain snow "
+    "and or but if then when while because so very more less one two three four five six seven eight nine ten"
+).split()
+
+
+def synthetic_text(documents: int, words_per_doc: int, seed: int = 0) -> str:
+    """Documents of random words separated by blank lines (deterministic)."""
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(words_per_doc)) + "." for _ in range(documents)]
+    return "\n\n".join(docs) + "\n"
+
+
+def tiny_tokenizer(add_bos: bool):
+    """A byte-level BPE tokenizer trained on the synthetic text; adds BOS when asked (like Gemma)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<bos>", "<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([synthetic_text(50, 40, seed=123)], trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_config(model_type: str, vocab_size: int):
+    """A 2-block config of the given architecture, hidden width 32."""
+    from transformers import (Gemma3TextConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config)
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    llama_like = dict(common, intermediate_size=64, num_key_value_heads=2)
+    if model_type == "llama":
+        return LlamaConfig(**llama_like)
+    if model_type == "mistral":
+        return MistralConfig(**llama_like, sliding_window=None)
+    if model_type == "qwen2":
+        return Qwen2Config(**llama_like)
+    if model_type == "qwen3":
+        return Qwen3Config(**llama_like, head_dim=8)
+    if model_type == "gemma3_text":
+        # sliding window shorter than the windows used in tests, so block kwargs really differ
+        return Gemma3TextConfig(**llama_like, head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    if model_type == "opt":
+        return OPTConfig(**common, ffn_dim=64, word_embed_proj_dim=32, do_layer_norm_before=True)
+    raise ValueError(model_type)
+
+
+def build_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0) -> Path:
+    """Save a randomly initialised tiny causal LM and tokenizer to ``folder``."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer(add_bos=model_type == "gemma3_text")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, len(tokenizer)))
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """One saved tiny model per tested architecture (built once per session)."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {kind: build_tiny_model(root / kind, kind) for kind in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt")}
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    """A synthetic calibration text file (blank-line separated documents)."""
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text(synthetic_text(60, 60, seed=1))
+    return path
+
+
+@pytest.fixture(scope="session")
+def eval_file(tmp_path_factory) -> Path:
+    """A synthetic evaluation text, disjoint seed from the calibration text."""
+    path = tmp_path_factory.mktemp("data") / "eval.txt"
+    path.write_text(synthetic_text(40, 60, seed=2))
+    return path

@@ -1,0 +1,76 @@
+"""Text sources and window sampling."""
+
+import json
+
+import pytest
+import torch
+
+from losa_cli.data import bos_token_to_prepend, consecutive_windows, read_documents, sample_windows
+from losa_cli.errors import DataError
+
+from conftest import tiny_tokenizer
+
+
+def test_txt_blank_line_documents(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("one doc\nstill one\n\nsecond doc\n\n\nthird\n")
+    assert read_documents(str(path)) == ["one doc\nstill one", "second doc", "third"]
+
+
+def test_txt_one_document_per_line(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("first\nsecond\nthird\n")
+    assert read_documents(str(path)) == ["first", "second", "third"]
+
+
+def test_jsonl_text_and_instruction_records(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"text": "plain"}) + "\n" + json.dumps({"instruction": "Add.", "input": "1 1", "output": "2"}) + "\n")
+    docs = read_documents(str(path))
+    assert docs[0] == "plain"
+    assert "### Instruction:\nAdd." in docs[1] and "### Input:\n1 1" in docs[1] and docs[1].endswith("### Response:\n2")
+
+
+def test_jsonl_malformed_line_reports_line_number(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": broken\n')
+    with pytest.raises(DataError, match=r"a.jsonl:2: not valid JSON"):
+        read_documents(str(path))
+
+
+def test_saved_dataset_folder(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"text": ["alpha beta", "", "gamma"]}).save_to_disk(str(tmp_path / "ds"))
+    assert read_documents(str(tmp_path / "ds")) == ["alpha beta", "gamma"]
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_documents(str(tmp_path / "nope.txt"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="holds no text"):
+        read_documents(str(tmp_path / "empty.txt"))
+
+
+def test_sample_windows_deterministic_distinct_and_too_short_error():
+    stream = torch.arange(1000)
+    a = sample_windows(stream, 5, 100, seed=3, bos=None, source="s")
+    b = sample_windows(stream, 5, 100, seed=3, bos=None, source="s")
+    c = sample_windows(stream, 5, 100, seed=4, bos=None, source="s")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (5, 100)
+    assert len({int(row[0]) for row in a}) == 5
+    assert all(torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 100)) for row in a)
+    with pytest.raises(DataError, match="holds 1000 tokens = 10 windows of 100 tokens"):
+        sample_windows(stream, 11, 100, seed=0, bos=None, source="s")
+
+
+def test_bos_prepended_when_tokenizer_adds_it():
+    with_bos, without = tiny_tokenizer(add_bos=True), tiny_tokenizer(add_bos=False)
+    assert bos_token_to_prepend(with_bos) == with_bos.bos_token_id
+    assert bos_token_to_prepend(without) is None
+    windows = consecutive_windows(torch.arange(10, 30), 5, None, bos=1)
+    assert windows.shape == (5, 5)
+    assert (windows[:, 0] == 1).all() and windows[0, 1:].tolist() == [10, 11, 12, 13]
+    assert consecutive_windows(torch.arange(20), 5, 2, bos=None).tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]

