@@ -115,6 +115,12 @@ def prune(
     sparsity: Annotated[float, typer.Option(help="Unstructured sparsity in [0, 1).")] = PruneConfig.sparsity,
     pattern: Annotated[Optional[str], typer.Option(help="N:M pattern (zero N of every M inputs), e.g. 2:4.")] = None,
     per_layer: Annotated[Optional[str], typer.Option("--per-layer", help="JSON file of per-block rates.")] = None,
+    allocation: Annotated[str, typer.Option(help="Per-block rates: uniform | rmi | owl.")] = PruneConfig.allocation,
+    delta: Annotated[Optional[float], typer.Option(help="RMI: max deviation from --sparsity (default by band).")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="RMI: importance temperature (default 1 Wanda, 100 SparseGPT).")] = None,
+    rmi_samples: Annotated[int, typer.Option("--rmi-samples", help="RMI: calibration windows used for similarity.")] = PruneConfig.rmi_samples,
+    owl_lambda: Annotated[float, typer.Option("--owl-lambda", help="OWL: max deviation from --sparsity.")] = PruneConfig.owl_lambda,
+    owl_m: Annotated[float, typer.Option("--owl-m", help="OWL: outlier threshold, multiple of the mean score.")] = PruneConfig.owl_m,
     calib: Annotated[str, typer.Option(help="Calibration text: .txt, .jsonl, saved dataset folder, or c4/wikitext2.")] = CalibrationConfig.calib,
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = CalibrationConfig.nsamples,
     seqlen: Annotated[int, typer.Option(help="Tokens per window (clipped to the model's context).")] = CalibrationConfig.seqlen,
@@ -132,6 +138,7 @@ def prune(
 
     config = PruneConfig(
         model=model, out=out, method=method, sparsity=sparsity, pattern=pattern, per_layer=per_layer,
+        allocation=allocation, delta=delta, beta=beta, rmi_samples=rmi_samples, owl_lambda=owl_lambda, owl_m=owl_m,
         calibration=CalibrationConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed),
         device=device, dtype=dtype, damp=damp, blocksize=blocksize, force=force, trust_remote_code=trust_remote_code,
     )
@@ -141,7 +148,8 @@ def prune(
     if as_json:
         _emit_json(asdict(result))
         return
-    table = Table(title=f"losa prune: {result.method} {result.pattern or f'{result.target_sparsity:.0%}'} -> {result.out}")
+    setting = result.pattern or f"{result.target_sparsity:.0%} {result.allocation.get('kind', '')}"
+    table = Table(title=f"losa prune: {result.method} {setting} -> {result.out}")
     table.add_column("block", justify="right")
     table.add_column("target", justify="right")
     table.add_column("zeros", justify="right")
@@ -197,6 +205,43 @@ def eval_(
             f"{p.dtype} on {p.device}, {p.wall_time_s:.1f} s",
             highlight=False,
         )
+
+
+@app.command()
+@handled
+def inspect(
+    model: Annotated[str, typer.Argument(help="Model folder (pruned or not), .gguf file, or smollm2-135m.")],
+    plot: Annotated[Optional[str], typer.Option(help="Write a PNG: per-block bars and the RMI heatmap.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --plot file.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-block sparsity (and rates, ranks, similarity, lineage from the manifest) of any model."""
+    from .inspection import run_inspect
+
+    result = run_inspect(model, plot, force, trust_remote_code)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    table = Table(title=f"{model}: {result.global_sparsity:.2%} of the block linear weights are zero")
+    table.add_column("block", justify="right")
+    table.add_column("zeros", justify="right")
+    if result.per_block_rates is not None:
+        table.add_column(f"target ({result.allocation or 'given'})", justify="right")
+    if result.ranks is not None:
+        table.add_column("rank", justify="right")
+    for index, zeros in enumerate(result.per_block_sparsity):
+        row = [str(index), f"{zeros:.4f}"]
+        if result.per_block_rates is not None:
+            row.append(f"{result.per_block_rates[index]:.4f}")
+        if result.ranks is not None:
+            row.append(str(result.ranks[index]))
+        table.add_row(*row)
+    stdout.print(table)
+    for depth, step in enumerate(result.lineage):
+        stdout.print(f"{'  ' * depth}<- {step['command']} ({step['created']}): {' '.join(step['argv'] or [])}", highlight=False)
+    if result.plot:
+        stdout.print(f"plot written to {result.plot}", highlight=False)
 
 
 def run() -> None:

@@ -16,6 +16,7 @@ DEFAULT_MODEL = "smollm2-135m"
 METHODS = ("wanda", "sparsegpt", "magnitude")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+ALLOCATIONS = ("uniform", "rmi", "owl")
 
 
 def _check_nm(pattern: str) -> str | None:
@@ -56,6 +57,12 @@ class PruneConfig:
     sparsity: float = 0.5
     pattern: str | None = None
     per_layer: str | None = None
+    allocation: str = "uniform"
+    delta: float | None = None
+    beta: float | None = None
+    rmi_samples: int = 64
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     device: str = "auto"
     dtype: str = "float32"
@@ -78,6 +85,22 @@ class PruneConfig:
                 found.append(problem)
             if self.per_layer:
                 found.append("--pattern and --per-layer cannot be combined: N:M fixes every layer's rate")
+            if self.allocation != "uniform":
+                found.append(f"--pattern and --allocation {self.allocation} cannot be combined: N:M fixes every layer's rate")
+        if self.allocation not in ALLOCATIONS:
+            found.append(f"--allocation {self.allocation!r} is unknown; choose one of {', '.join(ALLOCATIONS)}")
+        if self.per_layer and self.allocation != "uniform":
+            found.append("--per-layer gives the rates itself; drop --allocation")
+        if self.allocation == "rmi" and self.delta is not None and not (0.0 < self.delta < 0.5 and self.sparsity + self.delta < 1.0):
+            found.append(f"--delta must be in (0, 0.5) with sparsity + delta below 1, got {self.delta}")
+        if self.beta is not None and self.beta <= 0:
+            found.append(f"--beta must be positive, got {self.beta}")
+        if self.rmi_samples < 2:
+            found.append(f"--rmi-samples must be at least 2 (similarity needs several sequences), got {self.rmi_samples}")
+        if self.allocation == "owl" and (not 0.0 < self.owl_lambda < 0.5 or self.sparsity + self.owl_lambda >= 1.0):
+            found.append(f"--owl-lambda must be in (0, 0.5) with sparsity + lambda below 1, got {self.owl_lambda}")
+        if self.owl_m <= 0:
+            found.append(f"--owl-m must be positive, got {self.owl_m}")
         if self.device not in DEVICES:
             found.append(f"--device {self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:

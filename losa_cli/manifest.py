@@ -56,8 +56,9 @@ def manifest_hash(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
-def build_manifest(command: str, inputs: dict, settings: dict, results: dict, parent: dict | None = None) -> dict:
-    """Assemble a manifest; ``parent`` is the manifest of the input model, if it had one."""
+def build_manifest(command: str, inputs: dict, settings: dict, results: dict, parent_folder: Path | None = None) -> dict:
+    """Assemble a manifest; ``parent_folder`` is the input model's folder, linked by its manifest's hash."""
+    parent = read_manifest(parent_folder) if parent_folder is not None else None
     return {
         "losa_manifest_version": 1,
         "command": command,
@@ -68,7 +69,9 @@ def build_manifest(command: str, inputs: dict, settings: dict, results: dict, pa
         "results": results,
         "versions": library_versions(),
         "machine": machine_info(),
-        "parent_manifest": None if parent is None else {"command": parent.get("command"), "sha256": manifest_hash(parent)},
+        "parent_manifest": None
+        if parent is None
+        else {"command": parent.get("command"), "sha256": manifest_hash(parent), "path": str(Path(parent_folder).resolve())},
     }
 
 
@@ -77,6 +80,25 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
     path = folder / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def lineage(folder: Path) -> list[dict]:
+    """The chain of manifests from ``folder`` back through its parents, newest first.
+
+    Stops where a parent folder is gone or its manifest no longer matches the recorded hash.
+    """
+    chain = []
+    manifest = read_manifest(folder)
+    while manifest is not None and len(chain) < 100:
+        chain.append(manifest)
+        parent = manifest.get("parent_manifest")
+        if not parent or not parent.get("path"):
+            break
+        candidate = read_manifest(Path(parent["path"]))
+        if candidate is None or manifest_hash(candidate) != parent.get("sha256"):
+            break
+        manifest = candidate
+    return chain
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -8,18 +8,19 @@ block's rate (or N:M), re-run the block -> save the model, tokenizer and manifes
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .allocation import Allocation, owl_allocation, rmi_allocation
 from .atomic import atomic_folder, check_output
 from .calibration import ProgressFn, sequential_blocks
 from .config import PruneConfig, load_per_layer, to_dict
 from .data import bos_token_to_prepend, read_documents, sample_windows, token_stream
 from .errors import ConfigError, NumericalError
-from .manifest import build_manifest, peak_rss_mib, read_manifest, write_manifest
+from .manifest import build_manifest, peak_rss_mib, write_manifest
 from .masks import layerwise_mask, nm_mask, parse_nm, rowwise_mask
 from .modeling import (
     LoadedModel,
@@ -31,6 +32,7 @@ from .modeling import (
     save_model,
     sparsity_report,
 )
+from .rmi import DEFAULT_BETA, default_delta
 from .sparsegpt import CholeskyError, HessianAccumulator, sparsegpt_prune
 from .wanda import InputNormAccumulator, magnitude_scores, wanda_scores
 
@@ -54,17 +56,26 @@ class PruneResult:
     wall_time_s: float
     peak_memory_mib: float
     device: str
+    allocation: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
 
-def block_rates(config: PruneConfig, num_blocks: int) -> list[float]:
-    """Per-block target rates: N:M's n/m, an explicit file, or uniform ``--sparsity``."""
+def block_rates(config: PruneConfig, loaded: LoadedModel, windows: torch.Tensor | None, device: torch.device,
+                progress: ProgressFn | None = None) -> Allocation:
+    """Per-block target rates: N:M's n/m, an explicit file, RMI, OWL, or uniform ``--sparsity``."""
+    num_blocks = len(find_blocks(loaded.model))
     if config.pattern:
         n, m = parse_nm(config.pattern)
-        return [n / m] * num_blocks
+        return Allocation("nm", [n / m] * num_blocks)
     if config.per_layer:
-        return load_per_layer(config.per_layer, num_blocks)
-    return [config.sparsity] * num_blocks
+        return Allocation("file", load_per_layer(config.per_layer, num_blocks), {"file": config.per_layer})
+    if config.allocation == "rmi":
+        delta = config.delta if config.delta is not None else default_delta(config.sparsity)
+        beta = config.beta if config.beta is not None else DEFAULT_BETA[config.method]
+        return rmi_allocation(loaded.model, windows[: config.rmi_samples], device, config.sparsity, delta, beta, progress)
+    if config.allocation == "owl":
+        return owl_allocation(loaded.model, windows, device, config.sparsity, config.owl_lambda, config.owl_m, progress)
+    return Allocation("uniform", [config.sparsity] * num_blocks)
 
 
 def check_nm_widths(model: nn.Module, pattern: str) -> None:
@@ -161,13 +172,15 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     loaded = load_model(config.model, config.dtype, config.trust_remote_code)
-    num_blocks = len(find_blocks(loaded.model))
-    rates = block_rates(config, num_blocks)
     if config.pattern:
         check_nm_widths(loaded.model, config.pattern)
     warnings: list[str] = []
-    windows = None if config.method == "magnitude" else calibration_windows(config, loaded, warnings)
-    warnings += prune_model(loaded, config, rates, windows, device, progress)
+    needs_data = config.method != "magnitude" or config.allocation != "uniform"
+    windows = calibration_windows(config, loaded, warnings) if needs_data else None
+    allocation = block_rates(config, loaded, windows, device, progress)
+    rates = allocation.rates
+    activations = None if config.method == "magnitude" else windows  # magnitude needs no activations
+    warnings += prune_model(loaded, config, rates, activations, device, progress)
     per_layer, per_block, global_sparsity, checksum = sparsity_report(loaded.model)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
     result = PruneResult(
@@ -186,18 +199,18 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
         wall_time_s=0.0,
         peak_memory_mib=peak,
         device=str(device),
+        allocation={k: v for k, v in asdict(allocation).items() if k != "rates"},
         warnings=warnings,
     )
     with atomic_folder(out) as staging:
         save_model(loaded, staging)
         result.wall_time_s = time.perf_counter() - started
-        parent = read_manifest(Path(loaded.source.location)) if loaded.source.is_local else None
         manifest = build_manifest(
             "prune",
             inputs={"model": loaded.source.describe(), "calibration": config.calibration.calib},
             settings=to_dict(config),
             results={k: v for k, v in result.__dict__.items() if k != "out"},
-            parent=parent,
+            parent_folder=Path(loaded.source.location) if loaded.source.is_local else None,
         )
         write_manifest(staging, manifest)
     return result

@@ -43,11 +43,11 @@ def tiny_tokenizer(add_bos: bool):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
-def tiny_config(model_type: str, vocab_size: int):
-    """A 2-block config of the given architecture, hidden width 32."""
+def tiny_config(model_type: str, vocab_size: int, layers: int = 2):
+    """A config of the given architecture with ``layers`` blocks, hidden width 32."""
     from transformers import (Gemma3TextConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config)
 
-    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     llama_like = dict(common, intermediate_size=64, num_key_value_heads=2)
     if model_type == "llama":
@@ -60,19 +60,19 @@ def tiny_config(model_type: str, vocab_size: int):
         return Qwen3Config(**llama_like, head_dim=8)
     if model_type == "gemma3_text":
         # sliding window shorter than the windows used in tests, so block kwargs really differ
-        return Gemma3TextConfig(**llama_like, head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+        return Gemma3TextConfig(**llama_like, head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * (layers // 2))
     if model_type == "opt":
         return OPTConfig(**common, ffn_dim=64, word_embed_proj_dim=32, do_layer_norm_before=True)
     raise ValueError(model_type)
 
 
-def build_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0) -> Path:
+def build_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0, layers: int = 2) -> Path:
     """Save a randomly initialised tiny causal LM and tokenizer to ``folder``."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = tiny_tokenizer(add_bos=model_type == "gemma3_text")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, len(tokenizer)))
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, len(tokenizer), layers))
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
@@ -83,6 +83,12 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One saved tiny model per tested architecture (built once per session)."""
     root = tmp_path_factory.mktemp("tiny-models")
     return {kind: build_tiny_model(root / kind, kind) for kind in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt")}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_6(tmp_path_factory) -> Path:
+    """A 6-block tiny Llama, for allocators that need several blocks to tell apart."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny6") / "llama6", "llama", seed=3, layers=6)
 
 
 @pytest.fixture(scope="session")

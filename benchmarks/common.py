@@ -1,0 +1,50 @@
+"""Helpers shared by the benchmarks: fixed evaluation windows, environment record, table output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from losa_cli.data import bos_token_to_prepend, consecutive_windows, read_documents, token_stream  # noqa: E402
+from losa_cli.evaluate import window_nll  # noqa: E402
+from losa_cli.manifest import library_versions, machine_info  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+EVAL_SETS = ("wiki-sample.txt", "enwiki-articles.txt")
+
+
+def eval_windows(tokenizer, seqlen: int, windows: int) -> dict[str, torch.Tensor]:
+    """The first ``windows`` non-overlapping windows of each evaluation set (same for every row)."""
+    bos = bos_token_to_prepend(tokenizer)
+    return {
+        name: consecutive_windows(token_stream(tokenizer, read_documents(str(SHARED_DATA / name))), seqlen, windows, bos)
+        for name in EVAL_SETS
+    }
+
+
+def perplexities(model: torch.nn.Module, windows: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Perplexity on each evaluation set."""
+    out = {}
+    for name, w in windows.items():
+        total, count = window_nll(model, w, torch.device("cpu"))
+        out[name] = float(torch.tensor(total / count).exp())
+    return out
+
+
+def environment() -> dict:
+    """Versions, machine and threads: printed with every benchmark."""
+    return {"versions": library_versions(), "machine": machine_info(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)

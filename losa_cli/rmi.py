@@ -1,0 +1,122 @@
+"""Layer-wise sparsity allocation: block similarity (RMI / linear CKA), OWL, and the exact
+rate assignment (pure math, torch only).
+
+RMI (LoSA, §2 of docs/losa-method.md): X_l holds block l's input on n sequences, one flattened
+sequence per row.  K_l = X_l X_l^T is formed once per block (n x n, fp64), centred
+(K~ = H K H), and RMI(l, m) = <K~_l, K~_m>_F / (|K~_l|_F |K~_m|_F): L Gram matrices for an
+L x L similarity matrix.  Blocks similar to many others are redundant and get more sparsity.
+
+OWL (Yin et al., 2024): the fraction of a block's Wanda scores |W| * |X| above M x their mean;
+blocks with many outliers keep more weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEFAULT_OWL_LAMBDA = 0.08
+DEFAULT_OWL_M = 5.0
+DEFAULT_BETA = {"wanda": 1.0, "sparsegpt": 100.0, "magnitude": 1.0}
+
+
+def default_delta(sparsity: float) -> float:
+    """The paper's bands: 0.01 up to 50%, 0.02 up to 60%, 0.03 up to 70%.  Above 70% (which the
+    paper's code leaves undefined) we continue the band by one step per 10 points: 0.04 up to
+    80%, 0.05 above, always leaving s + delta below 1."""
+    for limit, delta in ((0.5, 0.01), (0.6, 0.02), (0.7, 0.03), (0.8, 0.04)):
+        if sparsity <= limit + 1e-12:
+            return delta
+    return min(0.05, (1.0 - sparsity) / 2)
+
+
+def gram_matrix(sequences: list[torch.Tensor], chunk: int = 1 << 20) -> torch.Tensor:
+    """K = X X^T (fp64) for X whose row i is sequence i flattened; built in feature chunks so
+    no fp64 copy of the whole representation is ever made."""
+    flat = [s.reshape(-1) for s in sequences]
+    n, width = len(flat), flat[0].numel()
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for start in range(0, width, chunk):
+        part = torch.stack([f[start : start + chunk] for f in flat]).to("cpu", torch.float64)
+        gram += part @ part.T
+    return gram
+
+
+def center(gram: torch.Tensor) -> torch.Tensor:
+    """H K H with H = I - 11^T / n."""
+    return gram - gram.mean(dim=0, keepdim=True) - gram.mean(dim=1, keepdim=True) + gram.mean()
+
+
+def similarity_matrix(grams: list[torch.Tensor]) -> torch.Tensor:
+    """Linear-CKA similarity between every pair of blocks, from one Gram matrix per block."""
+    centred = [center(g) for g in grams]
+    norms = torch.stack([c.norm() for c in centred])
+    flat = torch.stack([c.reshape(-1) for c in centred])
+    sim = (flat @ flat.T) / (norms.unsqueeze(0) * norms.unsqueeze(1)).clamp_min(1e-300)
+    return sim
+
+
+def importance(similarity: torch.Tensor, beta: float) -> torch.Tensor:
+    """I_l = exp(-beta * R_l / sum R), with redundancy R_l = sum over m != l of RMI(l, m)."""
+    redundancy = similarity.sum(dim=1) - similarity.diagonal()
+    return torch.exp(-beta * redundancy / redundancy.sum())
+
+
+def allocate_exact(scores: torch.Tensor, target: float, lower: float, upper: float) -> list[float]:
+    """Exact minimiser of sum_l s_l * scores_l subject to mean(s) = target, lower <= s_l <= upper.
+
+    A linear program over a box with one equality: start every block at ``lower`` and hand out
+    the remaining budget to the lowest-scoring blocks first, each up to ``upper``.  With
+    symmetric bounds this gives s + delta to the less important half, s - delta to the more
+    important half and the remainder to the middle block.  Only the order of the scores matters.
+    """
+    count = len(scores)
+    if not lower - 1e-12 <= target <= upper + 1e-12:
+        raise ValueError(f"target {target} outside [{lower}, {upper}]")
+    rates = [lower] * count
+    budget = (target - lower) * count
+    for index in sorted(range(count), key=lambda i: (float(scores[i]), i)):
+        give = min(upper - lower, budget)
+        rates[index] = lower + give
+        budget -= give
+        if budget <= 0:
+            break
+    return rates
+
+
+def rmi_rates(similarity: torch.Tensor, sparsity: float, delta: float, beta: float) -> tuple[list[float], torch.Tensor]:
+    """Per-block rates from the similarity matrix; also returns the importance I_l."""
+    weights = importance(similarity, beta)
+    lower, upper = max(0.0, sparsity - delta), min(sparsity + delta, math.nextafter(1.0, 0.0))
+    return allocate_exact(weights, sparsity, lower, upper), weights
+
+
+def outlier_ratio(scores: list[torch.Tensor], multiple: float = DEFAULT_OWL_M) -> float:
+    """Fraction of all of a block's scores above ``multiple`` times their mean."""
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    return float((flat > multiple * flat.mean()).float().mean())
+
+
+def owl_rates(ratios: list[float], sparsity: float, lam: float = DEFAULT_OWL_LAMBDA) -> list[float]:
+    """OWL: s_l = s - lam * (2 z_l - 1) + c with z_l the min-max normalised outlier ratio,
+    clipped to [s - lam, s + lam], and the shift c found by bisection so the mean is exactly s."""
+    values = torch.tensor(ratios, dtype=torch.float64)
+    spread = values.max() - values.min()
+    z = (values - values.min()) / spread if spread > 0 else torch.full_like(values, 0.5)
+    base = sparsity - lam * (2 * z - 1)
+    lower, upper = max(0.0, sparsity - lam), min(sparsity + lam, math.nextafter(1.0, 0.0))
+
+    def rates_for(shift: float) -> torch.Tensor:
+        return (base + shift).clamp(lower, upper)
+
+    low, high = -2 * lam, 2 * lam
+    for _ in range(200):
+        mid = (low + high) / 2
+        if float(rates_for(mid).mean()) < sparsity:
+            low = mid
+        else:
+            high = mid
+    rates = rates_for((low + high) / 2)
+    rates += sparsity - rates.mean()  # remove the last ~1e-16 of bisection error
+    return [float(r) for r in rates]
