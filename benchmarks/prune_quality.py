@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from common import SHARED_DATA, environment, eval_windows, perplexities, write_json
-from losa_cli.config import CalibrationConfig, PruneConfig
 from losa_cli.data import bos_token_to_prepend, read_documents, sample_windows, token_stream
 from losa_cli.manifest import peak_rss_mib
 from losa_cli.modeling import load_model, sparsity_report
-from losa_cli.prune import prune_model
+from losa_cli.masks import parse_nm
+from losa_cli.pruning import Criterion, prune_blocks
 
 RESULTS = Path(__file__).parent / "results" / "prune_quality.json"
 SETTINGS = [("50%", 0.5, None), ("70%", 0.7, None), ("2:4", 0.5, "2:4")]
@@ -69,10 +69,8 @@ def main() -> None:
         loaded.model.load_state_dict(dense_state)
         started = time.perf_counter()
         if method is not None:
-            config = PruneConfig(model="smollm2-135m", out="-", method=method, sparsity=sparsity, pattern=pattern,
-                                 calibration=CalibrationConfig(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed))
-            rates = [sparsity] * 30
-            prune_model(loaded, config, rates, None if method == "magnitude" else calib, torch.device("cpu"))
+            criterion = Criterion(method, parse_nm(pattern) if pattern else None)
+            prune_blocks(loaded.model, criterion, [sparsity] * 30, None if method == "magnitude" else calib, torch.device("cpu"))
         prune_s = time.perf_counter() - started
         _, _, global_sparsity, checksum = sparsity_report(loaded.model)
         ppl = perplexities(loaded.model, windows)

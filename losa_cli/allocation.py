@@ -31,13 +31,14 @@ class Allocation:
 
 
 def rmi_allocation(model: nn.Module, windows: torch.Tensor, device: torch.device, sparsity: float, delta: float,
-                   beta: float, progress: ProgressFn | None = None) -> Allocation:
-    """Block similarity on ``windows`` (the paper uses 64), then the exact rate assignment."""
+                   beta: float, progress: ProgressFn | None = None, floor: list[float] | None = None) -> Allocation:
+    """Block similarity on ``windows`` (the paper uses 64), then the exact rate assignment
+    (each block at least at its ``floor`` sparsity when given)."""
     grams = []
     for step in sequential_blocks(model, windows, device, _relabel(progress, "similarity pass")):
         grams.append(gram_matrix(step.inputs))
     similarity = similarity_matrix(grams)
-    rates, weights = rmi_rates(similarity, sparsity, delta, beta)
+    rates, weights = rmi_rates(similarity, sparsity, delta, beta, floor)
     return Allocation("rmi", rates, {"delta": delta, "beta": beta, "samples": int(windows.shape[0])},
                       similarity=similarity.tolist(), importance=weights.tolist())
 

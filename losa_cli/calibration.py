@@ -19,7 +19,8 @@ from torch import nn
 
 from .modeling import find_blocks, find_linears
 
-ProgressFn = Callable[[str, int, int], None]
+#: progress(description, done, total[, info]) -- the CLI draws it; workflows never print
+ProgressFn = Callable[..., None]
 
 
 class _StopForward(Exception):
@@ -73,22 +74,32 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 
 def _move_all_but_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Put embeddings, norms and rotary tables on ``device``; leave the blocks where they are."""
+    """Put embeddings, norms and rotary tables on ``device``; leave the blocks where they are.
+
+    Runs outside inference mode and only moves what is elsewhere, so no parameter or buffer is
+    ever replaced by an inference tensor (DDP and autograd refuse those later).
+    """
     in_blocks = {id(m) for m in blocks.modules()}
     for module in model.modules():
         if id(module) in in_blocks:
             continue
-        for name, param in module.named_parameters(recurse=False):
-            param.data = param.data.to(device)
-        for name, buffer in module.named_buffers(recurse=False):
-            module._buffers[name] = buffer.to(device)
+        for param in module.parameters(recurse=False):
+            if param.device != device:
+                param.data = param.data.to(device)
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
 
 
-@torch.inference_mode()
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
     """Inputs of block 0 for every window, and the extra arguments each block receives."""
     blocks = find_blocks(model)
     _move_all_but_blocks(model, blocks, device)
+    with torch.inference_mode():
+        return _record(model, blocks, windows, device)
+
+
+def _record(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device) -> tuple[list, list]:
     capture = _Capture(hidden=[], kwargs=[], record_kwargs=True)
     originals = list(blocks)
     for i, block in enumerate(originals):
@@ -144,7 +155,11 @@ class BlockStep:
 
 
 def sequential_blocks(
-    model: nn.Module, windows: torch.Tensor, device: torch.device, progress: ProgressFn | None = None
+    model: nn.Module,
+    windows: torch.Tensor,
+    device: torch.device,
+    progress: ProgressFn | None = None,
+    on_outputs: Callable[[int, list[torch.Tensor]], None] | None = None,
 ) -> Iterator[BlockStep]:
     """Yield each block on ``device`` with the outputs of the (already modified) blocks before it.
 
@@ -159,6 +174,8 @@ def sequential_blocks(
         step = BlockStep(index, block, hidden, calls[index])
         yield step
         hidden = step.run()
+        if on_outputs is not None:
+            on_outputs(index, hidden)
         block.to(home)
         if progress:
             progress("blocks", index + 1, len(blocks))

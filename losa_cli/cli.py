@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import DEFAULT_MODEL, CalibrationConfig, EvalConfig, PruneConfig
+from .config import DEFAULT_MODEL, CalibrationConfig, EvalConfig, PruneConfig, RecoverConfig
 from .errors import LosaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make LLMs sparse and keep them accurate.")
@@ -76,21 +76,27 @@ def handled(command: Callable[..., None]) -> Callable[..., None]:
 
 
 @contextmanager
-def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int], None] | None]:
+def progress_bars(enabled: bool = True) -> Iterator[Callable[..., None] | None]:
     """A progress callback drawing one rich bar per task description on stderr."""
     if not enabled or not stderr.is_terminal and os.environ.get("LOSA_PROGRESS") != "1":
         yield None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=stderr, transient=False) as bars:
         tasks: dict[str, int] = {}
 
-        def update(description: str, done: int, total: int) -> None:
+        def update(description: str, done: int, total: int, info: str = "") -> None:
             if description not in tasks:
-                tasks[description] = bars.add_task(description, total=total)
-            bars.update(tasks[description], completed=done, total=total)
+                tasks[description] = bars.add_task(description, total=total, info=info)
+            bars.update(tasks[description], completed=done, total=total, info=info)
 
         yield update
+
+
+def _is_main_process() -> bool:
+    """Under ``accelerate launch`` / torchrun only rank 0 reports."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _emit_json(payload: dict) -> None:
@@ -242,6 +248,95 @@ def inspect(
         stdout.print(f"{'  ' * depth}<- {step['command']} ({step['created']}): {' '.join(step['argv'] or [])}", highlight=False)
     if result.plot:
         stdout.print(f"plot written to {result.plot}", highlight=False)
+
+
+def _numbers(text: Optional[str], kind: type, option: str) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise _fail(f"{option} {text!r}: give comma-separated numbers, e.g. 125,125,125,125,750", 2) from None
+
+
+@app.command()
+@handled
+def recover(
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the recovered sparse model (+ adapters/).")],
+    data: Annotated[str, typer.Option(help="Fine-tuning text: instruction .jsonl (Alpaca fields) or .txt/.jsonl text.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    sparsity: Annotated[float, typer.Option(help="Target sparsity reached at the last stage.")] = RecoverConfig.sparsity,
+    method: Annotated[str, typer.Option(help="wanda | sparsegpt (pruning at every stage).")] = RecoverConfig.method,
+    pattern: Annotated[Optional[str], typer.Option(help="N:M at the last stage (unstructured ramp before).")] = None,
+    allocation: Annotated[str, typer.Option(help="Per-block rates each stage: rmi | owl | uniform.")] = RecoverConfig.allocation,
+    stages: Annotated[int, typer.Option(help="Number of prune+fine-tune stages (1 = one-shot + masked LoRA).")] = RecoverConfig.stages,
+    total_steps: Annotated[int, typer.Option("--total-steps", help="Optimizer steps over all stages.")] = RecoverConfig.total_steps,
+    final_share: Annotated[float, typer.Option("--final-share", help="Share of the steps for the last stage.")] = RecoverConfig.final_share,
+    steps_per_stage: Annotated[Optional[str], typer.Option("--steps-per-stage", help="Explicit steps, e.g. 125,125,125,125,750.")] = None,
+    mean_ranks: Annotated[Optional[str], typer.Option("--mean-ranks", help="Mean LoRA rank per stage (default 6..10).")] = None,
+    rank_allocation: Annotated[str, typer.Option("--rank-allocation", help="error (LoSA) | uniform.")] = RecoverConfig.rank_allocation,
+    rank_min: Annotated[int, typer.Option("--rank-min")] = RecoverConfig.rank_min,
+    rank_max: Annotated[int, typer.Option("--rank-max", help="Width of the LoRA factors.")] = RecoverConfig.rank_max,
+    alpha: Annotated[float, typer.Option(help="LoRA scale numerator: s = alpha / rank-max.")] = RecoverConfig.alpha,
+    dropout: Annotated[float, typer.Option(help="LoRA dropout (0 lets the fused form use one matmul).")] = RecoverConfig.dropout,
+    fused: Annotated[bool, typer.Option("--fused/--plain", help="Fused masked-LoRA kernel or the plain two-matmul form.")] = True,
+    calib: Annotated[str, typer.Option(help="Calibration text for pruning.")] = CalibrationConfig.calib,
+    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = CalibrationConfig.nsamples,
+    seqlen: Annotated[int, typer.Option(help="Calibration window length.")] = CalibrationConfig.seqlen,
+    error_samples: Annotated[int, typer.Option("--error-samples", help="Windows for reconstruction error.")] = RecoverConfig.error_samples,
+    rmi_samples: Annotated[int, typer.Option("--rmi-samples")] = RecoverConfig.rmi_samples,
+    max_length: Annotated[int, typer.Option("--max-length", help="Fine-tuning sequence length.")] = RecoverConfig.max_length,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per process per micro-step.")] = RecoverConfig.batch_size,
+    grad_accum: Annotated[int, typer.Option("--grad-accum")] = RecoverConfig.grad_accum,
+    lr: Annotated[float, typer.Option()] = RecoverConfig.lr,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = RecoverConfig.weight_decay,
+    grad_clip: Annotated[float, typer.Option("--grad-clip")] = RecoverConfig.grad_clip,
+    warmup: Annotated[float, typer.Option(help="Warm-up share of each stage.")] = RecoverConfig.warmup,
+    response_only: Annotated[bool, typer.Option("--response-only/--full-loss", help="Loss on responses only.")] = True,
+    reset_optimizer: Annotated[bool, typer.Option("--reset-optimizer/--carry-optimizer", help="Restart AdamW each stage.")] = True,
+    seed: Annotated[int, typer.Option()] = CalibrationConfig.seed,
+    dtype: Annotated[str, typer.Option(help="Base weights: float32 | bfloat16 | float16.")] = RecoverConfig.dtype,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (accelerate picks the GPU of each process).")] = RecoverConfig.device,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = RecoverConfig.checkpoint_every,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT.checkpoint.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace --out and discard an old checkpoint.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """LoSA: prune in stages and fine-tune masked LoRA that keeps every zero; merge at the end."""
+    from .recover import run_recover
+
+    config = RecoverConfig(
+        model=model, out=out, data=data, sparsity=sparsity, method=method, pattern=pattern, allocation=allocation,
+        rmi_samples=rmi_samples, stages=stages, total_steps=total_steps, final_share=final_share,
+        steps_per_stage=_numbers(steps_per_stage, int, "--steps-per-stage"),
+        mean_ranks=_numbers(mean_ranks, float, "--mean-ranks"), rank_allocation=rank_allocation, rank_min=rank_min,
+        rank_max=rank_max, alpha=alpha, dropout=dropout, fused=fused, error_samples=error_samples,
+        calibration=CalibrationConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed), max_length=max_length,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, warmup=warmup,
+        response_only=response_only, reset_optimizer=reset_optimizer, dtype=dtype, device=device,
+        checkpoint_every=checkpoint_every, resume=resume, force=force, trust_remote_code=trust_remote_code,
+    )
+    with progress_bars(not as_json and _is_main_process()) as progress:
+        result = run_recover(config, progress)
+    if not _is_main_process():
+        return
+    _warn(result.warnings)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    table = Table(title=f"losa recover -> {result.out}")
+    for column in ("stage", "target", "zeros", "mean rank", "steps", "first loss", "last loss"):
+        table.add_column(column, justify="right")
+    for s in result.stages:
+        first = f"{s.losses[0]:.3f}" if s.losses else "-"
+        last = f"{s.losses[-1]:.3f}" if s.losses else "-"
+        table.add_row(str(s.stage), f"{s.target_sparsity:.3f}", f"{s.sparsity:.4f}", f"{sum(s.ranks) / len(s.ranks):.2f}",
+                      str(s.steps), first, last)
+    stdout.print(table)
+    stdout.print(f"global sparsity {result.global_sparsity:.4f} (every pruned weight verified zero after merge); "
+                 f"{result.tokens_trained} training tokens on {result.processes} process(es); {result.wall_time_s:.0f} s; "
+                 f"mask sha256 {result.mask_checksum[:16]}", highlight=False)
 
 
 def run() -> None:

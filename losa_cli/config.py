@@ -145,6 +145,132 @@ class EvalConfig:
             raise ConfigError("; ".join(found))
 
 
+@dataclass
+class RecoverConfig:
+    """Settings of ``losa recover`` (LoSA).  Paper defaults unless noted in the README."""
+
+    model: str = DEFAULT_MODEL
+    out: str = ""
+    data: str = ""
+    sparsity: float = 0.7
+    method: str = "wanda"
+    pattern: str | None = None
+    allocation: str = "rmi"
+    delta: float | None = None
+    beta: float | None = None
+    rmi_samples: int = 64
+    stages: int = 5
+    total_steps: int = 1250
+    final_share: float = 0.6
+    steps_per_stage: list[int] | None = None
+    mean_ranks: list[float] | None = None
+    rank_allocation: str = "error"
+    rank_min: int = 2
+    rank_max: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    fused: bool = True
+    error_samples: int = 16
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    max_length: int = 1024
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.001
+    grad_clip: float = 0.3
+    warmup: float = 0.3
+    response_only: bool = True
+    reset_optimizer: bool = True
+    dtype: str = "float32"
+    device: str = "auto"
+    checkpoint_every: int = 100
+    resume: bool = False
+    force: bool = False
+    trust_remote_code: bool = False
+
+    def plan_steps(self) -> list[int]:
+        """Steps per stage: explicit, or ``total_steps`` with ``final_share`` for the last stage
+        and the rest split evenly (the paper: 125 x 4 + 750)."""
+        if self.steps_per_stage is not None:
+            return list(self.steps_per_stage)
+        if self.stages == 1:
+            return [self.total_steps]
+        final = int(round(self.total_steps * self.final_share))
+        early, extra = divmod(self.total_steps - final, self.stages - 1)
+        return [early + (1 if i < extra else 0) for i in range(self.stages - 1)] + [final]
+
+    def plan_ranks(self) -> list[float]:
+        """Mean rank per stage: explicit, or 6 -> 10 in even steps (the paper: 6, 7, 8, 9, 10)."""
+        if self.mean_ranks is not None:
+            return list(self.mean_ranks)
+        if self.stages == 1:
+            return [10.0]
+        return [6.0 + 4.0 * t / (self.stages - 1) for t in range(self.stages)]
+
+    def validate(self) -> None:
+        found = self.calibration.problems()
+        if not self.out:
+            found.append("--out is required: the folder to write the recovered model to")
+        if not self.data:
+            found.append("--data is required: the fine-tuning text (.jsonl instructions or .txt)")
+        if not 0.0 <= self.sparsity < 1.0:
+            found.append(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.method not in ("wanda", "sparsegpt"):
+            found.append(f"--method {self.method!r}: recover prunes with wanda or sparsegpt")
+        if self.pattern is not None:
+            problem = _check_nm(self.pattern)
+            if problem:
+                found.append(problem)
+        if self.allocation not in ALLOCATIONS:
+            found.append(f"--allocation {self.allocation!r} is unknown; choose one of {', '.join(ALLOCATIONS)}")
+        if self.stages < 1:
+            found.append(f"--stages must be at least 1, got {self.stages}")
+        steps = self.plan_steps() if self.stages >= 1 else []
+        if self.steps_per_stage is not None and len(self.steps_per_stage) != self.stages:
+            found.append(f"--steps-per-stage gives {len(self.steps_per_stage)} values for {self.stages} stages")
+        elif any(k < 0 for k in steps) or sum(steps) < 1:
+            found.append(f"training steps per stage must be >= 0 with at least one in all, got {steps}")
+        if not 0.0 <= self.final_share <= 1.0:
+            found.append(f"--final-share must be in [0, 1], got {self.final_share}")
+        if not 1 <= self.rank_max <= 1024:
+            found.append(f"--rank-max must be in [1, 1024], got {self.rank_max}")
+        if not 0 <= self.rank_min <= self.rank_max:
+            found.append(f"--rank-min must be in [0, --rank-max={self.rank_max}], got {self.rank_min}")
+        if self.mean_ranks is not None and len(self.mean_ranks) != self.stages:
+            found.append(f"--mean-ranks gives {len(self.mean_ranks)} values for {self.stages} stages")
+        elif self.stages >= 1:
+            bad = [m for m in self.plan_ranks() if not self.rank_min <= m <= self.rank_max]
+            if bad:
+                found.append(f"mean ranks {bad} lie outside [--rank-min, --rank-max] = [{self.rank_min}, {self.rank_max}]; "
+                             "raise --rank-max or give --mean-ranks")
+        if self.rank_allocation not in ("error", "uniform"):
+            found.append(f"--rank-allocation {self.rank_allocation!r}: choose error or uniform")
+        if self.alpha <= 0:
+            found.append(f"--alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            found.append(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.error_samples < 1:
+            found.append(f"--error-samples must be at least 1, got {self.error_samples}")
+        if self.max_length < 8:
+            found.append(f"--max-length must be at least 8, got {self.max_length}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            found.append(f"--batch-size and --grad-accum must be at least 1, got {self.batch_size} and {self.grad_accum}")
+        if not 0.0 < self.lr < 1.0:
+            found.append(f"--lr must be in (0, 1), got {self.lr}")
+        if not 0.0 <= self.warmup < 1.0:
+            found.append(f"--warmup must be in [0, 1), got {self.warmup}")
+        if self.grad_clip <= 0:
+            found.append(f"--grad-clip must be positive, got {self.grad_clip}")
+        if self.checkpoint_every < 1:
+            found.append(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
+        if self.dtype not in DTYPES:
+            found.append(f"--dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            found.append(f"--device {self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
+        if found:
+            raise ConfigError("; ".join(found))
+
+
 def to_dict(config: object) -> dict:
     """Plain-dict view of a config dataclass (for manifests and ``--json``)."""
     return asdict(config)  # type: ignore[arg-type]

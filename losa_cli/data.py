@@ -170,3 +170,72 @@ def consecutive_windows(stream: torch.Tensor, seqlen: int, max_windows: int | No
         raise DataError(f"the evaluation text holds {len(stream)} tokens, fewer than one window of {seqlen}; lower --seqlen")
     windows = stream[: count * body].view(count, body)
     return _with_bos(windows, bos)
+
+
+def _instruction_records(path: Path) -> list[dict] | None:
+    """The records of an instruction .jsonl (None when the file holds plain ``text`` records)."""
+    if path.suffix != ".jsonl":
+        return None
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or ("instruction" not in record and "text" not in record):
+                raise DataError(f"{path}:{number}: needs a 'text' field or 'instruction'/'output' fields")
+            if "instruction" not in record:
+                return None
+            if "output" not in record:
+                raise DataError(f"{path}:{number}: instruction record without an 'output' field")
+            records.append(record)
+    return records
+
+
+def training_examples(tokenizer, source: str, max_length: int, response_only: bool) -> list[dict[str, torch.Tensor]]:
+    """Fine-tuning examples: ``input_ids`` and ``labels`` (-100 where no loss is taken).
+
+    Instruction records become Alpaca prompt + response + EOS, truncated to ``max_length``; with
+    ``response_only`` the prompt tokens carry no loss.  Plain text is tokenised once and cut into
+    full windows of ``max_length`` tokens (no padding, every token counts).
+    """
+    records = _instruction_records(Path(source).expanduser()) if Path(source).expanduser().is_file() else None
+    examples = []
+    if records is not None:
+        eos = tokenizer.eos_token_id
+        for record in records:
+            prompt, response = format_instruction(record)
+            prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids
+            response_ids = tokenizer(response, add_special_tokens=False).input_ids + ([eos] if eos is not None else [])
+            ids = (prompt_ids + response_ids)[:max_length]
+            labels = ([-100] * len(prompt_ids) if response_only else prompt_ids) + response_ids
+            labels = labels[:max_length]
+            if len(ids) < 2 or all(label == -100 for label in labels[1:]):
+                continue
+            examples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
+    else:
+        stream = token_stream(tokenizer, read_documents(source))
+        bos = bos_token_to_prepend(tokenizer)
+        for window in consecutive_windows(stream, max_length, None, bos):
+            examples.append({"input_ids": window.clone(), "labels": window.clone()})
+    if not examples:
+        raise DataError(f"{source} yields no training examples: every response lies beyond --max-length {max_length} "
+                        "tokens (or the text is shorter than one window); raise --max-length")
+    return examples
+
+
+def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding gets attention 0 and label -100."""
+    length = max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
+             "labels": torch.full((len(examples), length), -100, dtype=torch.long),
+             "attention_mask": torch.zeros((len(examples), length), dtype=torch.long)}
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        batch["input_ids"][row, :n] = example["input_ids"]
+        batch["labels"][row, :n] = example["labels"]
+        batch["attention_mask"][row, :n] = 1
+    return batch

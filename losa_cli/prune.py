@@ -1,8 +1,7 @@
 """Workflow of ``losa prune``: sequential pruning with a criterion and per-block rates.
 
-load model -> calibration windows -> for each block (on the outputs of the pruned blocks
-before it): collect fp32 statistics of every linear layer's inputs, prune each layer to the
-block's rate (or N:M), re-run the block -> save the model, tokenizer and manifest atomically.
+load model -> calibration windows -> per-block rates (uniform, file, RMI, OWL, N:M) -> prune
+block by block (``pruning.py``) -> save the model, tokenizer and manifest atomically.
 """
 
 from __future__ import annotations
@@ -16,25 +15,13 @@ from torch import nn
 
 from .allocation import Allocation, owl_allocation, rmi_allocation
 from .atomic import atomic_folder, check_output
-from .calibration import ProgressFn, sequential_blocks
+from .calibration import ProgressFn
 from .config import PruneConfig, load_per_layer, to_dict
-from .data import bos_token_to_prepend, read_documents, sample_windows, token_stream
-from .errors import ConfigError, NumericalError
 from .manifest import build_manifest, peak_rss_mib, write_manifest
-from .masks import layerwise_mask, nm_mask, parse_nm, rowwise_mask
-from .modeling import (
-    LoadedModel,
-    find_blocks,
-    find_linears,
-    load_model,
-    max_context,
-    resolve_device,
-    save_model,
-    sparsity_report,
-)
+from .masks import parse_nm
+from .modeling import LoadedModel, find_blocks, load_model, resolve_device, save_model, sparsity_report
+from .pruning import Criterion, calibration_windows, check_nm_widths, prune_blocks
 from .rmi import DEFAULT_BETA, default_delta
-from .sparsegpt import CholeskyError, HessianAccumulator, sparsegpt_prune
-from .wanda import InputNormAccumulator, magnitude_scores, wanda_scores
 
 
 @dataclass
@@ -78,91 +65,6 @@ def block_rates(config: PruneConfig, loaded: LoadedModel, windows: torch.Tensor 
     return Allocation("uniform", [config.sparsity] * num_blocks)
 
 
-def check_nm_widths(model: nn.Module, pattern: str) -> None:
-    """Every pruned layer's input width must be a multiple of M."""
-    _, m = parse_nm(pattern)
-    for index, block in enumerate(find_blocks(model)):
-        for name, linear in find_linears(block).items():
-            if linear.in_features % m:
-                raise ConfigError(
-                    f"--pattern {pattern}: block {index} {name} has input width {linear.in_features}, not a multiple of {m}"
-                )
-
-
-def calibration_windows(config: PruneConfig, loaded: LoadedModel, warnings: list[str]) -> torch.Tensor:
-    """Sample the calibration windows, clipping ``--seqlen`` to the model's context."""
-    calib = config.calibration
-    seqlen = calib.seqlen
-    limit = max_context(loaded.model)
-    if limit is not None and seqlen > limit:
-        warnings.append(f"--seqlen {seqlen} exceeds the model's context {limit}; using {limit}")
-        seqlen = limit
-    stream = token_stream(loaded.tokenizer, read_documents(calib.calib))
-    bos = bos_token_to_prepend(loaded.tokenizer)
-    return sample_windows(stream, calib.nsamples, seqlen, calib.seed, bos, calib.calib)
-
-
-def _select_mask(scores: torch.Tensor, rate: float, nm: tuple[int, int] | None, per_row: bool) -> torch.Tensor:
-    if nm is not None:
-        return nm_mask(scores, *nm)
-    return rowwise_mask(scores, rate) if per_row else layerwise_mask(scores, rate)
-
-
-@torch.no_grad()
-def _prune_linear(linear: nn.Linear, method: str, rate: float, nm, stats, config: PruneConfig, where: str) -> list[str]:
-    """Prune one layer in place; returns warnings."""
-    weight = linear.weight
-    if method == "sparsegpt":
-        try:
-            result = sparsegpt_prune(weight, stats.hessian, rate, nm, config.blocksize, config.damp)
-        except CholeskyError as exc:
-            raise NumericalError(f"{where}: {exc}; raise --damp (now {config.damp:g}) or use more calibration data") from None
-        weight.copy_(result.weight.to(weight.dtype))
-        return [f"{where}: {w}" for w in result.warnings]
-    if method == "wanda":
-        scores = wanda_scores(weight, stats.norms())
-    else:
-        scores = magnitude_scores(weight)
-    mask = _select_mask(scores, rate, nm, per_row=(method == "wanda"))
-    weight.masked_fill_(mask, 0.0)
-    return []
-
-
-def prune_model(
-    loaded: LoadedModel,
-    config: PruneConfig,
-    rates: list[float],
-    windows: torch.Tensor | None,
-    device: torch.device,
-    progress: ProgressFn | None = None,
-) -> list[str]:
-    """Prune every block's linear layers in place, sequentially; returns warnings."""
-    nm = parse_nm(config.pattern) if config.pattern else None
-    method = config.method
-    warnings: list[str] = []
-    blocks = find_blocks(loaded.model)
-    if windows is None:  # magnitude needs no activations
-        for index, block in enumerate(blocks):
-            for name, linear in find_linears(block).items():
-                _prune_linear(linear, method, rates[index], nm, None, config, f"block {index} {name}")
-            if progress:
-                progress("blocks", index + 1, len(blocks))
-        return warnings
-    accumulator = HessianAccumulator if method == "sparsegpt" else InputNormAccumulator
-    for step in sequential_blocks(loaded.model, windows, device, progress):
-        stats: dict[str, object] = {}
-
-        def observer(name: str, linear: nn.Linear):
-            stats[name] = accumulator(linear.in_features, device)
-            return stats[name].add
-
-        step.observe_linear_inputs(observer)
-        for name, linear in find_linears(step.block).items():
-            warnings += _prune_linear(linear, method, rates[step.index], nm, stats[name], config, f"block {step.index} {name}")
-        del stats
-    return warnings
-
-
 def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneResult:
     """``losa prune``: validate, load, prune, save atomically; never touches the input model."""
     config.validate()
@@ -176,11 +78,14 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
         check_nm_widths(loaded.model, config.pattern)
     warnings: list[str] = []
     needs_data = config.method != "magnitude" or config.allocation != "uniform"
-    windows = calibration_windows(config, loaded, warnings) if needs_data else None
+    calib = config.calibration
+    windows = (calibration_windows(loaded.model, loaded.tokenizer, calib.calib, calib.nsamples, calib.seqlen, calib.seed, warnings)
+               if needs_data else None)
     allocation = block_rates(config, loaded, windows, device, progress)
     rates = allocation.rates
     activations = None if config.method == "magnitude" else windows  # magnitude needs no activations
-    warnings += prune_model(loaded, config, rates, activations, device, progress)
+    criterion = Criterion(config.method, parse_nm(config.pattern) if config.pattern else None, config.damp, config.blocksize)
+    warnings += prune_blocks(loaded.model, criterion, rates, activations, device, progress)
     per_layer, per_block, global_sparsity, checksum = sparsity_report(loaded.model)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
     result = PruneResult(

@@ -63,33 +63,47 @@ def importance(similarity: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.exp(-beta * redundancy / redundancy.sum())
 
 
-def allocate_exact(scores: torch.Tensor, target: float, lower: float, upper: float) -> list[float]:
-    """Exact minimiser of sum_l s_l * scores_l subject to mean(s) = target, lower <= s_l <= upper.
+def allocate_exact(scores: torch.Tensor, target: float, lower: float | list[float], upper: float | list[float]) -> list[float]:
+    """Exact minimiser of sum_l s_l * scores_l subject to mean(s) = target, lower_l <= s_l <= upper_l.
 
-    A linear program over a box with one equality: start every block at ``lower`` and hand out
-    the remaining budget to the lowest-scoring blocks first, each up to ``upper``.  With
-    symmetric bounds this gives s + delta to the less important half, s - delta to the more
-    important half and the remainder to the middle block.  Only the order of the scores matters.
+    A linear program over a box with one equality: start every block at its lower bound and hand
+    out the remaining budget to the lowest-scoring blocks first, each up to its upper bound.  With
+    symmetric bounds s +- delta this gives s + delta to the less important half, s - delta to the
+    more important half and the remainder to the middle block.  Only the order of the scores
+    matters.  Per-block bounds let LoSA keep a block at least as sparse as it already is.
     """
     count = len(scores)
-    if not lower - 1e-12 <= target <= upper + 1e-12:
-        raise ValueError(f"target {target} outside [{lower}, {upper}]")
-    rates = [lower] * count
-    budget = (target - lower) * count
+    lows = [float(lower)] * count if isinstance(lower, (int, float)) else [float(v) for v in lower]
+    highs = [float(upper)] * count if isinstance(upper, (int, float)) else [float(v) for v in upper]
+    if not sum(lows) - 1e-9 <= target * count <= sum(highs) + 1e-9:
+        raise ValueError(f"target {target} cannot be met within the per-block bounds")
+    rates = list(lows)
+    budget = target * count - sum(lows)
     for index in sorted(range(count), key=lambda i: (float(scores[i]), i)):
-        give = min(upper - lower, budget)
-        rates[index] = lower + give
+        give = min(highs[index] - lows[index], budget)
+        rates[index] = lows[index] + give
         budget -= give
         if budget <= 0:
             break
     return rates
 
 
-def rmi_rates(similarity: torch.Tensor, sparsity: float, delta: float, beta: float) -> tuple[list[float], torch.Tensor]:
-    """Per-block rates from the similarity matrix; also returns the importance I_l."""
+def rmi_rates(similarity: torch.Tensor, sparsity: float, delta: float, beta: float,
+              floor: list[float] | None = None) -> tuple[list[float], torch.Tensor]:
+    """Per-block rates from the similarity matrix; also returns the importance I_l.
+
+    ``floor`` raises a block's lower bound to the sparsity it already has (pruning never revives
+    a weight); if that makes the target unreachable the floors themselves are returned.
+    """
     weights = importance(similarity, beta)
     lower, upper = max(0.0, sparsity - delta), min(sparsity + delta, math.nextafter(1.0, 0.0))
-    return allocate_exact(weights, sparsity, lower, upper), weights
+    if floor is None:
+        return allocate_exact(weights, sparsity, lower, upper), weights
+    lows = [max(lower, f) for f in floor]
+    highs = [max(upper, f) for f in floor]
+    if sum(lows) >= sparsity * len(lows):
+        return lows, weights
+    return allocate_exact(weights, sparsity, lows, highs), weights
 
 
 def outlier_ratio(scores: list[torch.Tensor], multiple: float = DEFAULT_OWL_M) -> float:

@@ -82,11 +82,14 @@ def sparsegpt_prune(
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
     damp: float = 0.01,
+    prune_first: torch.Tensor | None = None,
 ) -> SparseGPTResult:
     """Prune ``weight`` (out x in) to ``sparsity`` (or N:M) and update the kept weights.
 
     The total number pruned is exactly ``round(numel * sparsity)``: each column block prunes its
-    share of the running total, so per-block rounding never accumulates.
+    share of the running total, so per-block rounding never accumulates.  Weights flagged in
+    ``prune_first`` (e.g. already pruned) are chosen before any other, so the OBS updates of
+    earlier columns can never revive them.
     """
     w = weight.detach().clone().float()
     h = hessian.detach().clone().float().to(w.device)
@@ -116,13 +119,18 @@ def sparsegpt_prune(
         if nm is None:
             k = prune_count(rows * end, sparsity) - pruned_so_far
             if k > 0:
-                saliency = (block.pow(2) / diag.pow(2).unsqueeze(0)).flatten()
+                saliency = block.pow(2) / diag.pow(2).unsqueeze(0)
+                if prune_first is not None:
+                    saliency = saliency.masked_fill(prune_first[:, start:end], -1.0)
+                saliency = saliency.flatten()
                 block_mask.view(-1)[torch.topk(saliency, k, largest=False).indices] = True
             pruned_so_far += max(k, 0)
         for i in range(width):
             col = block[:, i]
             if nm is not None and i % nm[1] == 0:
                 group = block[:, i : i + nm[1]].pow(2) / diag[i : i + nm[1]].pow(2).unsqueeze(0)
+                if prune_first is not None:
+                    group = group.masked_fill(prune_first[:, start + i : start + i + nm[1]], -1.0)
                 lowest = torch.topk(group, nm[0], dim=1, largest=False).indices
                 block_mask.scatter_(1, i + lowest, True)
             kept = col.clone()

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from losa_cli.calibration import sequential_blocks
-from losa_cli.config import CalibrationConfig, PruneConfig
 from losa_cli.masks import rowwise_mask
 from losa_cli.modeling import find_blocks, find_linears, load_model
-from losa_cli.prune import prune_model
+from losa_cli.pruning import Criterion, prune_blocks
 from losa_cli.wanda import InputNormAccumulator, wanda_scores
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt"]
@@ -60,8 +59,7 @@ def test_sequential_wanda_matches_full_model_reference(tiny_models, arch):
     windows = torch.randint(3, 300, (4, 32))
     ours = load_model(str(tiny_models[arch]))
     ref = load_model(str(tiny_models[arch]))
-    config = PruneConfig(model="x", out="y", method="wanda", sparsity=0.5, calibration=CalibrationConfig())
-    prune_model(ours, config, [0.5, 0.5], windows, torch.device("cpu"))
+    prune_blocks(ours.model, Criterion("wanda"), [0.5, 0.5], windows, torch.device("cpu"))
     reference_sequential_wanda(ref.model, windows, 0.5)
     for (name, a), (_, b) in zip(ours.model.named_parameters(), ref.model.named_parameters()):
         assert torch.equal(a == 0, b == 0), name

@@ -1,0 +1,117 @@
+"""Sequential pruning of a model's blocks with one criterion (shared by prune and recover).
+
+For each block, on the outputs of the already-pruned blocks before it: collect fp32 statistics
+of every linear layer's inputs (input norms for Wanda, the Hessian for SparseGPT), prune each
+layer to the block's rate (or N:M), then re-run the block for the next one.  Weights that are
+already zero are always pruned first, so pruning never revives a weight (LoSA prunes the same
+model again at every stage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .calibration import ProgressFn, sequential_blocks
+from .data import bos_token_to_prepend, read_documents, sample_windows, token_stream
+from .errors import ConfigError, NumericalError
+from .masks import layerwise_mask, nm_mask, parse_nm, rowwise_mask
+from .modeling import find_blocks, find_linears, max_context
+from .sparsegpt import CholeskyError, HessianAccumulator, sparsegpt_prune
+from .wanda import InputNormAccumulator, magnitude_scores, wanda_scores
+
+OutputsFn = Callable[[int, list[torch.Tensor]], None]
+
+
+@dataclass
+class Criterion:
+    """How to prune: the method, an optional N:M pattern, and SparseGPT's settings."""
+
+    method: str
+    nm: tuple[int, int] | None = None
+    damp: float = 0.01
+    blocksize: int = 128
+
+
+def check_nm_widths(model: nn.Module, pattern: str) -> None:
+    """Every pruned layer's input width must be a multiple of M."""
+    _, m = parse_nm(pattern)
+    for index, block in enumerate(find_blocks(model)):
+        for name, linear in find_linears(block).items():
+            if linear.in_features % m:
+                raise ConfigError(
+                    f"--pattern {pattern}: block {index} {name} has input width {linear.in_features}, not a multiple of {m}"
+                )
+
+
+def calibration_windows(model: nn.Module, tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
+                        warnings: list[str]) -> torch.Tensor:
+    """Sample calibration windows, clipping ``seqlen`` to the model's context (with a warning)."""
+    limit = max_context(model)
+    if limit is not None and seqlen > limit:
+        warnings.append(f"--seqlen {seqlen} exceeds the model's context {limit}; using {limit}")
+        seqlen = limit
+    stream = token_stream(tokenizer, read_documents(source))
+    return sample_windows(stream, nsamples, seqlen, seed, bos_token_to_prepend(tokenizer), source)
+
+
+def _select_mask(scores: torch.Tensor, rate: float, nm: tuple[int, int] | None, per_row: bool) -> torch.Tensor:
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    return rowwise_mask(scores, rate) if per_row else layerwise_mask(scores, rate)
+
+
+@torch.no_grad()
+def prune_linear(linear: nn.Linear, criterion: Criterion, rate: float, stats, where: str) -> list[str]:
+    """Prune one layer in place (already-zero weights first); returns warnings."""
+    weight = linear.weight
+    already = weight == 0
+    if criterion.method == "sparsegpt":
+        try:
+            result = sparsegpt_prune(weight, stats.hessian, rate, criterion.nm, criterion.blocksize, criterion.damp,
+                                     prune_first=already)
+        except CholeskyError as exc:
+            raise NumericalError(f"{where}: {exc}; raise --damp (now {criterion.damp:g}) or use more calibration data") from None
+        weight.copy_(result.weight.to(weight.dtype))
+        return [f"{where}: {w}" for w in result.warnings]
+    scores = wanda_scores(weight, stats.norms()) if criterion.method == "wanda" else magnitude_scores(weight)
+    scores.masked_fill_(already, -1.0)
+    weight.masked_fill_(_select_mask(scores, rate, criterion.nm, per_row=criterion.method == "wanda"), 0.0)
+    return []
+
+
+def prune_blocks(model: nn.Module, criterion: Criterion, rates: list[float], windows: torch.Tensor | None,
+                 device: torch.device, progress: ProgressFn | None = None, on_outputs: OutputsFn | None = None) -> list[str]:
+    """Prune every block's linear layers in place, sequentially; returns warnings.
+
+    ``windows`` may be None for magnitude pruning, which needs no activations.  ``on_outputs``
+    receives each pruned block's outputs (LoSA measures reconstruction error with them).
+    """
+    warnings: list[str] = []
+    blocks = find_blocks(model)
+    if windows is None:
+        if criterion.method != "magnitude":
+            raise ValueError(f"{criterion.method} needs calibration windows")
+        for index, block in enumerate(blocks):
+            for name, linear in find_linears(block).items():
+                warnings += prune_linear(linear, criterion, rates[index], None, f"block {index} {name}")
+            if progress:
+                progress("blocks", index + 1, len(blocks))
+        return warnings
+    accumulator = HessianAccumulator if criterion.method == "sparsegpt" else InputNormAccumulator
+    for step in sequential_blocks(model, windows, device, progress, on_outputs):
+        stats: dict[str, object] = {}
+        if criterion.method != "magnitude":
+
+            def observer(name: str, linear: nn.Linear):
+                stats[name] = accumulator(linear.in_features, device)
+                return stats[name].add
+
+            step.observe_linear_inputs(observer)
+        for name, linear in find_linears(step.block).items():
+            warnings += prune_linear(linear, criterion, rates[step.index], stats.get(name), f"block {step.index} {name}")
+        del stats
+    return warnings

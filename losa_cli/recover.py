@@ -1,0 +1,402 @@
+"""Workflow of ``losa recover``: the LoSA schedule (docs/losa-method.md §3-§5).
+
+setup: load the model, the fine-tuning examples and the calibration windows; record the dense
+        block outputs on a few windows (the reference for reconstruction error); attach masked
+        LoRA to every linear layer of every block.
+stage t = 1..T:
+        s_t = S (1 - (1 - t/T)^3); merge the adapters; per-block rates (RMI / OWL / uniform, never
+        below a block's current sparsity); prune block by block, measuring each block's
+        reconstruction error; unmerge with the new mask; ranks from the errors (exact budget);
+        fine-tune the adapters for K_t steps.
+finish: merge -> check every pruned weight is still exactly zero -> save model + adapters +
+        manifest atomically.
+
+Training runs through ``accelerate``: ``accelerate launch --num_processes N losa recover ...``
+trains data-parallel, each process taking its slice of every global batch.  A checkpoint (via
+``Accelerator.save_state``: weights, masks, adapters, optimizer, scheduler, RNG, plus our
+stage/step counter) is written at the start of every stage and every ``--checkpoint-every``
+steps; ``--resume`` continues from it and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .allocation import owl_allocation, rmi_allocation
+from .atomic import atomic_folder, check_output
+from .calibration import ProgressFn, sequential_blocks
+from .config import RecoverConfig, to_dict
+from .data import collate, training_examples
+from .errors import ConfigError, LosaError, NumericalError
+from .manifest import build_manifest, peak_rss_mib, write_manifest
+from .masked_lora import MaskedLoRALinear, attach, base_checksum, detach, save_adapters, set_block_ranks, wrappers_of
+from .masks import parse_nm
+from .modeling import find_blocks, load_model, save_model, sparsity_report
+from .pruning import Criterion, calibration_windows, check_nm_widths, prune_blocks
+from .rank_alloc import ReconstructionError, allocate_ranks, cubic_sparsity
+from .rmi import DEFAULT_BETA, default_delta
+
+STATE_FILE = "losa_state.json"
+#: settings that may differ between a run and its resumption
+RESUME_FREE = ("resume", "force", "checkpoint_every", "device")
+
+
+@dataclass
+class StageRecord:
+    """What one stage did (all of it goes into the manifest)."""
+
+    stage: int
+    target_sparsity: float
+    rates: list[float]
+    errors: list[float]
+    ranks: list[int]
+    sparsity: float
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+
+@dataclass
+class RecoverResult:
+    out: str
+    stages: list[StageRecord]
+    global_sparsity: float
+    per_block_sparsity: list[float]
+    mask_checksum: str
+    ranks: list[int]
+    per_block_rates: list[float]
+    tokens_trained: int
+    processes: int
+    wall_time_s: float
+    peak_memory_mib: float
+    resumed_from: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class InterruptForTest(Exception):
+    """Raised by the test hook ``stop_after_steps`` to simulate a killed run."""
+
+
+def _fingerprint(config: RecoverConfig) -> dict:
+    return {k: v for k, v in to_dict(config).items() if k not in RESUME_FREE}
+
+
+def _lr_factor(step: int, steps: list[int], warmup: float) -> float:
+    """Linear warm-up then linear decay, restarted at every stage (``step`` is global)."""
+    for length in steps:
+        if step < length:
+            warm = max(1, int(round(length * warmup)))
+            if step < warm:
+                return (step + 1) / warm
+            return max(0.0, (length - step) / max(1, length - warm))
+        step -= length
+    return 0.0
+
+
+def _stage_rates(config: RecoverConfig, model: nn.Module, windows: torch.Tensor, device: torch.device, target: float,
+                 final: bool, progress: ProgressFn | None) -> list[float]:
+    """This stage's per-block rates, never below what a block already has."""
+    current = sparsity_report(model)[1]
+    if config.pattern and final:
+        n, m = parse_nm(config.pattern)
+        return [n / m] * len(current)
+    if config.allocation == "rmi" and target > 0:
+        delta = config.delta if config.delta is not None else default_delta(target)
+        beta = config.beta if config.beta is not None else DEFAULT_BETA[config.method]
+        return rmi_allocation(model, windows[: config.rmi_samples], device, target, delta, beta, progress, floor=current).rates
+    if config.allocation == "owl" and target > 0:
+        rates = owl_allocation(model, windows, device, target, 0.08, 5.0, progress).rates
+        return [max(r, c) for r, c in zip(rates, current)]
+    return [max(target, c) for c in current]
+
+
+def _snapshot_inactive(wrappers: dict[str, MaskedLoRALinear]) -> list[tuple[MaskedLoRALinear, torch.Tensor, torch.Tensor]]:
+    """Adapter components above the active rank, to restore after the optimizer step (AdamW's
+    moments and weight decay would otherwise move them although their gradient is zero)."""
+    return [(w, w.lora_A[w.rank :].detach().clone(), w.lora_B[:, w.rank :].detach().clone())
+            for w in wrappers.values() if w.rank < w.r_max]
+
+
+@torch.no_grad()
+def _restore_inactive(saved) -> None:
+    for wrapper, a, b in saved:
+        wrapper.lora_A[wrapper.rank :].copy_(a)
+        wrapper.lora_B[:, wrapper.rank :].copy_(b)
+
+
+class _Checkpoints:
+    """One latest checkpoint folder beside the output, replaced atomically."""
+
+    def __init__(self, out: Path) -> None:
+        self.folder = out.parent / f"{out.name}.checkpoint"
+
+    def exists(self) -> bool:
+        return (self.folder / STATE_FILE).is_file()
+
+    def read_state(self) -> dict:
+        try:
+            return json.loads((self.folder / STATE_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LosaError(f"the checkpoint in {self.folder} is unreadable ({exc}); start over with --force") from None
+
+    def save(self, accelerator, state: dict) -> None:
+        staging = self.folder.parent / f".{self.folder.name}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging / "accelerate"), safe_serialization=False)
+        if accelerator.is_main_process:
+            (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+            old = self.folder.parent / f".{self.folder.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if self.folder.exists():
+                self.folder.rename(old)
+            staging.rename(self.folder)
+            shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _dense_outputs(model: nn.Module, windows: torch.Tensor, device: torch.device) -> list[list[torch.Tensor]]:
+    """Every block's outputs on ``windows`` in the input model, kept on the CPU in fp16 (the
+    reconstruction reference: n x T x d x L values, so only a few windows are used)."""
+    stored: list[list[torch.Tensor]] = []
+    for _ in sequential_blocks(model, windows, device, on_outputs=lambda i, outs: stored.append(
+            [o.detach().to("cpu", torch.float16) for o in outs])):
+        pass
+    return stored
+
+
+def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_after_steps: int | None = None) -> RecoverResult:
+    """``losa recover``: see the module docstring."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    config.validate()
+    out = check_output(config.out, config.force, inputs=(config.model,))
+    checkpoints = _Checkpoints(out)
+    resume_state = None
+    if checkpoints.exists():
+        if config.force and not config.resume:
+            checkpoints.remove()
+        elif not config.resume:
+            raise ConfigError(f"{checkpoints.folder} holds a checkpoint of an earlier run; pass --resume to continue it "
+                              "or --force to start over")
+        else:
+            resume_state = checkpoints.read_state()
+            differ = [k for k, v in _fingerprint(config).items() if json.dumps(resume_state["settings"].get(k)) != json.dumps(v)]
+            if differ:
+                raise ConfigError(f"{checkpoints.folder} was made by a run with other settings ({', '.join(differ)}); "
+                                  "use the same settings to resume, or --force to start over")
+    elif config.resume:
+        raise ConfigError(f"--resume: no checkpoint at {checkpoints.folder}")
+
+    started = time.perf_counter()
+    accelerator = Accelerator(cpu=config.device == "cpu" or not torch.cuda.is_available(),
+                              gradient_accumulation_steps=config.grad_accum)
+    device = accelerator.device
+    set_seed(config.calibration.seed)
+    loaded = load_model(config.model, config.dtype, config.trust_remote_code)
+    model = loaded.model
+    blocks = find_blocks(model)
+    if config.pattern:
+        check_nm_widths(model, config.pattern)
+    warnings: list[str] = []
+    calib = config.calibration
+    windows = calibration_windows(model, loaded.tokenizer, calib.calib, calib.nsamples, calib.seqlen, calib.seed, warnings)
+    examples = training_examples(loaded.tokenizer, config.data, config.max_length, config.response_only)
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else (loaded.tokenizer.eos_token_id or 0)
+    error_windows = windows[: config.error_samples]
+    dense = _dense_outputs(model, error_windows, device)
+
+    wrappers = attach(blocks, config.rank_max, config.alpha, config.dropout, config.fused)
+    params = [p for w in wrappers.values() for p in (w.lora_A, w.lora_B)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    steps = config.plan_steps()
+    mean_ranks = config.plan_ranks()
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps, config.warmup))
+    model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    history: list[StageRecord] = []
+    first_stage, first_step, tokens_before = 1, 0, 0
+    if resume_state is not None:
+        accelerator.load_state(str(checkpoints.folder / "accelerate"))
+        history = [StageRecord(**record) for record in resume_state["history"]]
+        first_stage, first_step = resume_state["stage"], resume_state["step"]
+        tokens_before = resume_state["tokens_trained"]
+        set_block_ranks(blocks, history[-1].ranks)
+        for wrapper in wrappers.values():
+            wrapper.merged = False
+
+    world = accelerator.num_processes
+    global_batch = config.batch_size * config.grad_accum * world
+    tokens_trained = tokens_before
+
+    def batch_for(micro_index: int) -> dict[str, torch.Tensor]:
+        """Micro-batch ``micro_index`` of this process: its slice of a seeded permutation."""
+        per_epoch = len(examples)
+        rows = []
+        for k in range(config.batch_size):
+            position = (micro_index * world + accelerator.process_index) * config.batch_size + k
+            epoch, offset = divmod(position, per_epoch)
+            order = torch.randperm(per_epoch, generator=torch.Generator().manual_seed(calib.seed * 100003 + epoch))
+            rows.append(examples[int(order[offset])])
+        return {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+
+    steps_done_before = sum(steps[: first_stage - 1]) + first_step
+    global_step = steps_done_before
+    for stage in range(first_stage, config.stages + 1):
+        stage_started = time.perf_counter()
+        if resume_state is not None and stage == first_stage:
+            record, start_step = history[-1], first_step  # pruned before the checkpoint was written
+        else:
+            record = _prune_stage(config, stage, model=accelerator.unwrap_model(model), blocks=blocks, windows=windows,
+                                  error_windows=error_windows, dense=dense, device=device, mean_rank=mean_ranks[stage - 1],
+                                  steps=steps[stage - 1], progress=progress)
+            history.append(record)
+            if config.reset_optimizer:
+                optimizer.state.clear()
+            checkpoints.save(accelerator, _state(config, stage, 0, history, tokens_trained))
+            start_step = 0
+        model.train()
+        for step in range(start_step, steps[stage - 1]):
+            inactive = _snapshot_inactive(wrappers)
+            step_loss = 0.0
+            for micro in range(config.grad_accum):
+                batch = batch_for(global_step * config.grad_accum + micro)
+                with accelerator.accumulate(model):
+                    loss = model(**batch, use_cache=False).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, config.grad_clip)
+                    prepared_optimizer.step()
+                    prepared_optimizer.zero_grad()
+                step_loss += float(accelerator.reduce(loss.detach(), "mean")) / config.grad_accum
+                tokens_trained += int((batch["labels"] != -100).sum()) * world
+            scheduler.step()
+            _restore_inactive(inactive)
+            global_step += 1
+            if not math.isfinite(step_loss):
+                raise NumericalError(f"the loss became {step_loss} at stage {stage} step {step + 1}; the last good "
+                                     f"checkpoint is in {checkpoints.folder} (resume with --resume after lowering --lr)")
+            record.losses.append(step_loss)
+            if progress:
+                progress(f"stage {stage}/{config.stages} train", step + 1, steps[stage - 1], f"loss {step_loss:.3f}")
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < steps[stage - 1]:
+                checkpoints.save(accelerator, _state(config, stage, step + 1, history, tokens_trained))
+            if stop_after_steps is not None and global_step - steps_done_before >= stop_after_steps:
+                raise InterruptForTest(f"stopped after {stop_after_steps} steps")
+        model.eval()
+        record.wall_time_s += time.perf_counter() - stage_started
+
+    result = _finish(config, out, loaded, accelerator, model, blocks, history, tokens_trained, started, warnings,
+                     resume_state, global_batch)
+    if accelerator.is_main_process:
+        checkpoints.remove()
+    return result
+
+
+def _state(config: RecoverConfig, stage: int, step: int, history: list[StageRecord], tokens_trained: int) -> dict:
+    return {"stage": stage, "step": step, "tokens_trained": tokens_trained, "settings": _fingerprint(config),
+            "history": [asdict(h) for h in history]}
+
+
+def _prune_stage(config: RecoverConfig, stage: int, *, model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor,
+                 error_windows: torch.Tensor, dense: list[list[torch.Tensor]], device: torch.device, mean_rank: float,
+                 steps: int, progress: ProgressFn | None) -> StageRecord:
+    """Merge, allocate rates, prune with error measurement, unmerge with the new mask, set ranks."""
+    final = stage == config.stages
+    target = cubic_sparsity(config.sparsity, stage, config.stages)
+    wrappers = wrappers_of(blocks)
+    for wrapper in wrappers.values():
+        wrapper.merge()
+    model.eval()
+    rates = _stage_rates(config, model, windows, device, target, final, progress)
+    errors: list[ReconstructionError] = [ReconstructionError() for _ in blocks]
+    count = error_windows.shape[0]
+
+    def measure(index: int, outputs: list[torch.Tensor]) -> None:
+        for reference, produced in zip(dense[index], outputs[:count]):
+            errors[index].add(reference, produced)
+
+    nm = parse_nm(config.pattern) if config.pattern and final else None
+    criterion = Criterion(config.method, nm)
+    prune_warnings = prune_blocks(model, criterion, rates, windows, device, progress, on_outputs=measure)
+    for wrapper in wrappers.values():
+        wrapper.unmerge(new_mask=True)
+    block_errors = [e.value() for e in errors]
+    if config.rank_allocation == "uniform":
+        ranks = [int(round(mean_rank))] * len(blocks)
+    else:
+        ranks = allocate_ranks(block_errors, mean_rank, config.rank_min, config.rank_max)
+    set_block_ranks(blocks, ranks)
+    return StageRecord(stage=stage, target_sparsity=target, rates=rates, errors=block_errors, ranks=ranks,
+                       sparsity=sparsity_report(model)[2], steps=steps, warnings=prune_warnings)
+
+
+def _finish(config, out, loaded, accelerator, model, blocks, history, tokens_trained, started, warnings, resume_state,
+            global_batch) -> RecoverResult:
+    """Merge, verify the zeros, and save model + adapters + manifest atomically (main process)."""
+    base_sha = base_checksum(blocks)
+    wrappers = wrappers_of(blocks)
+    masks = {name: w.mask.clone() for name, w in wrappers.items()}
+    for name, wrapper in wrappers.items():
+        try:
+            wrapper.merge()
+        except FloatingPointError:
+            raise NumericalError(f"the adapter of {name} holds NaN/inf; not saving (lower --lr and start over)") from None
+    revived = [name for name, w in wrappers.items() if bool((w.base.weight[~masks[name]] != 0).any())]
+    if revived:
+        raise NumericalError(f"pruned weights became non-zero in {revived[0]} (and {len(revived) - 1} more); not saving")
+    adapters_staging = None
+    if accelerator.is_main_process:
+        adapters_staging = out.parent / f".{out.name}.adapters-tmp"
+        shutil.rmtree(adapters_staging, ignore_errors=True)
+        save_adapters(blocks, adapters_staging, base_sha, {"stages": len(history)})
+    detach(blocks)
+    per_layer, per_block, global_sparsity, checksum = sparsity_report(loaded.model)
+    result = RecoverResult(
+        out=str(out), stages=history, global_sparsity=global_sparsity, per_block_sparsity=per_block, mask_checksum=checksum,
+        ranks=history[-1].ranks if history else [], per_block_rates=history[-1].rates if history else [],
+        tokens_trained=tokens_trained, processes=accelerator.num_processes, wall_time_s=0.0,
+        peak_memory_mib=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mib(),
+        resumed_from={"stage": resume_state["stage"], "step": resume_state["step"]} if resume_state else None,
+        warnings=warnings,
+    )
+    if accelerator.is_main_process:
+        with atomic_folder(out) as staging:
+            save_model(loaded, staging)
+            adapters_staging.rename(staging / "adapters")
+            result.wall_time_s = time.perf_counter() - started
+            manifest = build_manifest(
+                "recover",
+                inputs={"model": loaded.source.describe(), "data": config.data, "calibration": config.calibration.calib},
+                settings={**to_dict(config), "global_batch": global_batch, "steps_per_stage": config.plan_steps(),
+                          "mean_ranks": config.plan_ranks()},
+                results={k: v for k, v in result.to_dict().items() if k != "out"},
+                parent_folder=Path(loaded.source.location) if loaded.source.is_local else None,
+            )
+            write_manifest(staging, manifest)
+    accelerator.wait_for_everyone()
+    return result

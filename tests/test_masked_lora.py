@@ -1,0 +1,163 @@
+"""Masked LoRA: the two forms agree, merging keeps zeros, ranks freeze components, adapters round-trip."""
+
+import pytest
+import torch
+from torch import nn
+
+from losa_cli.masked_lora import (MaskedLoRALinear, attach, base_checksum, detach, merge_adapters_from_folder,
+                                  save_adapters, set_block_ranks)
+from losa_cli.rank_alloc import ReconstructionError, allocate_ranks, cubic_sparsity
+
+
+def sparse_linear(seed=0, out_f=12, in_f=16, sparsity=0.5, bias=True):
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        linear.weight.masked_fill_(torch.rand_like(linear.weight) < sparsity, 0.0)
+    return linear
+
+
+def pair(dropout, rank=4, r_max=6):
+    base = sparse_linear()
+    plain = MaskedLoRALinear(nn.Linear(16, 12), r_max, 12.0, dropout, fused=False)
+    fused = MaskedLoRALinear(nn.Linear(16, 12), r_max, 12.0, dropout, fused=True)
+    for wrapper in (plain, fused):
+        wrapper.base.load_state_dict(base.state_dict())
+        wrapper.mask.copy_(base.weight != 0)
+        with torch.no_grad():
+            torch.manual_seed(5)
+            wrapper.lora_A.normal_()
+            wrapper.lora_B.normal_()
+        wrapper.rank = rank
+    return plain, fused
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_and_plain_agree_in_forward_and_gradients(dropout):
+    plain, fused = pair(dropout)
+    x = torch.randn(3, 5, 16)
+    grads = []
+    for wrapper in (plain, fused):
+        wrapper.train()
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(11)  # same dropout mask for both
+        y = wrapper(xi)
+        (y * torch.linspace(-1, 1, 12)).sum().backward()
+        grads.append((y.detach(), xi.grad, wrapper.lora_A.grad.clone(), wrapper.lora_B.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_components_above_rank_get_no_gradient():
+    _, fused = pair(0.0, rank=3, r_max=6)
+    fused(torch.randn(4, 16)).sum().backward()
+    assert fused.lora_A.grad[3:].abs().sum() == 0 and fused.lora_B.grad[:, 3:].abs().sum() == 0
+    assert fused.lora_A.grad[:3].abs().sum() > 0
+
+
+def test_gradient_of_delta_is_masked():
+    plain, _ = pair(0.0)
+    delta_grad = torch.autograd.grad(plain.delta().sum(), plain.lora_B)[0]
+    assert delta_grad.shape == plain.lora_B.shape
+    # the effective weight change never touches a pruned position
+    with torch.no_grad():
+        assert (plain.delta()[~plain.mask] == 0).all()
+
+
+def test_merge_keeps_zeros_and_equals_unmerged_output():
+    plain, _ = pair(0.0)
+    plain.eval()
+    x = torch.randn(7, 16)
+    before = plain(x)
+    zeros = plain.base.weight == 0
+    plain.merge()
+    torch.testing.assert_close(plain(x), before, rtol=1e-5, atol=1e-5)
+    assert (plain.base.weight[zeros] == 0).all()
+    plain.unmerge()
+    torch.testing.assert_close(plain(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_unmerge_with_new_mask_keeps_the_pruned_model_exact():
+    plain, _ = pair(0.0)
+    plain.eval()
+    plain.merge()
+    with torch.no_grad():
+        plain.base.weight[:, :4] = 0.0  # prune more while merged
+    pruned = plain.base.weight.clone()
+    x = torch.randn(7, 16)
+    merged_out = plain(x)
+    plain.unmerge(new_mask=True)
+    assert (plain.base.weight[pruned == 0] == 0).all() and not plain.mask[:, :4].any()
+    torch.testing.assert_close(plain(x), merged_out, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_refuses_nan():
+    plain, _ = pair(0.0)
+    with torch.no_grad():
+        plain.lora_B[0, 0] = float("nan")
+    weight = plain.base.weight.clone()
+    with pytest.raises(FloatingPointError):
+        plain.merge()
+    assert torch.equal(plain.base.weight, weight)
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Sequential(sparse_linear(i), nn.ReLU(), sparse_linear(i + 10, 16, 12)) for i in range(2)])
+
+
+def test_adapters_round_trip_and_refuse_a_second_merge(tmp_path):
+    trained = TwoBlocks()
+    reference = TwoBlocks()
+    reference.load_state_dict(trained.state_dict())
+    wrappers = attach(trained.layers, 4, 8.0, 0.0, fused=True)
+    set_block_ranks(trained.layers, [3, 2])
+    with torch.no_grad():
+        for w in wrappers.values():
+            w.lora_B.normal_()
+    sha = base_checksum(trained.layers)
+    save_adapters(trained.layers, tmp_path / "ad", sha)
+    for w in wrappers.values():
+        w.merge()
+    detach(trained.layers)
+    merge_adapters_from_folder(reference, tmp_path / "ad", reference.layers)
+    for a, b in zip(trained.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="other base weights"):
+        merge_adapters_from_folder(reference, tmp_path / "ad", reference.layers)
+
+
+@pytest.mark.parametrize("errors,mean,lo,hi", [
+    ([0.001, 0.5, 0.02, 0.9, 0.3, 0.3], 7.0, 2, 16),
+    ([1e-6, 1e-6, 1e-6, 10.0], 8.0, 2, 16),
+    ([0.2] * 30, 6.3, 1, 8),
+    ([0.0, 0.0, 0.0], 4.0, 0, 8),
+    ([5.0, 1.0, 0.1, 0.01, 0.001], 3.0, 1, 4),
+])
+def test_rank_budget_exact_and_bounded(errors, mean, lo, hi):
+    ranks = allocate_ranks(errors, mean, lo, hi)
+    assert sum(ranks) == round(mean * len(errors))
+    assert all(lo <= r <= hi for r in ranks)
+    pairs = [(i, j) for i in range(len(errors)) for j in range(len(errors)) if errors[i] < errors[j]]
+    assert all(ranks[i] <= ranks[j] for i, j in pairs)  # a larger error never gets a smaller rank
+
+
+def test_rank_budget_impossible():
+    with pytest.raises(ValueError, match="cannot be met"):
+        allocate_ranks([1.0, 2.0], 10.0, 1, 8)
+
+
+def test_reconstruction_error_channel_relative():
+    dense = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    sparse = torch.tensor([[[1.0, 0.0], [2.0, 4.0]]])
+    err = ReconstructionError()
+    err.add(dense, sparse)
+    # channel 0: 1 / (1 + 9); channel 1: 4 / (4 + 16)
+    assert err.value() == pytest.approx((0.1 + 0.2) / 2)
+
+
+def test_cubic_schedule():
+    values = [cubic_sparsity(0.7, t, 5) for t in range(1, 6)]
+    assert values[-1] == pytest.approx(0.7) and all(a < b for a, b in zip(values, values[1:]))
+    assert values[0] == pytest.approx(0.7 * (1 - 0.8**3))

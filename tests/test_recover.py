@@ -1,0 +1,197 @@
+"""``losa recover`` end to end on a tiny model: loss goes down, zeros survive, resume, two processes."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from losa_cli.cli import app
+from losa_cli.config import CalibrationConfig, RecoverConfig
+from losa_cli.modeling import find_blocks, find_linears, load_model
+from losa_cli.recover import InterruptForTest, run_recover
+
+from conftest import synthetic_text
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def instructions(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("ft") / "inst.jsonl"
+    with path.open("w") as handle:
+        for _ in range(40):
+            words = " ".join(rng.choice(["cat", "dog", "sun", "moon"]) for _ in range(4))
+            handle.write(json.dumps({"instruction": "Repeat.", "input": words, "output": words}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ft") / "train.txt"
+    path.write_text(synthetic_text(60, 80, seed=9))
+    return path
+
+
+def config(model, out, data, calib, **extra) -> RecoverConfig:
+    settings = dict(model=str(model), out=str(out), data=str(data), sparsity=0.6, stages=2, total_steps=12, final_share=0.5,
+                    calibration=CalibrationConfig(calib=str(calib), nsamples=8, seqlen=32, seed=0), error_samples=4,
+                    rmi_samples=8, max_length=48, batch_size=4, lr=5e-3, checkpoint_every=3, device="cpu", rank_max=8,
+                    alpha=16.0, mean_ranks=[4.0, 6.0])
+    settings.update(extra)
+    return RecoverConfig(**settings)
+
+
+def base_weights(folder):
+    model = load_model(str(folder)).model
+    return {f"{i}.{n}": lin.weight.detach().clone() for i, b in enumerate(find_blocks(model)) for n, lin in find_linears(b).items()}
+
+
+def test_two_stage_recover_lowers_loss_keeps_zeros_and_writes_everything(tiny_llama_6, calib_file, instructions, tmp_path):
+    out = tmp_path / "out"
+    args = ["recover", "--model", str(tiny_llama_6), "--out", str(out), "--data", str(instructions), "--calib", str(calib_file),
+            "--nsamples", "8", "--seqlen", "32", "--error-samples", "4", "--rmi-samples", "8", "--sparsity", "0.6",
+            "--stages", "2", "--steps-per-stage", "6,14", "--max-length", "256", "--batch-size", "4", "--lr", "5e-3",
+            "--rank-max", "8", "--alpha", "16", "--mean-ranks", "4,6", "--device", "cpu", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    stages = report["stages"]
+    assert [s["steps"] for s in stages] == [6, 14]
+    assert stages[0]["target_sparsity"] == pytest.approx(0.6 * (1 - 0.5**3))
+    losses = stages[-1]["losses"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses  # fine-tuning lowers the training loss
+    assert sum(stages[-1]["ranks"]) == 6 * 6 and max(stages[-1]["ranks"]) <= 8
+    assert len(set(stages[-1]["ranks"])) > 1  # error-driven, not uniform
+    assert report["global_sparsity"] >= 0.6 - 0.02
+    # the merged model: loads with transformers, zeros exactly where the adapters' masks say
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.model.layers[0].self_attn.q_proj.weight.eq(0).float().mean() > 0.5
+    meta = json.loads((out / "adapters" / "adapter_config.json").read_text())
+    assert meta["r_max"] == 8 and set(meta["ranks"].values()) == set(stages[-1]["ranks"])
+    manifest = json.loads((out / "losa_manifest.json").read_text())
+    assert manifest["command"] == "recover" and len(manifest["results"]["stages"]) == 2
+    assert not (tmp_path / "out.checkpoint").exists()
+    # the adapters were merged already: merging them again is refused
+    from losa_cli.masked_lora import merge_adapters_from_folder
+
+    with pytest.raises(ValueError, match="other base weights"):
+        merge_adapters_from_folder(merged, out / "adapters")
+
+
+def test_recover_zeros_are_a_superset_of_the_input_zeros(tiny_llama_6, calib_file, plain_text, tmp_path):
+    pruned = tmp_path / "pruned"
+    assert runner.invoke(app, ["prune", "--model", str(tiny_llama_6), "--out", str(pruned), "--calib", str(calib_file),
+                               "--nsamples", "4", "--seqlen", "32", "--sparsity", "0.5"]).exit_code == 0
+    before = base_weights(pruned)
+    run_recover(config(pruned, tmp_path / "out", plain_text, calib_file, stages=1, total_steps=4, sparsity=0.5,
+                       mean_ranks=[4.0], allocation="uniform", rank_allocation="uniform"))
+    after = base_weights(tmp_path / "out")
+    for name in before:
+        assert (after[name][before[name] == 0] == 0).all(), name
+        assert not torch.equal(after[name], before[name]), "the adapters changed nothing"
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_llama_6, calib_file, plain_text, tmp_path):
+    straight = run_recover(config(tiny_llama_6, tmp_path / "a", plain_text, calib_file, dropout=0.1))
+    with pytest.raises(InterruptForTest):
+        run_recover(config(tiny_llama_6, tmp_path / "b", plain_text, calib_file, dropout=0.1), stop_after_steps=8)
+    assert (tmp_path / "b.checkpoint").is_dir() and not (tmp_path / "b").exists()
+    resumed = run_recover(config(tiny_llama_6, tmp_path / "b", plain_text, calib_file, dropout=0.1, resume=True))
+    assert resumed.resumed_from == {"stage": 2, "step": 0}  # checkpoint at the start of stage 2 (steps 6 + 2 of 12)
+    for ours, reference in zip(resumed.stages, straight.stages):
+        assert ours.losses == pytest.approx(reference.losses, rel=1e-5)
+    a, b = base_weights(tmp_path / "a"), base_weights(tmp_path / "b")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert resumed.mask_checksum == straight.mask_checksum
+
+
+def test_resume_refuses_other_settings_and_stale_checkpoints(tiny_llama_6, calib_file, plain_text, tmp_path):
+    from losa_cli.errors import ConfigError
+
+    with pytest.raises(InterruptForTest):
+        run_recover(config(tiny_llama_6, tmp_path / "c", plain_text, calib_file), stop_after_steps=2)
+    with pytest.raises(ConfigError, match="other settings .*sparsity"):
+        run_recover(config(tiny_llama_6, tmp_path / "c", plain_text, calib_file, sparsity=0.5, resume=True))
+    with pytest.raises(ConfigError, match="pass --resume"):
+        run_recover(config(tiny_llama_6, tmp_path / "c", plain_text, calib_file))
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        run_recover(config(tiny_llama_6, tmp_path / "d", plain_text, calib_file, resume=True))
+
+
+def test_nan_loss_stops_and_keeps_the_checkpoint(tiny_llama_6, calib_file, plain_text, tmp_path, monkeypatch):
+    from losa_cli import recover
+    from losa_cli.errors import NumericalError
+
+    real = recover._restore_inactive
+    calls = {"n": 0}
+
+    def poison(saved):
+        real(saved)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            for wrapper, _, _ in saved:
+                with torch.no_grad():
+                    wrapper.lora_B.fill_(float("nan"))
+
+    monkeypatch.setattr(recover, "_restore_inactive", poison)
+    with pytest.raises(NumericalError, match=r"stage \d step \d+; the last good checkpoint"):
+        run_recover(config(tiny_llama_6, tmp_path / "n", plain_text, calib_file, mean_ranks=[2.0, 2.0], rank_max=4))
+    assert (tmp_path / "n.checkpoint" / "losa_state.json").is_file() and not (tmp_path / "n").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--sparsity", "1.2"], "--sparsity must be in [0, 1)"),
+    (["--rank-max", "4"], "mean ranks"),
+    (["--stages", "2", "--steps-per-stage", "3"], "gives 1 values for 2 stages"),
+    (["--method", "magnitude"], "wanda or sparsegpt"),
+])
+def test_recover_bad_settings(tiny_llama_6, calib_file, plain_text, tmp_path, extra, message):
+    result = runner.invoke(app, ["recover", "--model", str(tiny_llama_6), "--out", str(tmp_path / "o"), "--data", str(plain_text),
+                                 "--calib", str(calib_file), *extra])
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+def test_recover_bad_data(tiny_llama_6, calib_file, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
+    args = ["recover", "--model", str(tiny_llama_6), "--out", str(tmp_path / "o"), "--calib", str(calib_file), "--nsamples", "4",
+            "--seqlen", "32", "--rmi-samples", "4", "--error-samples", "2"]
+    result = runner.invoke(app, args + ["--data", str(bad)])
+    assert result.exit_code == 2 and "bad.jsonl:2: not valid JSON" in result.stderr, result.stderr
+    result = runner.invoke(app, args + ["--data", str(tmp_path / "missing.jsonl")])
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+    (tmp_path / "empty.txt").write_text("")
+    result = runner.invoke(app, args + ["--data", str(tmp_path / "empty.txt")])
+    assert result.exit_code == 2 and "holds no text" in result.stderr
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama_6, calib_file, plain_text, tmp_path):
+    common = ["recover", "--model", str(tiny_llama_6), "--data", str(plain_text), "--calib", str(calib_file), "--nsamples", "8",
+              "--seqlen", "32", "--error-samples", "4", "--rmi-samples", "8", "--sparsity", "0.5", "--stages", "2",
+              "--steps-per-stage", "3,4", "--max-length", "48", "--lr", "5e-3", "--rank-max", "8", "--alpha", "16",
+              "--mean-ranks", "4,6", "--device", "cpu", "--full-loss", "--json"]
+    one = runner.invoke(app, common + ["--out", str(tmp_path / "one"), "--batch-size", "4"])
+    assert one.exit_code == 0, one.output
+    losa = Path(sys.executable).parent / "losa"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                          str(losa), *common, "--out", str(tmp_path / "two"), "--batch-size", "2"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout[two.stdout.index("{"):])
+    assert b["processes"] == 2 and a["processes"] == 1
+    for sa, sb in zip(a["stages"], b["stages"]):
+        assert sb["losses"] == pytest.approx(sa["losses"], rel=1e-4, abs=1e-5)
+    wa, wb = base_weights(tmp_path / "one"), base_weights(tmp_path / "two")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
