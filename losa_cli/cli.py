@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import DEFAULT_MODEL, CalibrationConfig, EvalConfig, PruneConfig, RecoverConfig
-from .errors import LosaError
+from .config import DEFAULT_MODEL, BenchConfig, CalibrationConfig, EvalConfig, ExportConfig, PruneConfig, RecoverConfig
+from .errors import ConfigError, LosaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make LLMs sparse and keep them accurate.")
 stdout = Console()
@@ -337,6 +337,108 @@ def recover(
     stdout.print(f"global sparsity {result.global_sparsity:.4f} (every pruned weight verified zero after merge); "
                  f"{result.tokens_trained} training tokens on {result.processes} process(es); {result.wall_time_s:.0f} s; "
                  f"mask sha256 {result.mask_checksum[:16]}", highlight=False)
+
+
+@app.command()
+@handled
+def export(
+    model: Annotated[str, typer.Argument(help="Model folder to export (pruned, or recovered with --adapters).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder to write the merged model (and onnx/) to.")],
+    onnx: Annotated[bool, typer.Option("--onnx", help="Also export ONNX prefill and KV-cache decode graphs, verified.")] = False,
+    adapters: Annotated[Optional[str], typer.Option(help="Masked-LoRA adapters folder from losa recover to merge.")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Fix the ONNX batch size (default: dynamic).")] = None,
+    seqlen: Annotated[Optional[int], typer.Option(help="Fix the ONNX prompt length (default: dynamic).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset; DeepSparse 1.8 needs 17 or lower.")] = ExportConfig.opset,
+    decode: Annotated[bool, typer.Option("--decode/--no-decode", help="Export the KV-cache decode graph.")] = ExportConfig.decode,
+    tolerance: Annotated[float, typer.Option(help="Max |ONNX - PyTorch| logits, relative to max |logits|.")] = ExportConfig.tolerance,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge adapters, save safetensors and, with --onnx, export and verify ONNX graphs."""
+    from .export import run_export
+
+    config = ExportConfig(model=model, out=out, onnx=onnx, adapters=adapters, batch=batch, seqlen=seqlen, opset=opset,
+                          decode=decode, tolerance=tolerance, force=force, trust_remote_code=trust_remote_code)
+    with progress_bars(not as_json) as progress:
+        result = run_export(config, progress)
+    _warn(result.warnings)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    stdout.print(f"wrote {result.out}: {result.global_sparsity:.2%} of the block linear weights are zero "
+                 f"(mask sha256 {result.mask_checksum[:16]}); {result.wall_time_s:.1f} s, "
+                 f"peak memory {result.peak_memory_mib:.0f} MiB", highlight=False)
+    if result.onnx is not None:
+        graphs, check = result.onnx["graphs"], result.onnx["verification"]
+        table = Table(title=f"ONNX opset {graphs['opset']} in {result.out}/{result.onnx['folder']}")
+        table.add_column("check")
+        table.add_column("result", justify="right")
+        table.add_row("graphs", ", ".join(filter(None, (graphs["prefill"], graphs["decode"]))))
+        table.add_row("max |logits diff| prefill", f"{check['prefill_max_abs_diff']:.3g}")
+        if check["decode_max_abs_diff"] is not None:
+            table.add_row("max |logits diff| decode", f"{check['decode_max_abs_diff']:.3g}")
+        if check["greedy_match"] is not None:
+            table.add_row("greedy tokens match", "yes" if check["greedy_match"] else "NO")
+        table.add_row("weights with identical zeros", f"{check['weights_checked'] - len(check['zero_mismatches'])}/{check['weights_checked']}")
+        table.add_row("external data (> 2 GB)", "yes" if graphs["external_data"] else "no")
+        stdout.print(table)
+
+
+@app.command()
+@handled
+def bench(
+    model: Annotated[str, typer.Argument(help="Model folder, losa export folder, or prefill .onnx file.")],
+    cpu: Annotated[bool, typer.Option("--cpu", help="Benchmark on the CPU (the only target so far).")] = True,
+    dense_baseline: Annotated[Optional[str], typer.Option("--dense-baseline", help="Dense model to compare with (default: densified copy).")] = None,
+    engines: Annotated[str, typer.Option(help="Comma-separated: onnxruntime,deepsparse.")] = BenchConfig.engines,
+    batch: Annotated[int, typer.Option(help="Sequences per run.")] = BenchConfig.batch,
+    seqlen: Annotated[int, typer.Option(help="Prompt tokens (prefill) and past length (decode).")] = BenchConfig.seqlen,
+    decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Decode steps per iteration (0: prefill only).")] = BenchConfig.decode_tokens,
+    threads: Annotated[Optional[int], typer.Option(help="Engine threads (default: cores - 1).")] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed runs before timing.")] = BenchConfig.warmup,
+    iterations: Annotated[int, typer.Option(help="Timed runs.")] = BenchConfig.iterations,
+    report: Annotated[Optional[str], typer.Option(help="Write a PNG bar chart of the latencies.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --report file.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Latency and throughput of a sparse model vs its dense counterpart on CPU engines."""
+    from .bench import run_bench
+
+    if not cpu:
+        raise ConfigError("only CPU benchmarking exists: drop --no-cpu")
+    config = BenchConfig(model=model, dense_baseline=dense_baseline, engines=engines, batch=batch, seqlen=seqlen,
+                         decode_tokens=decode_tokens, threads=threads, warmup=warmup, iterations=iterations, report=report,
+                         force=force, trust_remote_code=trust_remote_code)
+    with progress_bars(not as_json) as progress:
+        result = run_bench(config, progress)
+    _warn(result.warnings)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    settings = result.settings
+    table = Table(title=f"losa bench: {result.model} ({result.sparse['matmul_zero_fraction']:.1%} zeros) vs "
+                        f"{result.dense['source']} ({result.dense['matmul_zero_fraction']:.1%}); batch {settings['batch']}, "
+                        f"{settings['seqlen']} tokens, {settings['threads']} thread(s)")
+    for column in ("engine", "model", "phase", "median ms", "p90 ms", "tokens/s"):
+        table.add_column(column, justify="left" if column in ("engine", "model", "phase") else "right")
+    for run in result.runs:
+        t = run["timing"]
+        if t is None:
+            table.add_row(run["engine"], run["model"], run["phase"], "failed", "", run["error"] or "")
+        else:
+            table.add_row(run["engine"], run["model"], run["phase"], f"{t['median_ms']:.2f}", f"{t['p90_ms']:.2f}",
+                          f"{t['tokens_per_s']:.1f}")
+    stdout.print(table)
+    for row in result.speedups:
+        stdout.print(f"{row['phase']}: {row['sparse']} is {row['speedup']:.2f}x the speed of {row['dense']}", highlight=False)
+    for note in result.notes:
+        stdout.print(f"note: {note}", highlight=False)
+    load = f"{result.load_average_before[0]:.2f} -> {result.load_average_after[0]:.2f}" if result.load_average_before else "n/a"
+    stdout.print(f"{result.machine['cpu']} ({', '.join(result.machine['isa_flags'])}); load average {load}", highlight=False)
+    if result.report:
+        stdout.print(f"report written to {result.report}", highlight=False)
 
 
 def run() -> None:

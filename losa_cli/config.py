@@ -17,6 +17,8 @@ METHODS = ("wanda", "sparsegpt", "magnitude")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 ALLOCATIONS = ("uniform", "rmi", "owl")
+OWL_LAMBDA = 0.08  # OWL's published defaults: rates within s +- lambda, outliers above M x mean
+OWL_M = 5.0
 
 
 def _check_nm(pattern: str) -> str | None:
@@ -61,8 +63,8 @@ class PruneConfig:
     delta: float | None = None
     beta: float | None = None
     rmi_samples: int = 64
-    owl_lambda: float = 0.08
-    owl_m: float = 5.0
+    owl_lambda: float = OWL_LAMBDA
+    owl_m: float = OWL_M
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     device: str = "auto"
     dtype: str = "float32"
@@ -267,6 +269,93 @@ class RecoverConfig:
             found.append(f"--dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
         if self.device not in DEVICES:
             found.append(f"--device {self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
+        if found:
+            raise ConfigError("; ".join(found))
+
+
+EXPORT_MIN_OPSET = 14
+EXPORT_DEFAULT_OPSET = 17  # the highest opset DeepSparse 1.8.0 compiles
+BENCH_ENGINES = ("onnxruntime", "deepsparse")
+
+
+@dataclass
+class ExportConfig:
+    """Settings of ``losa export``."""
+
+    model: str = ""
+    out: str = ""
+    onnx: bool = False
+    adapters: str | None = None
+    batch: int | None = None
+    seqlen: int | None = None
+    opset: int = EXPORT_DEFAULT_OPSET
+    decode: bool = True
+    tolerance: float = 1e-3
+    force: bool = False
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        found = []
+        if not self.model:
+            found.append("give the model folder to export")
+        if not self.out:
+            found.append("--out is required: the folder to write the exported model to")
+        if self.batch is not None and self.batch < 1:
+            found.append(f"--batch must be at least 1 (or omitted for a dynamic batch), got {self.batch}")
+        if self.seqlen is not None and self.seqlen < 1:
+            found.append(f"--seqlen must be at least 1 (or omitted for a dynamic length), got {self.seqlen}")
+        if self.opset < EXPORT_MIN_OPSET:
+            found.append(f"--opset must be at least {EXPORT_MIN_OPSET}, got {self.opset}")
+        if not 0.0 < self.tolerance < 1.0:
+            found.append(f"--tolerance must be in (0, 1), got {self.tolerance}")
+        if not self.onnx and (self.batch is not None or self.seqlen is not None):
+            found.append("--batch and --seqlen shape the ONNX graphs; add --onnx or drop them")
+        if self.adapters is not None and not Path(self.adapters).is_dir():
+            found.append(f"--adapters {self.adapters} is not a folder; give the adapters folder losa recover wrote")
+        if found:
+            raise ConfigError("; ".join(found))
+
+
+@dataclass
+class BenchConfig:
+    """Settings of ``losa bench``."""
+
+    model: str = ""
+    dense_baseline: str | None = None
+    engines: str = ",".join(BENCH_ENGINES)
+    batch: int = 1
+    seqlen: int = 128
+    decode_tokens: int = 16
+    threads: int | None = None
+    warmup: int = 2
+    iterations: int = 10
+    report: str | None = None
+    force: bool = False
+    opset: int = EXPORT_DEFAULT_OPSET
+    timeout_s: float = 3600.0
+    trust_remote_code: bool = False
+
+    def engine_list(self) -> list[str]:
+        """The engines asked for, in order, without duplicates."""
+        return list(dict.fromkeys(e.strip().lower() for e in self.engines.split(",") if e.strip()))
+
+    def validate(self) -> None:
+        found = []
+        if not self.model:
+            found.append("give a model folder, an export folder or a .onnx file to benchmark")
+        unknown = [e for e in self.engine_list() if e not in BENCH_ENGINES]
+        if unknown or not self.engine_list():
+            found.append(f"--engines {self.engines!r}: choose from {', '.join(BENCH_ENGINES)} (comma-separated)")
+        for name, value, low in (("--batch", self.batch, 1), ("--seqlen", self.seqlen, 1), ("--decode-tokens", self.decode_tokens, 0),
+                                 ("--warmup", self.warmup, 0), ("--iterations", self.iterations, 1)):
+            if value < low:
+                found.append(f"{name} must be at least {low}, got {value}")
+        if self.threads is not None and self.threads < 1:
+            found.append(f"--threads must be at least 1, got {self.threads}")
+        if self.report is not None and not self.report.lower().endswith(".png"):
+            found.append(f"--report {self.report}: give a .png file name")
+        if self.timeout_s <= 0:
+            found.append(f"timeout must be positive, got {self.timeout_s}")
         if found:
             raise ConfigError("; ".join(found))
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
+
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_META = "adapter_config.json"
 
@@ -103,8 +105,9 @@ class MaskedLoRALinear(nn.Module):
         weight = self.base.weight
         if self.fused:
             dtype = weight.dtype
+            # the bool mask goes in as is: a float copy saved for backward would cost a dense weight
             return _FusedMaskedLoRA.apply(x, x_drop, weight, self.base.bias, lora_a.to(dtype), lora_b.to(dtype),
-                                          self.mask.to(dtype), self.scale)
+                                          self.mask, self.scale)
         delta = ((lora_b @ lora_a) * self.mask).to(x.dtype)
         return self.base(x) + self.scale * F.linear(x_drop, delta)
 
@@ -221,11 +224,11 @@ def read_adapters(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
     meta_path, tensor_path = folder / ADAPTER_META, folder / ADAPTER_FILE
     if not meta_path.is_file() or not tensor_path.is_file():
-        raise FileNotFoundError(f"{folder} holds no losa adapters ({ADAPTER_META} and {ADAPTER_FILE})")
+        raise ConfigError(f"{folder} holds no losa adapters ({ADAPTER_META} and {ADAPTER_FILE})")
     try:
         return load_file(str(tensor_path)), json.loads(meta_path.read_text())
     except (SafetensorError, json.JSONDecodeError, OSError) as exc:
-        raise ValueError(f"adapters in {folder} are corrupt: {exc}") from None
+        raise ConfigError(f"adapters in {folder} are corrupt: {exc}") from None
 
 
 @torch.no_grad()
@@ -243,10 +246,10 @@ def merge_adapters_from_folder(model: nn.Module, folder: Path, blocks: nn.Module
     missing = [n for n in wrappers if f"{n}.lora_A" not in tensors]
     if missing:
         detach(blocks)
-        raise ValueError(f"adapters in {folder} do not fit this model: no factors for {missing[0]} (and {len(missing) - 1} more)")
+        raise ConfigError(f"adapters in {folder} do not fit this model: no factors for {missing[0]} (and {len(missing) - 1} more)")
     if base_checksum(blocks) != meta.get("base_sha256"):
         detach(blocks)
-        raise ValueError(
+        raise ConfigError(
             f"adapters in {folder} were trained on other base weights (sha256 mismatch); "
             "a losa recover output already holds its adapters merged"
         )

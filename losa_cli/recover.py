@@ -34,7 +34,7 @@ from torch import nn
 from .allocation import owl_allocation, rmi_allocation
 from .atomic import atomic_folder, check_output
 from .calibration import ProgressFn, sequential_blocks
-from .config import RecoverConfig, to_dict
+from .config import OWL_LAMBDA, OWL_M, RecoverConfig, to_dict
 from .data import collate, training_examples
 from .errors import ConfigError, LosaError, NumericalError
 from .manifest import build_manifest, peak_rss_mib, write_manifest
@@ -118,7 +118,7 @@ def _stage_rates(config: RecoverConfig, model: nn.Module, windows: torch.Tensor,
         beta = config.beta if config.beta is not None else DEFAULT_BETA[config.method]
         return rmi_allocation(model, windows[: config.rmi_samples], device, target, delta, beta, progress, floor=current).rates
     if config.allocation == "owl" and target > 0:
-        rates = owl_allocation(model, windows, device, target, 0.08, 5.0, progress).rates
+        rates = owl_allocation(model, windows, device, target, OWL_LAMBDA, OWL_M, progress).rates
         return [max(r, c) for r, c in zip(rates, current)]
     return [max(target, c) for c in current]
 

@@ -16,8 +16,8 @@ import math
 
 import torch
 
-DEFAULT_OWL_LAMBDA = 0.08
-DEFAULT_OWL_M = 5.0
+from .config import OWL_LAMBDA, OWL_M
+
 DEFAULT_BETA = {"wanda": 1.0, "sparsegpt": 100.0, "magnitude": 1.0}
 
 
@@ -106,13 +106,13 @@ def rmi_rates(similarity: torch.Tensor, sparsity: float, delta: float, beta: flo
     return allocate_exact(weights, sparsity, lows, highs), weights
 
 
-def outlier_ratio(scores: list[torch.Tensor], multiple: float = DEFAULT_OWL_M) -> float:
+def outlier_ratio(scores: list[torch.Tensor], multiple: float = OWL_M) -> float:
     """Fraction of all of a block's scores above ``multiple`` times their mean."""
     flat = torch.cat([s.reshape(-1).float() for s in scores])
     return float((flat > multiple * flat.mean()).float().mean())
 
 
-def owl_rates(ratios: list[float], sparsity: float, lam: float = DEFAULT_OWL_LAMBDA) -> list[float]:
+def owl_rates(ratios: list[float], sparsity: float, lam: float = OWL_LAMBDA) -> list[float]:
     """OWL: s_l = s - lam * (2 z_l - 1) + c with z_l the min-max normalised outlier ratio,
     clipped to [s - lam, s + lam], and the shift c found by bisection so the mean is exactly s."""
     values = torch.tensor(ratios, dtype=torch.float64)

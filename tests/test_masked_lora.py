@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from losa_cli.errors import ConfigError
 from losa_cli.masked_lora import (MaskedLoRALinear, attach, base_checksum, detach, merge_adapters_from_folder,
                                   save_adapters, set_block_ranks)
 from losa_cli.rank_alloc import ReconstructionError, allocate_ranks, cubic_sparsity
@@ -124,7 +125,7 @@ def test_adapters_round_trip_and_refuse_a_second_merge(tmp_path):
     merge_adapters_from_folder(reference, tmp_path / "ad", reference.layers)
     for a, b in zip(trained.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match="other base weights"):
+    with pytest.raises(ConfigError, match="other base weights"):
         merge_adapters_from_folder(reference, tmp_path / "ad", reference.layers)
 
 

