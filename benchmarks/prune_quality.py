@@ -1,6 +1,7 @@
-"""Pruning quality on SmolLM2-135M: dense vs magnitude / Wanda / SparseGPT at 50%, 70% and 2:4.
+"""Pruning quality on SmolLM2-135M: dense vs magnitude / Wanda / SparseGPT at 50%, 70% and 2:4,
+and uniform vs RMI vs OWL layer-wise allocation at 60% and 70%.
 
-Run (about 25 minutes on 2 cores):
+Run (about 90 minutes on 2 cores; --only NAME,NAME runs a subset):
     python benchmarks/prune_quality.py --nsamples 128 --seqlen 512 --eval-seqlen 512 --eval-windows 32
 
 Calibration: ../shared/data/c4-sample.txt, ``--nsamples`` windows of ``--seqlen`` tokens, seed 0.
@@ -21,14 +22,21 @@ import torch
 
 from common import SHARED_DATA, environment, eval_windows, perplexities, write_json
 from losa_cli.data import bos_token_to_prepend, read_documents, sample_windows, token_stream
+from losa_cli.allocation import owl_allocation, rmi_allocation
+from losa_cli.config import OWL_LAMBDA, OWL_M
 from losa_cli.manifest import peak_rss_mib
-from losa_cli.modeling import load_model, sparsity_report
+from losa_cli.modeling import find_blocks, load_model, sparsity_report
 from losa_cli.masks import parse_nm
 from losa_cli.pruning import Criterion, prune_blocks
+from losa_cli.rmi import DEFAULT_BETA, default_delta
 
 RESULTS = Path(__file__).parent / "results" / "prune_quality.json"
 SETTINGS = [("50%", 0.5, None), ("70%", 0.7, None), ("2:4", 0.5, "2:4")]
 METHODS = ["magnitude", "wanda", "sparsegpt"]
+#: issue 3: layer-wise allocation rows (uniform rows at 70% come from the table above)
+ALLOCATION_ROWS = [("wanda", 0.6, "uniform"), ("wanda", 0.6, "rmi"), ("wanda", 0.6, "owl"), ("wanda", 0.7, "rmi"),
+                   ("wanda", 0.7, "owl"), ("sparsegpt", 0.7, "rmi"), ("sparsegpt", 0.7, "owl"), ("sparsegpt", 0.6, "uniform"),
+                   ("sparsegpt", 0.6, "rmi"), ("sparsegpt", 0.6, "owl")]
 
 
 def main() -> None:
@@ -62,19 +70,23 @@ def main() -> None:
     previous = {} if args.fresh or not args.out.exists() else __import__("json").loads(args.out.read_text())
     rows = {r["name"]: r for r in previous.get("rows", []) if previous.get("setup", {}).get("calibration") == setup["calibration"]}
     wanted = set(filter(None, args.only.split(",")))
-    plan = [("dense", None, 0.0, None)] + [(f"{m}-{label}", m, s, p) for label, s, p in SETTINGS for m in METHODS]
-    for name, method, sparsity, pattern in plan:
+    plan = [("dense", None, 0.0, None, "uniform")] + [(f"{m}-{label}", m, s, p, "uniform") for label, s, p in SETTINGS
+                                                       for m in METHODS]
+    plan += [(f"{m}-{s:.0%}-{a}", m, s, None, a) for m, s, a in ALLOCATION_ROWS]
+    for name, method, sparsity, pattern, allocation in plan:
         if (wanted and name not in wanted) or name in rows:
             continue
         loaded.model.load_state_dict(dense_state)
         started = time.perf_counter()
         if method is not None:
             criterion = Criterion(method, parse_nm(pattern) if pattern else None)
-            prune_blocks(loaded.model, criterion, [sparsity] * 30, None if method == "magnitude" else calib, torch.device("cpu"))
+            rates = allocate(loaded.model, allocation, method, sparsity, calib)
+            prune_blocks(loaded.model, criterion, rates, None if method == "magnitude" else calib, torch.device("cpu"))
         prune_s = time.perf_counter() - started
         _, _, global_sparsity, checksum = sparsity_report(loaded.model)
         ppl = perplexities(loaded.model, windows)
         rows[name] = {"name": name, "method": method or "dense", "setting": pattern or f"{sparsity:.0%}",
+                      "allocation": allocation,
                       "global_sparsity": global_sparsity, "mask_checksum": checksum, "prune_wall_s": prune_s,
                       "peak_rss_mib": peak_rss_mib(), "perplexity": ppl}
         print(f"{name:>16}: sparsity {global_sparsity:.4f}  wiki {ppl['wiki-sample.txt']:.2f}  "
@@ -83,14 +95,25 @@ def main() -> None:
     print_table(rows, setup)
 
 
+def allocate(model, allocation: str, method: str, sparsity: float, calib: torch.Tensor) -> list[float]:
+    """Per-block rates: uniform, RMI (first 64 windows, the paper's delta band and beta) or OWL."""
+    blocks = len(find_blocks(model))
+    if allocation == "rmi":
+        return rmi_allocation(model, calib[:64], torch.device("cpu"), sparsity, default_delta(sparsity),
+                              DEFAULT_BETA[method]).rates
+    if allocation == "owl":
+        return owl_allocation(model, calib, torch.device("cpu"), sparsity, OWL_LAMBDA, OWL_M).rates
+    return [sparsity] * blocks
+
+
 def print_table(rows: dict, setup: dict) -> None:
     print()
-    print("| method | sparsity | wiki ppl | enwiki ppl | prune time (s) | peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|")
+    print("| method | sparsity | allocation | wiki ppl | enwiki ppl | prune time (s) | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows.values():
         p = r["perplexity"]
-        print(f"| {r['method']} | {r['setting']} | {p['wiki-sample.txt']:.2f} | {p['enwiki-articles.txt']:.2f} | "
-              f"{r['prune_wall_s']:.0f} | {r['peak_rss_mib']:.0f} |")
+        print(f"| {r['method']} | {r['setting']} | {r.get('allocation', 'uniform')} | {p['wiki-sample.txt']:.2f} | "
+              f"{p['enwiki-articles.txt']:.2f} | {r['prune_wall_s']:.0f} | {r['peak_rss_mib']:.0f} |")
     env = setup["environment"]
     print(f"\nSmolLM2-135M fp32 CPU, calibration {setup['calibration']}, evaluation {setup['evaluation']}, "
           f"torch threads {env['torch_threads']}, versions {env['versions']}")

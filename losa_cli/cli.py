@@ -103,6 +103,22 @@ def _emit_json(payload: dict) -> None:
     sys.stdout.write(json.dumps(payload, indent=2) + "\n")
 
 
+def _execute(workflow: Callable[..., Any], config: Any, as_json: bool) -> Any | None:
+    """Run a workflow with progress bars; print warnings, and the JSON when asked.
+
+    Returns the result for the command to render as a table, or None when there is nothing more
+    to show (JSON printed, or a non-zero rank under ``accelerate launch``)."""
+    with progress_bars(not as_json and _is_main_process()) as progress:
+        result = workflow(config, progress)
+    if not _is_main_process():
+        return None
+    _warn(result.warnings)
+    if as_json:
+        _emit_json(result.to_dict() if hasattr(result, "to_dict") else asdict(result))
+        return None
+    return result
+
+
 def _warn(warnings: list[str]) -> None:
     for line in warnings:
         stderr.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
@@ -148,11 +164,8 @@ def prune(
         calibration=CalibrationConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed),
         device=device, dtype=dtype, damp=damp, blocksize=blocksize, force=force, trust_remote_code=trust_remote_code,
     )
-    with progress_bars(not as_json) as progress:
-        result = run_prune(config, progress)
-    _warn(result.warnings)
-    if as_json:
-        _emit_json(asdict(result))
+    result = _execute(run_prune, config, as_json)
+    if result is None:
         return
     setting = result.pattern or f"{result.target_sparsity:.0%} {result.allocation.get('kind', '')}"
     table = Table(title=f"losa prune: {result.method} {setting} -> {result.out}")
@@ -189,11 +202,8 @@ def eval_(
 
     config = EvalConfig(model=model, data=data, seqlen=seqlen, max_windows=max_windows, dtype=dtype, device=device,
                         batch_size=batch_size, sparsity=sparsity, trust_remote_code=trust_remote_code)
-    with progress_bars(not as_json) as progress:
-        result = run_eval(config, progress)
-    _warn(result.warnings)
-    if as_json:
-        _emit_json(result.to_dict())
+    result = _execute(run_eval, config, as_json)
+    if result is None:
         return
     if result.sparsity is not None:
         table = Table(title=f"zero fractions of {result.model}")
@@ -317,13 +327,8 @@ def recover(
         response_only=response_only, reset_optimizer=reset_optimizer, dtype=dtype, device=device,
         checkpoint_every=checkpoint_every, resume=resume, force=force, trust_remote_code=trust_remote_code,
     )
-    with progress_bars(not as_json and _is_main_process()) as progress:
-        result = run_recover(config, progress)
-    if not _is_main_process():
-        return
-    _warn(result.warnings)
-    if as_json:
-        _emit_json(result.to_dict())
+    result = _execute(run_recover, config, as_json)
+    if result is None:
         return
     table = Table(title=f"losa recover -> {result.out}")
     for column in ("stage", "target", "zeros", "mean rank", "steps", "first loss", "last loss"):
@@ -360,11 +365,8 @@ def export(
 
     config = ExportConfig(model=model, out=out, onnx=onnx, adapters=adapters, batch=batch, seqlen=seqlen, opset=opset,
                           decode=decode, tolerance=tolerance, force=force, trust_remote_code=trust_remote_code)
-    with progress_bars(not as_json) as progress:
-        result = run_export(config, progress)
-    _warn(result.warnings)
-    if as_json:
-        _emit_json(result.to_dict())
+    result = _execute(run_export, config, as_json)
+    if result is None:
         return
     stdout.print(f"wrote {result.out}: {result.global_sparsity:.2%} of the block linear weights are zero "
                  f"(mask sha256 {result.mask_checksum[:16]}); {result.wall_time_s:.1f} s, "
@@ -411,11 +413,8 @@ def bench(
     config = BenchConfig(model=model, dense_baseline=dense_baseline, engines=engines, batch=batch, seqlen=seqlen,
                          decode_tokens=decode_tokens, threads=threads, warmup=warmup, iterations=iterations, report=report,
                          force=force, trust_remote_code=trust_remote_code)
-    with progress_bars(not as_json) as progress:
-        result = run_bench(config, progress)
-    _warn(result.warnings)
-    if as_json:
-        _emit_json(result.to_dict())
+    result = _execute(run_bench, config, as_json)
+    if result is None:
         return
     settings = result.settings
     table = Table(title=f"losa bench: {result.model} ({result.sparse['matmul_zero_fraction']:.1%} zeros) vs "

@@ -21,6 +21,11 @@ OWL_LAMBDA = 0.08  # OWL's published defaults: rates within s +- lambda, outlier
 OWL_M = 5.0
 
 
+def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> list[str]:
+    """[] when ``value`` is one of ``choices``, else the message for it."""
+    return [] if value in choices else [f"{option} {value!r} is unknown; choose one of {', '.join(choices)}"]
+
+
 def _check_nm(pattern: str) -> str | None:
     parts = pattern.split(":")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
@@ -77,8 +82,7 @@ class PruneConfig:
         found = self.calibration.problems()
         if not self.out:
             found.append("--out is required: the folder to write the pruned model to")
-        if self.method not in METHODS:
-            found.append(f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        found += _check_choice("--method", self.method, METHODS)
         if not 0.0 <= self.sparsity < 1.0:
             found.append(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.pattern is not None:
@@ -89,8 +93,7 @@ class PruneConfig:
                 found.append("--pattern and --per-layer cannot be combined: N:M fixes every layer's rate")
             if self.allocation != "uniform":
                 found.append(f"--pattern and --allocation {self.allocation} cannot be combined: N:M fixes every layer's rate")
-        if self.allocation not in ALLOCATIONS:
-            found.append(f"--allocation {self.allocation!r} is unknown; choose one of {', '.join(ALLOCATIONS)}")
+        found += _check_choice("--allocation", self.allocation, ALLOCATIONS)
         if self.per_layer and self.allocation != "uniform":
             found.append("--per-layer gives the rates itself; drop --allocation")
         if self.allocation == "rmi" and self.delta is not None and not (0.0 < self.delta < 0.5 and self.sparsity + self.delta < 1.0):
@@ -103,10 +106,8 @@ class PruneConfig:
             found.append(f"--owl-lambda must be in (0, 0.5) with sparsity + lambda below 1, got {self.owl_lambda}")
         if self.owl_m <= 0:
             found.append(f"--owl-m must be positive, got {self.owl_m}")
-        if self.device not in DEVICES:
-            found.append(f"--device {self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
-        if self.dtype not in DTYPES:
-            found.append(f"--dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+        found += _check_choice("--device", self.device, DEVICES)
+        found += _check_choice("--dtype", self.dtype, DTYPES)
         if not 0.0 < self.damp <= 1.0:
             found.append(f"--damp must be in (0, 1], got {self.damp}")
         if self.blocksize < 1:
@@ -139,10 +140,8 @@ class EvalConfig:
             found.append(f"--max-windows must be at least 1, got {self.max_windows}")
         if self.batch_size < 1:
             found.append(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.dtype not in DTYPES:
-            found.append(f"--dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
-        if self.device not in DEVICES:
-            found.append(f"--device {self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
+        found += _check_choice("--dtype", self.dtype, DTYPES)
+        found += _check_choice("--device", self.device, DEVICES)
         if found:
             raise ConfigError("; ".join(found))
 
@@ -223,8 +222,7 @@ class RecoverConfig:
             problem = _check_nm(self.pattern)
             if problem:
                 found.append(problem)
-        if self.allocation not in ALLOCATIONS:
-            found.append(f"--allocation {self.allocation!r} is unknown; choose one of {', '.join(ALLOCATIONS)}")
+        found += _check_choice("--allocation", self.allocation, ALLOCATIONS)
         if self.stages < 1:
             found.append(f"--stages must be at least 1, got {self.stages}")
         steps = self.plan_steps() if self.stages >= 1 else []
@@ -265,10 +263,8 @@ class RecoverConfig:
             found.append(f"--grad-clip must be positive, got {self.grad_clip}")
         if self.checkpoint_every < 1:
             found.append(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
-        if self.dtype not in DTYPES:
-            found.append(f"--dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
-        if self.device not in DEVICES:
-            found.append(f"--device {self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
+        found += _check_choice("--dtype", self.dtype, DTYPES)
+        found += _check_choice("--device", self.device, DEVICES)
         if found:
             raise ConfigError("; ".join(found))
 

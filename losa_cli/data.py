@@ -44,8 +44,9 @@ def _read_txt(path: Path) -> list[str]:
     return [doc.strip() for doc in text.split(separator) if doc.strip()]
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    docs = []
+def _jsonl_records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of every non-blank line; each record needs ``text`` or ``instruction``."""
+    records = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -54,15 +55,20 @@ def _read_jsonl(path: Path) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object per line")
-            if "text" in record:
-                docs.append(str(record["text"]))
-            elif "instruction" in record:
-                prompt, response = format_instruction(record)
-                docs.append(prompt + response)
-            else:
+            if not isinstance(record, dict) or ("text" not in record and "instruction" not in record):
                 raise DataError(f"{path}:{number}: needs a 'text' field or 'instruction'/'output' fields")
+            records.append((number, record))
+    return records
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    for _, record in _jsonl_records(path):
+        if "text" in record:
+            docs.append(str(record["text"]))
+        else:
+            prompt, response = format_instruction(record)
+            docs.append(prompt + response)
     return docs
 
 
@@ -176,23 +182,13 @@ def _instruction_records(path: Path) -> list[dict] | None:
     """The records of an instruction .jsonl (None when the file holds plain ``text`` records)."""
     if path.suffix != ".jsonl":
         return None
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or ("instruction" not in record and "text" not in record):
-                raise DataError(f"{path}:{number}: needs a 'text' field or 'instruction'/'output' fields")
-            if "instruction" not in record:
-                return None
-            if "output" not in record:
-                raise DataError(f"{path}:{number}: instruction record without an 'output' field")
-            records.append(record)
-    return records
+    records = _jsonl_records(path)
+    if not all("instruction" in record for _, record in records):
+        return None
+    for number, record in records:
+        if "output" not in record:
+            raise DataError(f"{path}:{number}: instruction record without an 'output' field")
+    return [record for _, record in records]
 
 
 def training_examples(tokenizer, source: str, max_length: int, response_only: bool) -> list[dict[str, torch.Tensor]]:
