@@ -19,11 +19,13 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .config import DEFAULT_MODEL, BenchConfig, CalibrationConfig, EvalConfig, ExportConfig, PruneConfig, RecoverConfig
 from .errors import ConfigError, LosaError
+from .recipe import RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make LLMs sparse and keep them accurate.")
 stdout = Console()
@@ -44,7 +46,7 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks fo
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -62,7 +64,7 @@ def handled(command: Callable[..., None]) -> Callable[..., None]:
         except KeyboardInterrupt:
             if _debug["on"]:
                 raise
-            raise _fail("interrupted; nothing was written", 130) from None
+            raise _fail("interrupted; no half-written output was left (finished stages and checkpoints are kept)", 130) from None
         except MemoryError:
             if _debug["on"]:
                 raise
@@ -121,7 +123,7 @@ def _execute(workflow: Callable[..., Any], config: Any, as_json: bool) -> Any | 
 
 def _warn(warnings: list[str]) -> None:
     for line in warnings:
-        stderr.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+        stderr.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model folder, .gguf file, Hub id, or smollm2-135m.")]
@@ -438,6 +440,43 @@ def bench(
     stdout.print(f"{result.machine['cpu']} ({', '.join(result.machine['isa_flags'])}); load average {load}", highlight=False)
     if result.report:
         stdout.print(f"report written to {result.report}", highlight=False)
+
+
+@app.command("run")
+@handled
+def run_command(
+    args: Annotated[Optional[list[str]], typer.Argument(
+        metavar="[CONFIG.yaml] [SECTION.KEY=VALUE]...",
+        help="A recipe (see examples/; none: the default recipe), then overrides such as recover.total_steps=40 or prune=null.")] = None,
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the stages, report.md and PNGs.")] = RunConfig.out,
+    restart: Annotated[bool, typer.Option("--restart", help="Redo every stage, even those already finished.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """prune -> recover -> export -> bench (+ eval) from one recipe; finished stages are skipped on re-runs."""
+    from .run import run_pipeline
+
+    files = [a for a in args or [] if "=" not in a]
+    if len(files) > 1:
+        raise ConfigError(f"give one recipe file, got {', '.join(files)} (overrides are section.key=value)")
+    config = RunConfig(recipe=files[0] if files else None, overrides=[a for a in args or [] if "=" in a], out=out,
+                       restart=restart)
+    result = _execute(run_pipeline, config, as_json)
+    if result is None:
+        return
+    table = Table(title=f"losa run -> {result.out}")
+    for column in ("stage", "this run", "time", "folder"):
+        table.add_column(column, justify="right" if column == "time" else "left")
+    for stage in result.stages:
+        table.add_row(stage.name, stage.status, f"{stage.wall_time_s:.1f} s", stage.folder)
+    stdout.print(table)
+    if result.perplexity_before is not None and result.perplexity_after is not None:
+        stdout.print(f"perplexity {result.perplexity_before:.4f} (input) -> {result.perplexity_after:.4f} (final)", highlight=False)
+    if result.global_sparsity is not None:
+        stdout.print(f"final model {result.final_model}: {result.global_sparsity:.2%} of the block linear weights are zero",
+                     highlight=False)
+    for row in result.speedups:
+        stdout.print(f"{row['phase']}: {row['sparse']} is {row['speedup']:.2f}x the speed of {row['dense']}", highlight=False)
+    stdout.print(f"report written to {result.report}; lineage: losa inspect {result.final_model}", highlight=False)
 
 
 def run() -> None:
