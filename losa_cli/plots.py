@@ -45,8 +45,14 @@ def plot_allocation(path: Path, title: str, sparsity: list[float], rates: list[f
         ax.set_ylabel("block")
         ax.set_title("block similarity (RMI / linear CKA)")
     fig.suptitle(title)
+    return save_figure(fig, Path(path))
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save a matplotlib figure as PNG atomically (temporary file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     try:

@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .allocation import Allocation, owl_allocation, rmi_allocation
 from .atomic import atomic_folder, check_output

@@ -113,5 +113,4 @@ def prune_blocks(model: nn.Module, criterion: Criterion, rates: list[float], win
             step.observe_linear_inputs(observer)
         for name, linear in find_linears(step.block).items():
             warnings += prune_linear(linear, criterion, rates[step.index], stats.get(name), f"block {step.index} {name}")
-        del stats
     return warnings

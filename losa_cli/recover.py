@@ -20,7 +20,6 @@ steps; ``--resume`` continues from it and ends with the same weights as an unint
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from .manifest import lineage, manifest_hash, read_manifest
-from .plots import plot_allocation
+from .plots import plot_allocation, save_figure
 
 REPORT_NAME = "report.md"
 
@@ -60,15 +60,7 @@ def _plot_losses(path: Path, stages: list[dict]) -> Path | None:
     ax.set_xlabel("optimizer step (dotted: stage boundaries, pruning in between)")
     ax.set_ylabel("training loss")
     ax.set_title("LoSA fine-tuning loss")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_figure(fig, path)
 
 
 def _stages_section(out: Path, stages: list[dict]) -> list[str]:
