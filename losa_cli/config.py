@@ -26,13 +26,23 @@ def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> list[str
     return [] if value in choices else [f"{option} {value!r} is unknown; choose one of {', '.join(choices)}"]
 
 
-def _check_nm(pattern: str) -> str | None:
+def parse_nm(pattern: str) -> tuple[int, int]:
+    """Parse ``"N:M"`` (zero N weights in every group of M consecutive inputs); ``ValueError``
+    carries a message the CLI shows as is."""
     parts = pattern.split(":")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        return f"--pattern {pattern!r} is not N:M; use e.g. 2:4 or 4:8"
+        raise ValueError(f"--pattern {pattern!r} is not N:M; use e.g. 2:4 or 4:8")
     n, m = int(parts[0]), int(parts[1])
     if not 0 < n < m:
-        return f"--pattern {pattern}: N must be below M and above 0 (e.g. 2:4), got N={n}, M={m}"
+        raise ValueError(f"--pattern {pattern}: N must be below M and above 0 (e.g. 2:4), got N={n}, M={m}")
+    return n, m
+
+
+def _check_nm(pattern: str) -> str | None:
+    try:
+        parse_nm(pattern)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .calibration import ProgressFn
 from .config import EvalConfig
 from .data import bos_token_to_prepend, consecutive_windows, read_documents, token_stream
-from .modeling import load_model, max_context, resolve_device, sparsity_report
+from .modeling import clip_seqlen, load_model, resolve_device, sparsity_report
 
 
 @dataclass
@@ -83,11 +83,7 @@ def run_eval(config: EvalConfig, progress: ProgressFn | None = None) -> EvalResu
         sparsity = SparsityResult(global_sparsity, per_block, per_layer, checksum)
     ppl = None
     if config.data is not None:
-        seqlen = config.seqlen
-        limit = max_context(loaded.model)
-        if limit is not None and seqlen > limit:
-            warnings.append(f"--seqlen {seqlen} exceeds the model's context {limit}; using {limit}")
-            seqlen = limit
+        seqlen = clip_seqlen(loaded.model, config.seqlen, warnings)
         bos = bos_token_to_prepend(loaded.tokenizer)
         windows = consecutive_windows(token_stream(loaded.tokenizer, read_documents(config.data)), seqlen, config.max_windows, bos)
         started = time.perf_counter()

@@ -12,20 +12,7 @@ from collections.abc import Iterable
 
 import torch
 
-
-def parse_nm(pattern: str) -> tuple[int, int]:
-    """Parse ``"N:M"`` (zero N weights in every group of M consecutive inputs).
-
-    Raises ``ValueError`` with a message the CLI can show as is.
-    """
-    try:
-        n_text, m_text = pattern.split(":")
-        n, m = int(n_text), int(m_text)
-    except ValueError:
-        raise ValueError(f"pattern {pattern!r} is not N:M; use e.g. 2:4 or 4:8") from None
-    if not 0 < n < m:
-        raise ValueError(f"pattern {pattern}: need 0 < N < M (e.g. 2:4), got N={n}, M={m}")
-    return n, m
+from .config import parse_nm  # noqa: F401 - the N:M parser, re-exported beside the masks that use it
 
 
 def prune_count(total: int, sparsity: float) -> int:

@@ -192,14 +192,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def max_context(model: nn.Module) -> int | None:
-    """The longest sequence the model's positions support, when its config says."""
+def clip_seqlen(model: nn.Module, seqlen: int, warnings: list[str]) -> int:
+    """``seqlen`` limited to the longest sequence the model's positions support (with a warning)."""
     config = model.config
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+        limit = getattr(config, key, None)
+        if isinstance(limit, int) and limit > 0:
+            if seqlen > limit:
+                warnings.append(f"--seqlen {seqlen} exceeds the model's context {limit}; using {limit}")
+                return limit
+            return seqlen
+    return seqlen
 
 
 def save_model(loaded: LoadedModel, folder: Path) -> None:

@@ -19,7 +19,7 @@ from .calibration import ProgressFn, sequential_blocks
 from .data import bos_token_to_prepend, read_documents, sample_windows, token_stream
 from .errors import ConfigError, NumericalError
 from .masks import layerwise_mask, nm_mask, parse_nm, rowwise_mask
-from .modeling import find_blocks, find_linears, max_context
+from .modeling import clip_seqlen, find_blocks, find_linears
 from .sparsegpt import CholeskyError, HessianAccumulator, sparsegpt_prune
 from .wanda import InputNormAccumulator, magnitude_scores, wanda_scores
 
@@ -50,10 +50,7 @@ def check_nm_widths(model: nn.Module, pattern: str) -> None:
 def calibration_windows(model: nn.Module, tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
                         warnings: list[str]) -> torch.Tensor:
     """Sample calibration windows, clipping ``seqlen`` to the model's context (with a warning)."""
-    limit = max_context(model)
-    if limit is not None and seqlen > limit:
-        warnings.append(f"--seqlen {seqlen} exceeds the model's context {limit}; using {limit}")
-        seqlen = limit
+    seqlen = clip_seqlen(model, seqlen, warnings)
     stream = token_stream(tokenizer, read_documents(source))
     return sample_windows(stream, nsamples, seqlen, seed, bos_token_to_prepend(tokenizer), source)
 
