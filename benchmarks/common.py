@@ -11,9 +11,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from losa_cli.data import bos_token_to_prepend, consecutive_windows, read_documents, token_stream  # noqa: E402
-from losa_cli.evaluate import window_nll  # noqa: E402
-from losa_cli.manifest import library_versions, machine_info  # noqa: E402
+from losa_cli.core.data import bos_token_to_prepend, consecutive_windows, read_documents, token_stream  # noqa: E402
+from losa_cli.runtime.evaluate import window_nll  # noqa: E402
+from losa_cli.core.manifest import library_versions, machine_info  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EVAL_SETS = ("wiki-sample.txt", "enwiki-articles.txt")

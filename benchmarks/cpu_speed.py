@@ -29,13 +29,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from common import SHARED_DATA, environment, write_json  # noqa: E402
-from losa_cli.bench import run_bench  # noqa: E402
-from losa_cli.config import BenchConfig, CalibrationConfig, ExportConfig, PruneConfig  # noqa: E402
-from losa_cli.engines import cpu_info, engine_versions, safe_threads  # noqa: E402
-from losa_cli.export import run_export  # noqa: E402
-from losa_cli.modeling import find_blocks, find_linears  # noqa: E402
-from losa_cli.onnx_export import export_graphs, verify_export  # noqa: E402
-from losa_cli.prune import run_prune  # noqa: E402
+from losa_cli.runtime.bench import run_bench  # noqa: E402
+from losa_cli.core.config import BenchConfig, CalibrationConfig, ExportConfig, PruneConfig  # noqa: E402
+from losa_cli.runtime.engines import cpu_info, engine_versions, safe_threads  # noqa: E402
+from losa_cli.export.workflow import run_export  # noqa: E402
+from losa_cli.core.modeling import find_blocks, find_linears  # noqa: E402
+from losa_cli.export.onnx_graphs import export_graphs, verify_export  # noqa: E402
+from losa_cli.prune.workflow import run_prune  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "cpu_speed.json"
 SMOLLM_VARIANTS = [("wanda-50%", 0.5, None), ("wanda-70%", 0.7, None), ("wanda-2:4", 0.5, "2:4")]

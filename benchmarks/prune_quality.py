@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 from common import SHARED_DATA, environment, eval_windows, perplexities, write_json
-from losa_cli.data import bos_token_to_prepend, read_documents, sample_windows, token_stream
-from losa_cli.allocation import owl_allocation, rmi_allocation
-from losa_cli.config import OWL_LAMBDA, OWL_M
-from losa_cli.manifest import peak_rss_mib
-from losa_cli.modeling import find_blocks, load_model, sparsity_report
-from losa_cli.masks import parse_nm
-from losa_cli.pruning import Criterion, prune_blocks
-from losa_cli.rmi import DEFAULT_BETA, default_delta
+from losa_cli.core.data import bos_token_to_prepend, read_documents, sample_windows, token_stream
+from losa_cli.prune.allocation import owl_allocation, rmi_allocation
+from losa_cli.core.config import OWL_LAMBDA, OWL_M
+from losa_cli.core.manifest import peak_rss_mib
+from losa_cli.core.modeling import find_blocks, load_model, sparsity_report
+from losa_cli.prune.masks import parse_nm
+from losa_cli.prune.pruning import Criterion, prune_blocks
+from losa_cli.prune.rmi import DEFAULT_BETA, default_delta
 
 RESULTS = Path(__file__).parent / "results" / "prune_quality.json"
 SETTINGS = [("50%", 0.5, None), ("70%", 0.7, None), ("2:4", 0.5, "2:4")]

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from common import SHARED_DATA, environment, eval_windows, perplexities, write_json
-from losa_cli.config import CalibrationConfig, RecoverConfig
-from losa_cli.modeling import find_blocks, load_model, sparsity_report
-from losa_cli.pruning import Criterion, calibration_windows, prune_blocks
-from losa_cli.recover import run_recover
+from losa_cli.core.config import CalibrationConfig, RecoverConfig
+from losa_cli.core.modeling import find_blocks, load_model, sparsity_report
+from losa_cli.prune.pruning import Criterion, calibration_windows, prune_blocks
+from losa_cli.recover.workflow import run_recover
 
 RESULTS = Path(__file__).parent / "results" / "recover_quality.json"
 

@@ -30,10 +30,10 @@ def measure(form: str, batch: int, length: int, steps: int, rank: int) -> dict:
     import torch
 
     from common import environment
-    from losa_cli.manifest import peak_rss_mib
-    from losa_cli.masked_lora import attach
-    from losa_cli.modeling import find_blocks, load_model
-    from losa_cli.pruning import Criterion, prune_blocks
+    from losa_cli.core.manifest import peak_rss_mib
+    from losa_cli.recover.masked_lora import attach
+    from losa_cli.core.modeling import find_blocks, load_model
+    from losa_cli.prune.pruning import Criterion, prune_blocks
 
     torch.manual_seed(0)
     loaded = load_model("smollm2-135m")

@@ -8,8 +8,8 @@ import torch
 from scipy.optimize import linprog
 from typer.testing import CliRunner
 
-from losa_cli.cli import app
-from losa_cli.rmi import (allocate_exact, center, default_delta, gram_matrix, importance, outlier_ratio, owl_rates,
+from losa_cli.cli.main import app
+from losa_cli.prune.rmi import (allocate_exact, center, default_delta, gram_matrix, importance, outlier_ratio, owl_rates,
                           rmi_rates, similarity_matrix)
 
 runner = CliRunner()

@@ -9,9 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from losa_cli.cli import app
-from losa_cli.masks import satisfies_nm
-from losa_cli.modeling import find_blocks, find_linears, load_model
+from losa_cli.cli.main import app
+from losa_cli.prune.masks import satisfies_nm
+from losa_cli.core.modeling import find_blocks, find_linears, load_model
 
 runner = CliRunner()
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt"]
@@ -181,7 +181,7 @@ def test_error_output_is_the_input(tiny_models, tmp_path, calib_file):
 
 
 def test_error_sparsegpt_cholesky_names_damping(tiny_models, tmp_path, calib_file, monkeypatch):
-    from losa_cli import sparsegpt
+    from losa_cli.prune import sparsegpt
 
     monkeypatch.setattr(sparsegpt.HessianAccumulator, "add", lambda self, x: self.hessian.fill_(float("nan")))
     result = prune(tiny_models["llama"], tmp_path / "out", "--method", "sparsegpt", calib=calib_file)
@@ -193,7 +193,7 @@ def test_interrupt_leaves_no_output(tiny_models, tmp_path, calib_file, monkeypat
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("losa_cli.prune.save_model", interrupted)
+    monkeypatch.setattr("losa_cli.prune.workflow.save_model", interrupted)
     result = prune(tiny_models["llama"], tmp_path / "out", calib=calib_file)
     assert_clean_error(result, "interrupted", tmp_path / "out")
     assert result.exit_code == 130

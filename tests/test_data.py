@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from losa_cli.data import bos_token_to_prepend, consecutive_windows, read_documents, sample_windows
-from losa_cli.errors import DataError
+from losa_cli.core.data import bos_token_to_prepend, consecutive_windows, read_documents, sample_windows
+from losa_cli.core.errors import DataError
 
 from conftest import tiny_tokenizer
 

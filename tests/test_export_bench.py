@@ -17,14 +17,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from losa_cli import onnx_export
-from losa_cli.bench import run_bench
-from losa_cli.cli import app
-from losa_cli.config import BenchConfig, ExportConfig
-from losa_cli.engines import summarize
-from losa_cli.errors import ConfigError, ModelError, NumericalError, OutputExistsError
-from losa_cli.export import run_export
-from losa_cli.modeling import find_blocks, find_linears, load_model, save_model, sparsity_report
+from losa_cli.export import onnx_graphs as onnx_export
+from losa_cli.runtime.bench import run_bench
+from losa_cli.cli.main import app
+from losa_cli.core.config import BenchConfig, ExportConfig
+from losa_cli.runtime.engines import summarize
+from losa_cli.core.errors import ConfigError, ModelError, NumericalError, OutputExistsError
+from losa_cli.export.workflow import run_export
+from losa_cli.core.modeling import find_blocks, find_linears, load_model, save_model, sparsity_report
 
 runner = CliRunner()
 HAS_DEEPSPARSE = importlib.util.find_spec("deepsparse") is not None
@@ -209,7 +209,7 @@ def test_bench_both_engines_json_and_report(exported, tmp_path):
 
 def test_bench_model_folder_against_dense_original_without_deepsparse(pruned_llama, tiny_models, monkeypatch):
     message = "DeepSparse is not installed; ONNX Runtime does not exploit unstructured zeros, so only dense-vs-dense speed is measured"
-    monkeypatch.setattr("losa_cli.bench.deepsparse_unavailable", lambda: message)
+    monkeypatch.setattr("losa_cli.runtime.bench.deepsparse_unavailable", lambda: message)
     cores = os.cpu_count() or 1
     config = BenchConfig(model=str(pruned_llama), dense_baseline=str(tiny_models["llama"]), iterations=1, warmup=0,
                          seqlen=8, decode_tokens=1, threads=cores + 1)

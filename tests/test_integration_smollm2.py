@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from losa_cli.cli import app
+from losa_cli.cli.main import app
 
 from conftest import SHARED_DATA
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from losa_cli.errors import ConfigError
-from losa_cli.masked_lora import (MaskedLoRALinear, attach, base_checksum, detach, merge_adapters_from_folder,
+from losa_cli.core.errors import ConfigError
+from losa_cli.recover.masked_lora import (MaskedLoRALinear, attach, base_checksum, detach, merge_adapters_from_folder,
                                   save_adapters, set_block_ranks)
-from losa_cli.rank_alloc import ReconstructionError, allocate_ranks, cubic_sparsity
+from losa_cli.recover.rank_alloc import ReconstructionError, allocate_ranks, cubic_sparsity
 
 
 def sparse_linear(seed=0, out_f=12, in_f=16, sparsity=0.5, bias=True):

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from losa_cli.masks import layerwise_mask, mask_checksum, nm_mask, parse_nm, rowwise_mask, satisfies_nm
-from losa_cli.wanda import InputNormAccumulator, wanda_scores
+from losa_cli.core.modeling import mask_checksum
+from losa_cli.prune.masks import layerwise_mask, nm_mask, parse_nm, rowwise_mask, satisfies_nm
+from losa_cli.prune.wanda import InputNormAccumulator, wanda_scores
 
 
 def test_rowwise_mask_prunes_exactly_per_row_and_the_lowest():

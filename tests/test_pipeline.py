@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from losa_cli.calibration import sequential_blocks
-from losa_cli.masks import rowwise_mask
-from losa_cli.modeling import find_blocks, find_linears, load_model
-from losa_cli.pruning import Criterion, prune_blocks
-from losa_cli.wanda import InputNormAccumulator, wanda_scores
+from losa_cli.core.sequential import sequential_blocks
+from losa_cli.prune.masks import rowwise_mask
+from losa_cli.core.modeling import find_blocks, find_linears, load_model
+from losa_cli.prune.pruning import Criterion, prune_blocks
+from losa_cli.prune.wanda import InputNormAccumulator, wanda_scores
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt"]
 

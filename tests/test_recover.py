@@ -11,11 +11,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from losa_cli.cli import app
-from losa_cli.errors import ConfigError
-from losa_cli.config import CalibrationConfig, RecoverConfig
-from losa_cli.modeling import find_blocks, find_linears, load_model
-from losa_cli.recover import InterruptForTest, run_recover
+from losa_cli.cli.main import app
+from losa_cli.core.errors import ConfigError
+from losa_cli.core.config import CalibrationConfig, RecoverConfig
+from losa_cli.core.modeling import find_blocks, find_linears, load_model
+from losa_cli.recover.workflow import InterruptForTest, run_recover
 
 from conftest import synthetic_text
 
@@ -82,7 +82,7 @@ def test_two_stage_recover_lowers_loss_keeps_zeros_and_writes_everything(tiny_ll
     assert manifest["command"] == "recover" and len(manifest["results"]["stages"]) == 2
     assert not (tmp_path / "out.checkpoint").exists()
     # the adapters were merged already: merging them again is refused
-    from losa_cli.masked_lora import merge_adapters_from_folder
+    from losa_cli.recover.masked_lora import merge_adapters_from_folder
 
     with pytest.raises(ConfigError, match="other base weights"):
         merge_adapters_from_folder(merged, out / "adapters")
@@ -117,7 +117,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_llama_6, cal
 
 
 def test_resume_refuses_other_settings_and_stale_checkpoints(tiny_llama_6, calib_file, plain_text, tmp_path):
-    from losa_cli.errors import ConfigError
+    from losa_cli.core.errors import ConfigError
 
     with pytest.raises(InterruptForTest):
         run_recover(config(tiny_llama_6, tmp_path / "c", plain_text, calib_file), stop_after_steps=2)
@@ -130,8 +130,8 @@ def test_resume_refuses_other_settings_and_stale_checkpoints(tiny_llama_6, calib
 
 
 def test_nan_loss_stops_and_keeps_the_checkpoint(tiny_llama_6, calib_file, plain_text, tmp_path, monkeypatch):
-    from losa_cli import recover
-    from losa_cli.errors import NumericalError
+    from losa_cli.recover import workflow as recover
+    from losa_cli.core.errors import NumericalError
 
     real = recover._restore_inactive
     calls = {"n": 0}
@@ -199,7 +199,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama_6
 
 
 def test_export_merges_adapters_into_their_base_and_refuses_a_merged_model(tiny_llama_6, calib_file, tmp_path):
-    from losa_cli.masked_lora import attach, base_checksum, save_adapters
+    from losa_cli.recover.masked_lora import attach, base_checksum, save_adapters
 
     pruned = tmp_path / "pruned"
     assert runner.invoke(app, ["prune", "--model", str(tiny_llama_6), "--out", str(pruned), "--calib", str(calib_file),

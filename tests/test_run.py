@@ -10,13 +10,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from losa_cli import run as run_module
-from losa_cli.cli import app
-from losa_cli.errors import ConfigError
-from losa_cli.manifest import lineage, manifest_hash, read_manifest
-from losa_cli.recipe import DEFAULT_RECIPE, RunConfig, collect_recipe, load_recipe, read_recipe_file
-from losa_cli.recover import InterruptForTest
-from losa_cli.run import run_pipeline
+from losa_cli.run import pipeline as run_module
+from losa_cli.cli.main import app
+from losa_cli.core.errors import ConfigError
+from losa_cli.core.manifest import lineage, manifest_hash, read_manifest
+from losa_cli.run.recipe import DEFAULT_RECIPE, RunConfig, collect_recipe, load_recipe, read_recipe_file
+from losa_cli.recover.workflow import InterruptForTest
+from losa_cli.run.pipeline import run_pipeline
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]

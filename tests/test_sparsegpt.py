@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from losa_cli.sparsegpt import CholeskyError, HessianAccumulator, sparsegpt_prune
+from losa_cli.prune.sparsegpt import CholeskyError, HessianAccumulator, sparsegpt_prune
 
 
 def reference_obs(weight, hessian, sparsity, nm, blocksize, damp):

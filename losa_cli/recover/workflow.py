@@ -30,19 +30,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .allocation import owl_allocation, rmi_allocation
-from .atomic import atomic_folder, check_output
-from .calibration import ProgressFn, sequential_blocks
-from .config import OWL_LAMBDA, OWL_M, RecoverConfig, to_dict
-from .data import collate, training_examples
-from .errors import ConfigError, LosaError, NumericalError
-from .manifest import build_manifest, peak_rss_mib, write_manifest
+from ..prune.allocation import owl_allocation, rmi_allocation
+from ..core.atomic import atomic_folder, check_output
+from ..core.sequential import ProgressFn, sequential_blocks
+from ..core.config import OWL_LAMBDA, OWL_M, RecoverConfig, to_dict
+from ..core.data import collate, training_examples
+from ..core.errors import ConfigError, LosaError, NumericalError
+from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
 from .masked_lora import MaskedLoRALinear, attach, base_checksum, detach, save_adapters, set_block_ranks, wrappers_of
-from .masks import parse_nm
-from .modeling import find_blocks, load_model, save_model, sparsity_report
-from .pruning import Criterion, calibration_windows, check_nm_widths, prune_blocks
+from ..prune.masks import parse_nm
+from ..core.modeling import find_blocks, load_model, save_model, sparsity_report
+from ..prune.pruning import Criterion, calibration_windows, check_nm_widths, prune_blocks
 from .rank_alloc import ReconstructionError, allocate_ranks, cubic_sparsity
-from .rmi import DEFAULT_BETA, default_delta
+from ..prune.rmi import DEFAULT_BETA, default_delta
 
 STATE_FILE = "losa_state.json"
 #: settings that may differ between a run and its resumption

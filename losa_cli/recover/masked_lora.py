@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_META = "adapter_config.json"
@@ -238,7 +238,7 @@ def merge_adapters_from_folder(model: nn.Module, folder: Path, blocks: nn.Module
     Refuses when the model's weights are not the base the adapters were trained on (for example
     a folder that already holds the merged result), since merging twice would double the update.
     """
-    from .modeling import find_blocks
+    from ..core.modeling import find_blocks
 
     blocks = blocks if blocks is not None else find_blocks(model)
     tensors, meta = read_adapters(Path(folder))

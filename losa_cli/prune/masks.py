@@ -1,4 +1,4 @@
-"""Mask selection from scores, sparsity counting and mask checksums (torch only).
+"""Mask selection from scores and sparsity counting (torch only).
 
 Convention: a *mask* is a bool tensor shaped like the weight that is ``True`` where the weight
 is pruned (set to zero).  Selection picks an exact count with ``topk`` rather than a threshold,
@@ -7,12 +7,9 @@ so ties can never push a row or layer past its target.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
-
 import torch
 
-from .config import parse_nm  # noqa: F401 - the N:M parser, re-exported beside the masks that use it
+from ..core.config import parse_nm  # noqa: F401 - the N:M parser, re-exported beside the masks that use it
 
 
 def prune_count(total: int, sparsity: float) -> int:
@@ -60,18 +57,3 @@ def satisfies_nm(weight: torch.Tensor, n: int, m: int) -> bool:
 def zero_fraction(weight: torch.Tensor) -> float:
     """Fraction of exactly-zero entries."""
     return float((weight == 0).sum()) / weight.numel()
-
-
-def mask_checksum(masks: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """SHA-256 over the names and packed bits of the masks, in the given order.
-
-    Two models share this checksum exactly when the same weights are zero, so a user can check
-    that merging or exporting kept the pattern.
-    """
-    digest = hashlib.sha256()
-    for name, mask in masks:
-        digest.update(name.encode())
-        bits = mask.detach().to("cpu", torch.bool).flatten()
-        digest.update(str(tuple(mask.shape)).encode())
-        digest.update(bits.numpy().tobytes())
-    return digest.hexdigest()

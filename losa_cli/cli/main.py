@@ -23,9 +23,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import DEFAULT_MODEL, BenchConfig, CalibrationConfig, EvalConfig, ExportConfig, PruneConfig, RecoverConfig
-from .errors import ConfigError, LosaError
-from .recipe import RunConfig
+from ..core.config import DEFAULT_MODEL, BenchConfig, CalibrationConfig, EvalConfig, ExportConfig, PruneConfig, RecoverConfig
+from ..core.errors import ConfigError, LosaError
+from ..run.recipe import RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make LLMs sparse and keep them accurate.")
 stdout = Console()
@@ -158,7 +158,7 @@ def prune(
     as_json: JsonOpt = False,
 ) -> None:
     """Prune a model's linear layers block by block (Wanda, SparseGPT or magnitude)."""
-    from .prune import run_prune
+    from ..prune.workflow import run_prune
 
     config = PruneConfig(
         model=model, out=out, method=method, sparsity=sparsity, pattern=pattern, per_layer=per_layer,
@@ -200,7 +200,7 @@ def eval_(
     as_json: JsonOpt = False,
 ) -> None:
     """Perplexity over non-overlapping windows, and/or the zero fractions of any model."""
-    from .evaluate import run_eval
+    from ..runtime.evaluate import run_eval
 
     config = EvalConfig(model=model, data=data, seqlen=seqlen, max_windows=max_windows, dtype=dtype, device=device,
                         batch_size=batch_size, sparsity=sparsity, trust_remote_code=trust_remote_code)
@@ -235,7 +235,7 @@ def inspect(
     as_json: JsonOpt = False,
 ) -> None:
     """Per-block sparsity (and rates, ranks, similarity, lineage from the manifest) of any model."""
-    from .inspection import run_inspect
+    from ..run.inspection import run_inspect
 
     result = run_inspect(model, plot, force, trust_remote_code)
     if as_json:
@@ -316,7 +316,7 @@ def recover(
     as_json: JsonOpt = False,
 ) -> None:
     """LoSA: prune in stages and fine-tune masked LoRA that keeps every zero; merge at the end."""
-    from .recover import run_recover
+    from ..recover.workflow import run_recover
 
     config = RecoverConfig(
         model=model, out=out, data=data, sparsity=sparsity, method=method, pattern=pattern, allocation=allocation,
@@ -363,7 +363,7 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Merge adapters, save safetensors and, with --onnx, export and verify ONNX graphs."""
-    from .export import run_export
+    from ..export.workflow import run_export
 
     config = ExportConfig(model=model, out=out, onnx=onnx, adapters=adapters, batch=batch, seqlen=seqlen, opset=opset,
                           decode=decode, tolerance=tolerance, force=force, trust_remote_code=trust_remote_code)
@@ -408,7 +408,7 @@ def bench(
     as_json: JsonOpt = False,
 ) -> None:
     """Latency and throughput of a sparse model vs its dense counterpart on CPU engines."""
-    from .bench import run_bench
+    from ..runtime.bench import run_bench
 
     if not cpu:
         raise ConfigError("only CPU benchmarking exists: drop --no-cpu")
@@ -453,7 +453,7 @@ def run_command(
     as_json: JsonOpt = False,
 ) -> None:
     """prune -> recover -> export -> bench (+ eval) from one recipe; finished stages are skipped on re-runs."""
-    from .run import run_pipeline
+    from ..run.pipeline import run_pipeline
 
     files = [a for a in args or [] if "=" not in a]
     if len(files) > 1:

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .config import OWL_LAMBDA, OWL_M
+from ..core.config import OWL_LAMBDA, OWL_M
 
 DEFAULT_BETA = {"wanda": 1.0, "sparsegpt": 100.0, "magnitude": 1.0}
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import BenchConfig, to_dict
+from ..core.config import BenchConfig, to_dict
 from .engines import (
     EngineFailure,
     cpu_info,
@@ -29,10 +29,10 @@ from .engines import (
     safe_threads,
     summarize,
 )
-from .errors import ConfigError, ModelError, OutputExistsError
-from .manifest import library_versions
-from .modeling import load_model
-from .onnx_export import (
+from ..core.errors import ConfigError, ModelError, OutputExistsError
+from ..core.manifest import library_versions
+from ..core.modeling import load_model
+from ..export.onnx_graphs import (
     SIDECAR_FILE,
     GraphSpec,
     ProgressFn,

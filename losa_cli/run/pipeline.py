@@ -30,17 +30,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_folder
-from .bench import run_bench
-from .calibration import ProgressFn
-from .config import to_dict
-from .errors import ConfigError, LosaError
-from .evaluate import run_eval
-from .export import run_export
-from .manifest import build_manifest, manifest_hash, read_manifest, write_manifest
-from .prune import run_prune
+from ..core.atomic import atomic_folder
+from ..runtime.bench import run_bench
+from ..core.sequential import ProgressFn
+from ..core.config import to_dict
+from ..core.errors import ConfigError, LosaError
+from ..runtime.evaluate import run_eval
+from ..export.workflow import run_export
+from ..core.manifest import build_manifest, manifest_hash, read_manifest, write_manifest
+from ..prune.workflow import run_prune
 from .recipe import Recipe, RunConfig, StagePlan, collect_recipe, dump_recipe, final_model_stage, format_problems, plan_stages
-from .recover import STATE_FILE, run_recover
+from ..recover.workflow import STATE_FILE, run_recover
 from .report import write_report
 
 STAGE_MARKER = "losa_run_stage.json"
@@ -87,15 +87,15 @@ class RunResult:
 
 
 def _is_hub_dataset(value: str) -> bool:
-    from .data import HUB_DATASETS
+    from ..core.data import HUB_DATASETS
 
     return value in HUB_DATASETS and not Path(value).exists()
 
 
 def input_problems(recipe: Recipe, out: Path) -> list[str]:
     """Inputs that do not exist, and an --out that is not a losa run folder."""
-    from .errors import ModelError
-    from .modeling import resolve_source
+    from ..core.errors import ModelError
+    from ..core.modeling import resolve_source
 
     found = []
     try:
@@ -125,7 +125,7 @@ def _stamp(path: Path) -> list:
 
 def input_fingerprint(spec: str) -> dict:
     """The input model: its manifest's hash when it has one, else its files' sizes and times, else its id."""
-    from .modeling import resolve_source
+    from ..core.modeling import resolve_source
 
     source = resolve_source(spec)
     if not source.is_local:

@@ -12,12 +12,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_folder, check_output
-from .config import ExportConfig, to_dict
-from .errors import ConfigError
-from .manifest import build_manifest, peak_rss_mib, write_manifest
-from .modeling import LoadedModel, load_model, save_model, sparsity_report
-from .onnx_export import DEEPSPARSE_MAX_OPSET, ProgressFn, check_onnx_environment, export_graphs, verify_export
+from ..core.atomic import atomic_folder, check_output
+from ..core.config import ExportConfig, to_dict
+from ..core.errors import ConfigError
+from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
+from ..core.modeling import LoadedModel, load_model, save_model, sparsity_report
+from .onnx_graphs import DEEPSPARSE_MAX_OPSET, ProgressFn, check_onnx_environment, export_graphs, verify_export
 
 ONNX_FOLDER = "onnx"
 
@@ -44,9 +44,9 @@ class ExportResult:
 def merge_adapters(loaded: LoadedModel, folder: str) -> dict:
     """Merge ``losa recover`` adapters into the weights (zeros kept), imported only when asked."""
     try:
-        from .masked_lora import merge_adapters_from_folder
+        from ..recover.masked_lora import merge_adapters_from_folder
     except ImportError:
-        raise ConfigError("--adapters needs losa recover's adapters support (losa_cli.masked_lora)") from None
+        raise ConfigError("--adapters needs losa recover's adapters support (losa_cli.recover.masked_lora)") from None
     return merge_adapters_from_folder(loaded.model, Path(folder))
 
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calibration import ProgressFn, sequential_blocks
-from .data import bos_token_to_prepend, read_documents, sample_windows, token_stream
-from .errors import ConfigError, NumericalError
+from ..core.sequential import ProgressFn, sequential_blocks
+from ..core.data import bos_token_to_prepend, read_documents, sample_windows, token_stream
+from ..core.errors import ConfigError, NumericalError
 from .masks import layerwise_mask, nm_mask, parse_nm, rowwise_mask
-from .modeling import clip_seqlen, find_blocks, find_linears
+from ..core.modeling import clip_seqlen, find_blocks, find_linears
 from .sparsegpt import CholeskyError, HessianAccumulator, sparsegpt_prune
 from .wanda import InputNormAccumulator, magnitude_scores, wanda_scores
 

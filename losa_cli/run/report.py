@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from .manifest import lineage, manifest_hash, read_manifest
-from .plots import plot_allocation, save_figure
+from ..core.manifest import lineage, manifest_hash, read_manifest
+from ..core.plots import plot_allocation, save_figure
 
 REPORT_NAME = "report.md"
 

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelError, NumericalError
-from .modeling import find_blocks, find_linears
+from ..core.errors import ConfigError, ModelError, NumericalError
+from ..core.modeling import find_blocks, find_linears
 
 ProgressFn = Callable[[str, int, int], None]
 

@@ -27,7 +27,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .config import (
+from ..core.config import (
     DEFAULT_MODEL,
     DEVICES,
     BenchConfig,
@@ -37,7 +37,7 @@ from .config import (
     PruneConfig,
     RecoverConfig,
 )
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 SECTIONS = ("prune", "recover", "export", "bench", "eval")
 CONFIG_CLASSES = {"prune": PruneConfig, "recover": RecoverConfig, "export": ExportConfig, "bench": BenchConfig,

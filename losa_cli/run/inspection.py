@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import ConfigError, OutputExistsError
-from .manifest import lineage
-from .modeling import load_model, sparsity_report
-from .plots import plot_allocation
+from ..core.errors import ConfigError, OutputExistsError
+from ..core.manifest import lineage
+from ..core.modeling import load_model, sparsity_report
+from ..core.plots import plot_allocation
 
 
 @dataclass

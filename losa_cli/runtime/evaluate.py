@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .calibration import ProgressFn
-from .config import EvalConfig
-from .data import bos_token_to_prepend, consecutive_windows, read_documents, token_stream
-from .modeling import clip_seqlen, load_model, resolve_device, sparsity_report
+from ..core.sequential import ProgressFn
+from ..core.config import EvalConfig
+from ..core.data import bos_token_to_prepend, consecutive_windows, read_documents, token_stream
+from ..core.modeling import clip_seqlen, load_model, resolve_device, sparsity_report
 
 
 @dataclass

@@ -9,8 +9,10 @@ from a model's name.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,6 @@ import torch
 from torch import nn
 
 from .errors import ModelError
-from .masks import mask_checksum
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -230,3 +231,18 @@ def sparsity_report(model: nn.Module) -> tuple[dict[str, float], list[float], fl
         total += block_total
         zeros += block_zeros
     return per_layer, per_block, zeros / total, mask_checksum(masks)
+
+
+def mask_checksum(masks: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over the names and packed bits of the masks, in the given order.
+
+    Two models share this checksum exactly when the same weights are zero, so a user can check
+    that merging or exporting kept the pattern.
+    """
+    digest = hashlib.sha256()
+    for name, mask in masks:
+        digest.update(name.encode())
+        bits = mask.detach().to("cpu", torch.bool).flatten()
+        digest.update(str(tuple(mask.shape)).encode())
+        digest.update(bits.numpy().tobytes())
+    return digest.hexdigest()

@@ -3,7 +3,7 @@
 Why a child process: DeepSparse aborts the whole process when a graph fails to compile or run
 (a segfault, not an exception), and a fresh process per (engine, model) gives both engines the
 same clean memory and thread state.  The parent writes a job (engine, graph, phase, shapes, threads) as JSON, runs
-``python -m losa_cli.engines JOB RESULT`` and reads the raw latencies back.
+``python -m losa_cli.runtime.engines JOB RESULT`` and reads the raw latencies back.
 
 This module imports neither torch nor the engines at module level, so the child starts fast
 and ``NM_DISABLE_ANALYTICS=1`` is set before deepsparse/sparsezoo are imported (no network).
@@ -129,7 +129,7 @@ def run_job(job: dict, timeout_s: float) -> dict:
         job_path, result_path = Path(scratch) / "job.json", Path(scratch) / "result.json"
         job_path.write_text(json.dumps(job))
         try:
-            done = subprocess.run([sys.executable, "-m", "losa_cli.engines", str(job_path), str(result_path)],
+            done = subprocess.run([sys.executable, "-m", "losa_cli.runtime.engines", str(job_path), str(result_path)],
                                   env=env, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             raise EngineFailure(f"{job['engine']} did not finish within {timeout_s:.0f} s") from None

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from .allocation import Allocation, owl_allocation, rmi_allocation
-from .atomic import atomic_folder, check_output
-from .calibration import ProgressFn
-from .config import PruneConfig, load_per_layer, to_dict
-from .manifest import build_manifest, peak_rss_mib, write_manifest
+from ..core.atomic import atomic_folder, check_output
+from ..core.sequential import ProgressFn
+from ..core.config import PruneConfig, load_per_layer, to_dict
+from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
 from .masks import parse_nm
-from .modeling import LoadedModel, find_blocks, load_model, resolve_device, save_model, sparsity_report
+from ..core.modeling import LoadedModel, find_blocks, load_model, resolve_device, save_model, sparsity_report
 from .pruning import Criterion, calibration_windows, check_nm_widths, prune_blocks
 from .rmi import DEFAULT_BETA, default_delta
 

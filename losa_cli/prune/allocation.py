@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .calibration import ProgressFn, sequential_blocks
-from .modeling import find_linears
+from ..core.sequential import ProgressFn, sequential_blocks
+from ..core.modeling import find_linears
 from .rmi import gram_matrix, outlier_ratio, owl_rates, rmi_rates, similarity_matrix
 from .wanda import InputNormAccumulator, wanda_scores
 

@@ -1,0 +1,1 @@
+"""The command line: the one place that imports typer/rich and maps errors to one-line messages."""

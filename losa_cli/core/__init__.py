@@ -1,0 +1,1 @@
+"""Shared foundations: config, errors, manifests, atomic writes, model loading, data, the sequential block pipeline."""

@@ -1,0 +1,1 @@
+"""Export: merged safetensors and verified ONNX graphs (``losa export``)."""

@@ -1,0 +1,1 @@
+"""Pruning: masks, Wanda, SparseGPT, layer-wise allocation (RMI, OWL) and the ``losa prune`` workflow."""

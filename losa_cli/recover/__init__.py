@@ -1,0 +1,1 @@
+"""Recovery: masked LoRA, rank allocation and the ``losa recover`` (LoSA) workflow."""

@@ -1,0 +1,1 @@
+"""The ``losa run`` pipeline: recipes, stages, the report, and ``losa inspect``."""

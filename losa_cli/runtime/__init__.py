@@ -1,0 +1,1 @@
+"""Running models: perplexity evaluation, CPU engines (ONNX Runtime, DeepSparse) and ``losa bench``."""
