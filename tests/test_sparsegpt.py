@@ -6,35 +6,44 @@ import torch
 from losa_cli.prune.sparsegpt import CholeskyError, HessianAccumulator, sparsegpt_prune
 
 
-def reference_obs(weight, hessian, sparsity, nm, blocksize, damp):
+def reference_obs(weight, hessian, sparsity, nm, blocksize, damp, first=None):
     """Explicit OBS in fp64 with a fresh inverse of the not-yet-processed columns at every step.
 
     Saliency of column j: w^2 / [inv(H[j:, j:])]_00; pruning column j moves the others by
     -(w_j - q_j) / [inv]_00 * inv[0, :].  The mask of each column block is chosen at the start
     of the block from the current weights (unstructured: the block's share of the exact total).
+    Weights in ``first`` (already pruned) are always in the mask; the quota's rest goes to the
+    lowest saliencies among the others, and a block's share is capped so that the already-pruned
+    weights of later blocks still fit in the total.
     """
     w = weight.double().clone()
     h = hessian.double().clone()
     rows, cols = w.shape
     h += damp * torch.diag(h).mean() * torch.eye(cols, dtype=torch.float64)
-    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    first = torch.zeros(rows, cols, dtype=torch.bool) if first is None else first.clone()
+    mask = first.clone()
     pruned = 0
     d = torch.tensor([torch.linalg.inv(h[j:, j:])[0, 0] for j in range(cols)], dtype=torch.float64)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
         if nm is None:
-            k = round(rows * end * sparsity) - pruned
+            given = first[:, start:end].flatten()
+            later = int(first[:, end:].sum())  # room kept for the already-pruned weights to come
+            k = min(round(rows * end * sparsity), round(rows * cols * sparsity) - later) - pruned - int(given.sum())
             sal = (w[:, start:end] ** 2 / d[start:end] ** 1).flatten()  # d_j = U_jj^2
-            order = torch.argsort(sal)[:k]
-            block = torch.zeros(rows * (end - start), dtype=torch.bool)
-            block[order] = True
+            candidates = [int(i) for i in torch.argsort(sal) if not given[i]]
+            block = given.clone()
+            block[candidates[: max(k, 0)]] = True
             mask[:, start:end] = block.view(rows, end - start)
-            pruned += k
+            pruned += int(block.sum())
         for j in range(start, end):
             if nm is not None and (j - start) % nm[1] == 0:
                 sal = w[:, j : j + nm[1]] ** 2 / d[j : j + nm[1]]
-                low = torch.argsort(sal, dim=1)[:, : nm[0]]
-                mask[:, j : j + nm[1]].scatter_(1, low, True)
+                for r in range(rows):
+                    need = nm[0] - int(first[r, j : j + nm[1]].sum())
+                    free = [int(c) for c in torch.argsort(sal[r]) if not first[r, j + int(c)]]
+                    for c in free[: max(need, 0)]:
+                        mask[r, j + c] = True
             inv = torch.linalg.inv(h[j:, j:])
             q = torch.where(mask[:, j], torch.zeros_like(w[:, j]), w[:, j])
             err = (w[:, j] - q) / inv[0, 0]
@@ -107,3 +116,52 @@ def test_cholesky_retries_with_more_damping_and_says_so():
     result = sparsegpt_prune(weight, h, 0.5, damp=0.01)
     assert result.damp > 0.01
     assert result.warnings and "used" in result.warnings[0]
+
+
+def _already_pruned(rows, cols, seed, crowded_block=None, blocksize=8):
+    """A random 30% of weights already zero, plus (optionally) one column block 90% zero."""
+    g = torch.Generator().manual_seed(seed)
+    first = torch.rand(rows, cols, generator=g) < 0.3
+    if crowded_block is not None:
+        s = crowded_block * blocksize
+        first[:, s : s + blocksize] = torch.rand(rows, blocksize, generator=g) < 0.9
+    return first
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.6])
+def test_sparsegpt_never_revives_existing_zeros_unstructured(sparsity):
+    """A block holding more zeros than its quota must keep all of them (they once came back)."""
+    weight, h, _ = _problem(seed=5)
+    first = _already_pruned(16, 32, seed=5, crowded_block=1)
+    weight = weight.masked_fill(first, 0.0)
+    ours = sparsegpt_prune(weight, h, sparsity, None, blocksize=8, damp=0.01, prune_first=first)
+    assert bool((ours.weight[first] == 0).all()), "an already-pruned weight was revived"
+    assert bool(ours.mask[first].all())
+    assert int(ours.mask.sum()) == max(round(16 * 32 * sparsity), int(first.sum()))
+    ref_w, ref_mask = reference_obs(weight, h, sparsity, None, 8, 0.01, first=first)
+    assert torch.equal(ours.mask, ref_mask)
+    torch.testing.assert_close(ours.weight.double(), ref_w, rtol=1e-3, atol=1e-4)
+
+
+def test_sparsegpt_never_revives_existing_zeros_nm():
+    """Groups with more existing zeros than N keep them all; the others get exactly N."""
+    weight, h, _ = _problem(seed=6)
+    first = _already_pruned(16, 32, seed=6)
+    weight = weight.masked_fill(first, 0.0)
+    ours = sparsegpt_prune(weight, h, 0.0, (2, 4), blocksize=16, damp=0.01, prune_first=first)
+    assert bool((ours.weight[first] == 0).all()), "an already-pruned weight was revived"
+    zeros = (ours.weight.reshape(16, 8, 4) == 0).sum(2)
+    given = first.reshape(16, 8, 4).sum(2)
+    assert torch.equal(zeros, given.clamp_min(2))
+    ref_w, ref_mask = reference_obs(weight, h, 0.0, (2, 4), 16, 0.01, first=first)
+    assert torch.equal(ours.mask, ref_mask)
+    torch.testing.assert_close(ours.weight.double(), ref_w, rtol=1e-3, atol=1e-4)
+
+
+def test_sparsegpt_ramps_nm_exactly():
+    """1:4 then 2:4 on the result ends with exactly two zeros per group, the first one kept."""
+    weight, h, _ = _problem(seed=7)
+    one = sparsegpt_prune(weight, h, 0.0, (1, 4), blocksize=16)
+    two = sparsegpt_prune(one.weight, h, 0.0, (2, 4), blocksize=16, prune_first=one.weight == 0)
+    assert bool((two.weight[one.weight == 0] == 0).all())
+    assert bool(((two.weight.reshape(16, 8, 4) == 0).sum(2) == 2).all())

@@ -88,8 +88,10 @@ def sparsegpt_prune(
 
     The total number pruned is exactly ``round(numel * sparsity)``: each column block prunes its
     share of the running total, so per-block rounding never accumulates.  Weights flagged in
-    ``prune_first`` (e.g. already pruned) are chosen before any other, so the OBS updates of
-    earlier columns can never revive them.
+    ``prune_first`` (already pruned) are *always* in the mask, however many a block or N:M group
+    holds, and only the rest of the quota is chosen among the other weights: a flagged weight
+    left out of the mask would be moved off zero by the OBS updates of the columns before it.
+    The total is then ``max(round(numel * sparsity), flagged)``; N:M groups hold at least N zeros.
     """
     w = weight.detach().clone().float()
     h = hessian.detach().clone().float().to(w.device)
@@ -106,6 +108,8 @@ def sparsegpt_prune(
         warnings.append(f"Cholesky failed at damping {damp:g}; used {used_damp:g}")
 
     mask = torch.zeros_like(w, dtype=torch.bool)
+    first = prune_first.to(w.device, torch.bool) if prune_first is not None else torch.zeros_like(mask)
+    total = prune_count(rows * cols, sparsity)
     pruned_so_far = 0
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
@@ -115,22 +119,22 @@ def sparsegpt_prune(
         errors = torch.zeros_like(block)
         hinv_block = hinv[start:end, start:end]
         diag = torch.diag(hinv_block)
-        block_mask = torch.zeros_like(block, dtype=torch.bool)
+        # already-pruned weights are in the mask from the start, whatever the quota
+        block_mask = first[:, start:end].clone()
         if nm is None:
-            k = prune_count(rows * end, sparsity) - pruned_so_far
+            # this block's share of the running total, capped so that the flagged weights of the
+            # later blocks still fit: the layer ends at exactly max(total, flagged)
+            share = min(prune_count(rows * end, sparsity), total - int(first[:, end:].sum()))
+            k = min(share - pruned_so_far - int(block_mask.sum()), int((~block_mask).sum()))
             if k > 0:
-                saliency = block.pow(2) / diag.pow(2).unsqueeze(0)
-                if prune_first is not None:
-                    saliency = saliency.masked_fill(prune_first[:, start:end], -1.0)
-                saliency = saliency.flatten()
+                saliency = (block.pow(2) / diag.pow(2).unsqueeze(0)).masked_fill(block_mask, float("inf")).flatten()
                 block_mask.view(-1)[torch.topk(saliency, k, largest=False).indices] = True
-            pruned_so_far += max(k, 0)
+            pruned_so_far += int(block_mask.sum())
         for i in range(width):
             col = block[:, i]
             if nm is not None and i % nm[1] == 0:
                 group = block[:, i : i + nm[1]].pow(2) / diag[i : i + nm[1]].pow(2).unsqueeze(0)
-                if prune_first is not None:
-                    group = group.masked_fill(prune_first[:, start + i : start + i + nm[1]], -1.0)
+                group = group.masked_fill(block_mask[:, i : i + nm[1]], -1.0)  # flagged weights count first
                 lowest = torch.topk(group, nm[0], dim=1, largest=False).indices
                 block_mask.scatter_(1, i + lowest, True)
             kept = col.clone()
