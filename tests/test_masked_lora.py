@@ -1,6 +1,8 @@
 """Masked LoRA: the two forms agree, merging keeps zeros, ranks freeze components, adapters round-trip."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -142,6 +144,32 @@ def test_rank_budget_exact_and_bounded(errors, mean, lo, hi):
     assert all(lo <= r <= hi for r in ranks)
     pairs = [(i, j) for i in range(len(errors)) for j in range(len(errors)) if errors[i] < errors[j]]
     assert all(ranks[i] <= ranks[j] for i, j in pairs)  # a larger error never gets a smaller rank
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    errors=st.lists(st.one_of(st.just(0.0), st.sampled_from([0.25, 1.0]), st.floats(0.0, 1e3)), min_size=1, max_size=40),
+    lo=st.integers(0, 4), width=st.integers(0, 16), fraction=st.floats(0.0, 1.0),
+)
+def test_rank_budget_is_exact_for_any_errors(errors, lo, width, fraction):
+    """Zeros, ties and wide ranges: the sum is always m * L exactly, within [r_min, r_max]."""
+    hi = lo + width
+    mean = lo + fraction * width
+    ranks = allocate_ranks(errors, mean, lo, hi)
+    assert sum(ranks) == round(mean * len(errors))
+    assert all(lo <= r <= hi for r in ranks)
+    assert all(ranks[i] <= ranks[j] for i in range(len(errors)) for j in range(len(errors)) if errors[i] < errors[j])
+
+
+def test_rank_budget_with_zero_errors():
+    """[1, 0, 0, 0] at mean rank 8 once gave 22 in all instead of 32."""
+    assert sum(allocate_ranks([1.0, 0.0, 0.0, 0.0], 8.0, 2, 16)) == 32
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rank_budget_refuses_nan(bad):
+    with pytest.raises(ValueError, match="NaN"):
+        allocate_ranks([1.0, bad, 0.5], 4.0, 1, 8)
 
 
 def test_rank_budget_impossible():

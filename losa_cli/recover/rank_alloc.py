@@ -40,9 +40,10 @@ def allocate_ranks(errors: list[float], mean_rank: float, r_min: int, r_max: int
     budget = int(round(mean_rank * count))
     if not count * r_min <= budget <= count * r_max:
         raise ValueError(f"a mean rank of {mean_rank} cannot be met with ranks in [{r_min}, {r_max}]")
-    weights = torch.tensor([max(float(e), 0.0) for e in errors], dtype=torch.float64)
+    weights = torch.tensor([float(e) for e in errors], dtype=torch.float64)
     if not torch.isfinite(weights).all():
         raise ValueError("reconstruction errors hold NaN/inf")
+    weights = weights.clamp_min(0.0)
     if float(weights.sum()) == 0.0:
         weights = torch.ones_like(weights)
 
@@ -60,19 +61,15 @@ def allocate_ranks(errors: list[float], mean_rank: float, r_min: int, r_max: int
             high = mid
     target = filled(high)
     ranks = [int(math.floor(v + 1e-9)) for v in target.tolist()]
-    leftover = budget - sum(ranks)
+    # Hand out (or take back) the difference one unit at a time, largest remainders first, for as
+    # many passes as it takes: when many errors are 0 the proportional share cannot reach the
+    # budget and one pass would stop short.
     order = sorted(range(count), key=lambda i: (-(float(target[i]) - ranks[i]), -float(weights[i]), i))
-    for i in order:
-        if leftover <= 0:
-            break
-        if ranks[i] < r_max:
-            ranks[i] += 1
-            leftover -= 1
-    while leftover < 0:  # bisection overshoot: take back from the smallest remainders
-        for i in reversed(order):
-            if leftover < 0 and ranks[i] > r_min:
-                ranks[i] -= 1
-                leftover += 1
+    while sum(ranks) != budget:
+        step = 1 if sum(ranks) < budget else -1
+        for i in order if step > 0 else reversed(order):
+            if sum(ranks) != budget and r_min <= ranks[i] + step <= r_max:
+                ranks[i] += step
     return ranks
 
 
