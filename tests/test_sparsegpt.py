@@ -165,3 +165,30 @@ def test_sparsegpt_ramps_nm_exactly():
     two = sparsegpt_prune(one.weight, h, 0.0, (2, 4), blocksize=16, prune_first=one.weight == 0)
     assert bool((two.weight[one.weight == 0] == 0).all())
     assert bool(((two.weight.reshape(16, 8, 4) == 0).sum(2) == 2).all())
+
+
+def test_pruning_refuses_to_revive_a_weight(monkeypatch):
+    """The per-layer check compares with the zeros before pruning, so it can fail."""
+    from torch import nn
+
+    from losa_cli.core.errors import NumericalError
+    from losa_cli.prune import pruning
+
+    weight, h, _ = _problem(seed=8)
+    linear = nn.Linear(32, 16, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight.masked_fill(_already_pruned(16, 32, seed=8), 0.0))
+    stats = HessianAccumulator(32)
+    stats.hessian = h
+    ok = pruning.prune_linear(linear, pruning.Criterion("sparsegpt"), 0.6, stats, "layer")
+    assert ok == []
+    real = pruning.sparsegpt_prune
+
+    def reviving(weight, *args, **kwargs):
+        result = real(weight, *args, **kwargs)
+        result.weight[weight == 0] = 1.0
+        return result
+
+    monkeypatch.setattr(pruning, "sparsegpt_prune", reviving)
+    with pytest.raises(NumericalError, match="became non-zero"):
+        pruning.prune_linear(linear, pruning.Criterion("sparsegpt"), 0.7, stats, "layer")

@@ -274,12 +274,14 @@ def _numbers(text: Optional[str], kind: type, option: str) -> list | None:
 @app.command()
 @handled
 def recover(
-    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the recovered sparse model (+ adapters/).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the recovered sparse model (adapters merged).")],
     data: Annotated[str, typer.Option(help="Fine-tuning text: instruction .jsonl (Alpaca fields) or .txt/.jsonl text.")],
     model: ModelOpt = DEFAULT_MODEL,
-    sparsity: Annotated[float, typer.Option(help="Target sparsity reached at the last stage.")] = RecoverConfig.sparsity,
+    sparsity: Annotated[Optional[float], typer.Option(help="Target sparsity reached at the last stage (default 0.7; N/M with --pattern).")] = None,
     method: Annotated[str, typer.Option(help="wanda | sparsegpt (pruning at every stage).")] = RecoverConfig.method,
-    pattern: Annotated[Optional[str], typer.Option(help="N:M at the last stage (unstructured ramp before).")] = None,
+    pattern: Annotated[Optional[str], typer.Option(help="N:M, ramped over the stages (2:4: 1:4 then 2:4); ends exactly N:M.")] = None,
+    damp: Annotated[float, typer.Option(help="SparseGPT damping, fraction of mean(diag H).")] = RecoverConfig.damp,
+    blocksize: Annotated[int, typer.Option(help="SparseGPT column block size.")] = RecoverConfig.blocksize,
     allocation: Annotated[str, typer.Option(help="Per-block rates each stage: rmi | owl | uniform.")] = RecoverConfig.allocation,
     stages: Annotated[int, typer.Option(help="Number of prune+fine-tune stages (1 = one-shot + masked LoRA).")] = RecoverConfig.stages,
     total_steps: Annotated[int, typer.Option("--total-steps", help="Optimizer steps over all stages.")] = RecoverConfig.total_steps,
@@ -319,7 +321,8 @@ def recover(
     from ..recover.workflow import run_recover
 
     config = RecoverConfig(
-        model=model, out=out, data=data, sparsity=sparsity, method=method, pattern=pattern, allocation=allocation,
+        model=model, out=out, data=data, sparsity=sparsity, method=method, pattern=pattern, damp=damp, blocksize=blocksize,
+        allocation=allocation,
         rmi_samples=rmi_samples, stages=stages, total_steps=total_steps, final_share=final_share,
         steps_per_stage=_numbers(steps_per_stage, int, "--steps-per-stage"),
         mean_ranks=_numbers(mean_ranks, float, "--mean-ranks"), rank_allocation=rank_allocation, rank_min=rank_min,
@@ -341,7 +344,7 @@ def recover(
         table.add_row(str(s.stage), f"{s.target_sparsity:.3f}", f"{s.sparsity:.4f}", f"{sum(s.ranks) / len(s.ranks):.2f}",
                       str(s.steps), first, last)
     stdout.print(table)
-    stdout.print(f"global sparsity {result.global_sparsity:.4f} (every pruned weight verified zero after merge); "
+    stdout.print(f"global sparsity {result.global_sparsity:.4f} (every weight pruned in any stage verified zero after merge); "
                  f"{result.tokens_trained} training tokens on {result.processes} process(es); {result.wall_time_s:.0f} s; "
                  f"mask sha256 {result.mask_checksum[:16]}", highlight=False)
 
@@ -349,10 +352,9 @@ def recover(
 @app.command()
 @handled
 def export(
-    model: Annotated[str, typer.Argument(help="Model folder to export (pruned, or recovered with --adapters).")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Folder to write the merged model (and onnx/) to.")],
+    model: Annotated[str, typer.Argument(help="Model folder to export (pruned or recovered).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder to write the model (and onnx/) to.")],
     onnx: Annotated[bool, typer.Option("--onnx", help="Also export ONNX prefill and KV-cache decode graphs, verified.")] = False,
-    adapters: Annotated[Optional[str], typer.Option(help="Masked-LoRA adapters folder from losa recover to merge.")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Fix the ONNX batch size (default: dynamic).")] = None,
     seqlen: Annotated[Optional[int], typer.Option(help="Fix the ONNX prompt length (default: dynamic).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset; DeepSparse 1.8 needs 17 or lower.")] = ExportConfig.opset,
@@ -362,10 +364,10 @@ def export(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Merge adapters, save safetensors and, with --onnx, export and verify ONNX graphs."""
+    """Save safetensors and, with --onnx, export and verify ONNX graphs."""
     from ..export.workflow import run_export
 
-    config = ExportConfig(model=model, out=out, onnx=onnx, adapters=adapters, batch=batch, seqlen=seqlen, opset=opset,
+    config = ExportConfig(model=model, out=out, onnx=onnx, batch=batch, seqlen=seqlen, opset=opset,
                           decode=decode, tolerance=tolerance, force=force, trust_remote_code=trust_remote_code)
     result = _execute(run_export, config, as_json)
     if result is None:

@@ -19,6 +19,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ALLOCATIONS = ("uniform", "rmi", "owl")
 OWL_LAMBDA = 0.08  # OWL's published defaults: rates within s +- lambda, outliers above M x mean
 OWL_M = 5.0
+RECOVER_SPARSITY = 0.7  # losa recover's target when neither --sparsity nor --pattern is given
 
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> list[str]:
@@ -163,9 +164,11 @@ class RecoverConfig:
     model: str = DEFAULT_MODEL
     out: str = ""
     data: str = ""
-    sparsity: float = 0.7
+    sparsity: float | None = None  # None: RECOVER_SPARSITY, or N/M with --pattern
     method: str = "wanda"
     pattern: str | None = None
+    damp: float = 0.01
+    blocksize: int = 128
     allocation: str = "rmi"
     delta: float | None = None
     beta: float | None = None
@@ -199,6 +202,13 @@ class RecoverConfig:
     force: bool = False
     trust_remote_code: bool = False
 
+    def target_sparsity(self) -> float:
+        """The sparsity the last stage reaches: N/M with a pattern, else --sparsity (default 0.7)."""
+        if self.pattern is not None:
+            n, m = parse_nm(self.pattern)
+            return n / m
+        return RECOVER_SPARSITY if self.sparsity is None else self.sparsity
+
     def plan_steps(self) -> list[int]:
         """Steps per stage: explicit, or ``total_steps`` with ``final_share`` for the last stage
         and the rest split evenly (the paper: 125 x 4 + 750)."""
@@ -224,7 +234,7 @@ class RecoverConfig:
             found.append("--out is required: the folder to write the recovered model to")
         if not self.data:
             found.append("--data is required: the fine-tuning text (.jsonl instructions or .txt)")
-        if not 0.0 <= self.sparsity < 1.0:
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             found.append(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.method not in ("wanda", "sparsegpt"):
             found.append(f"--method {self.method!r}: recover prunes with wanda or sparsegpt")
@@ -232,6 +242,13 @@ class RecoverConfig:
             problem = _check_nm(self.pattern)
             if problem:
                 found.append(problem)
+            elif self.sparsity is not None and abs(self.sparsity - self.target_sparsity()) > 1e-9:
+                found.append(f"--sparsity {self.sparsity} contradicts --pattern {self.pattern} "
+                             f"({self.target_sparsity():g} zeros): drop --sparsity, N:M sets it")
+        if not 0.0 < self.damp <= 1.0:
+            found.append(f"--damp must be in (0, 1], got {self.damp}")
+        if self.blocksize < 1:
+            found.append(f"--blocksize must be positive, got {self.blocksize}")
         found += _check_choice("--allocation", self.allocation, ALLOCATIONS)
         if self.stages < 1:
             found.append(f"--stages must be at least 1, got {self.stages}")
@@ -291,7 +308,6 @@ class ExportConfig:
     model: str = ""
     out: str = ""
     onnx: bool = False
-    adapters: str | None = None
     batch: int | None = None
     seqlen: int | None = None
     opset: int = EXPORT_DEFAULT_OPSET
@@ -316,8 +332,6 @@ class ExportConfig:
             found.append(f"--tolerance must be in (0, 1), got {self.tolerance}")
         if not self.onnx and (self.batch is not None or self.seqlen is not None):
             found.append("--batch and --seqlen shape the ONNX graphs; add --onnx or drop them")
-        if self.adapters is not None and not Path(self.adapters).is_dir():
-            found.append(f"--adapters {self.adapters} is not a folder; give the adapters folder losa recover wrote")
         if found:
             raise ConfigError("; ".join(found))
 

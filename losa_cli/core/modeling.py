@@ -184,6 +184,11 @@ def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
 
 
+def block_linears(blocks: nn.ModuleList) -> dict[str, nn.Linear]:
+    """Every linear layer of the blocks, named ``block_index.path`` (the names manifests use)."""
+    return {f"{index}.{name}": linear for index, block in enumerate(blocks) for name, linear in find_linears(block).items()}
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when available, else the CPU."""
     if device == "auto":

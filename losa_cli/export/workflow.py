@@ -1,6 +1,6 @@
-"""Workflow of ``losa export``: merge adapters, save safetensors, export and verify ONNX.
+"""Workflow of ``losa export``: save safetensors, export and verify ONNX.
 
-load model (fp32) -> merge masked-LoRA adapters if given (zeros stay zeros) -> count zeros ->
+load model (fp32) -> count zeros ->
 in a staging folder: save safetensors + config + tokenizer, export the prefill/decode ONNX
 graphs into ``onnx/`` and verify them against the model (logits, greedy tokens, zeros of every
 pruned weight) -> manifest -> rename into place.  A failed verification writes nothing.
@@ -14,9 +14,8 @@ from pathlib import Path
 
 from ..core.atomic import atomic_folder, check_output
 from ..core.config import ExportConfig, to_dict
-from ..core.errors import ConfigError
 from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
-from ..core.modeling import LoadedModel, load_model, save_model, sparsity_report
+from ..core.modeling import load_model, save_model, sparsity_report
 from .onnx_graphs import DEEPSPARSE_MAX_OPSET, ProgressFn, check_onnx_environment, export_graphs, verify_export
 
 ONNX_FOLDER = "onnx"
@@ -31,7 +30,6 @@ class ExportResult:
     global_sparsity: float
     mask_checksum: str
     per_block_sparsity: list[float]
-    adapters: dict | None
     onnx: dict | None
     wall_time_s: float
     peak_memory_mib: float
@@ -39,15 +37,6 @@ class ExportResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def merge_adapters(loaded: LoadedModel, folder: str) -> dict:
-    """Merge ``losa recover`` adapters into the weights (zeros kept), imported only when asked."""
-    try:
-        from ..recover.masked_lora import merge_adapters_from_folder
-    except ImportError:
-        raise ConfigError("--adapters needs losa recover's adapters support (losa_cli.recover.masked_lora)") from None
-    return merge_adapters_from_folder(loaded.model, Path(folder))
 
 
 def _onnx_summary(spec, verification, environment: dict) -> dict:
@@ -84,7 +73,6 @@ def run_export(config: ExportConfig, progress: ProgressFn | None = None) -> Expo
     if config.onnx and config.opset > DEEPSPARSE_MAX_OPSET:
         warnings.append(f"opset {config.opset} is above {DEEPSPARSE_MAX_OPSET}: DeepSparse 1.8 will refuse these graphs")
     loaded = load_model(config.model, "float32", config.trust_remote_code)
-    adapters = merge_adapters(loaded, config.adapters) if config.adapters else None
     per_layer, per_block, global_sparsity, checksum = sparsity_report(loaded.model)
     onnx_summary = None
     with atomic_folder(out) as staging:
@@ -100,12 +88,12 @@ def run_export(config: ExportConfig, progress: ProgressFn | None = None) -> Expo
             verification = verify_export(loaded.model, staging / ONNX_FOLDER, spec, config.tolerance, progress=progress)
             onnx_summary = _onnx_summary(spec, verification, environment)
         results = {"global_sparsity": global_sparsity, "per_block_sparsity": per_block, "per_layer_sparsity": per_layer,
-                   "mask_checksum": checksum, "adapters": adapters, "onnx": onnx_summary, "warnings": warnings}
+                   "mask_checksum": checksum, "onnx": onnx_summary, "warnings": warnings}
         parent = Path(loaded.source.location) if loaded.source.is_local else None
-        manifest = build_manifest("export", {"model": config.model, "adapters": config.adapters}, to_dict(config),
+        manifest = build_manifest("export", {"model": config.model}, to_dict(config),
                                   results, parent_folder=parent)
         manifest["versions"].update({k: v for k, v in environment.items() if k in ("onnx", "onnxruntime")})
         write_manifest(staging, manifest)
     return ExportResult(out=str(out), model=config.model, global_sparsity=global_sparsity, mask_checksum=checksum,
-                        per_block_sparsity=per_block, adapters=adapters, onnx=onnx_summary,
+                        per_block_sparsity=per_block, onnx=onnx_summary,
                         wall_time_s=time.perf_counter() - started, peak_memory_mib=peak_rss_mib(), warnings=warnings)

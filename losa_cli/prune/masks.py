@@ -47,11 +47,16 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-def satisfies_nm(weight: torch.Tensor, n: int, m: int) -> bool:
-    """True when every group of ``m`` consecutive inputs holds at least ``n`` zeros."""
+def group_zero_counts(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """Zeros in every group of ``m`` consecutive inputs of each row, shaped (rows, cols / m)."""
     rows, cols = weight.shape
-    zeros = (weight.reshape(rows, cols // m, m) == 0).sum(dim=2)
-    return bool((zeros >= n).all())
+    return (weight.detach().reshape(rows, cols // m, m) == 0).sum(dim=2)
+
+
+def satisfies_nm(weight: torch.Tensor, n: int, m: int, exact: bool = False) -> bool:
+    """True when every group of ``m`` consecutive inputs holds at least (``exact``: exactly) ``n`` zeros."""
+    zeros = group_zero_counts(weight, m)
+    return bool((zeros == n).all() if exact else (zeros >= n).all())
 
 
 def zero_fraction(weight: torch.Tensor) -> float:

@@ -18,7 +18,7 @@ from torch import nn
 from ..core.sequential import ProgressFn, sequential_blocks
 from ..core.data import bos_token_to_prepend, read_documents, sample_windows, token_stream
 from ..core.errors import ConfigError, NumericalError
-from .masks import layerwise_mask, nm_mask, parse_nm, rowwise_mask
+from .masks import layerwise_mask, nm_mask, parse_nm, rowwise_mask, satisfies_nm
 from ..core.modeling import clip_seqlen, find_blocks, find_linears
 from .sparsegpt import CholeskyError, HessianAccumulator, sparsegpt_prune
 from .wanda import InputNormAccumulator, magnitude_scores, wanda_scores
@@ -63,9 +63,13 @@ def _select_mask(scores: torch.Tensor, rate: float, nm: tuple[int, int] | None, 
 
 @torch.no_grad()
 def prune_linear(linear: nn.Linear, criterion: Criterion, rate: float, stats, where: str) -> list[str]:
-    """Prune one layer in place (already-zero weights first); returns warnings."""
+    """Prune one layer in place (already-zero weights first); returns warnings.
+
+    Raises if any weight that was zero before is not zero after: pruned weights never come back.
+    """
     weight = linear.weight
     already = weight == 0
+    warnings = []
     if criterion.method == "sparsegpt":
         try:
             result = sparsegpt_prune(weight, stats.hessian, rate, criterion.nm, criterion.blocksize, criterion.damp,
@@ -73,11 +77,16 @@ def prune_linear(linear: nn.Linear, criterion: Criterion, rate: float, stats, wh
         except CholeskyError as exc:
             raise NumericalError(f"{where}: {exc}; raise --damp (now {criterion.damp:g}) or use more calibration data") from None
         weight.copy_(result.weight.to(weight.dtype))
-        return [f"{where}: {w}" for w in result.warnings]
-    scores = wanda_scores(weight, stats.norms()) if criterion.method == "wanda" else magnitude_scores(weight)
-    scores.masked_fill_(already, -1.0)
-    weight.masked_fill_(_select_mask(scores, rate, criterion.nm, per_row=criterion.method == "wanda"), 0.0)
-    return []
+        warnings = [f"{where}: {w}" for w in result.warnings]
+    else:
+        scores = wanda_scores(weight, stats.norms()) if criterion.method == "wanda" else magnitude_scores(weight)
+        scores.masked_fill_(already, -1.0)
+        weight.masked_fill_(_select_mask(scores, rate, criterion.nm, per_row=criterion.method == "wanda"), 0.0)
+    came_back = int((weight[already] != 0).sum())
+    if came_back:
+        raise NumericalError(f"{where}: {came_back} weights that were zero became non-zero while pruning; "
+                             "not saving -- this is a bug in losa, please report it")
+    return warnings
 
 
 def prune_blocks(model: nn.Module, criterion: Criterion, rates: list[float], windows: torch.Tensor | None,
@@ -111,3 +120,22 @@ def prune_blocks(model: nn.Module, criterion: Criterion, rates: list[float], win
         for name, linear in find_linears(step.block).items():
             warnings += prune_linear(linear, criterion, rates[step.index], stats.get(name), f"block {step.index} {name}")
     return warnings
+
+
+def revived(pruned: dict[str, torch.Tensor], linears: dict[str, nn.Linear]) -> dict[str, int]:
+    """Layers in which weights flagged in ``pruned`` (True = pruned) are non-zero, with counts.
+
+    Every stage checks its result against the mask of the stage before with this: pruned
+    weights never come back."""
+    counts = {}
+    for name, mask in pruned.items():
+        weight = linears[name].weight.detach()
+        count = int((weight[mask.to(weight.device)] != 0).sum())
+        if count:
+            counts[name] = count
+    return counts
+
+
+def nm_violations(linears: dict[str, nn.Linear], n: int, m: int) -> list[str]:
+    """Names of the layers that do not hold exactly ``n`` zeros in every group of ``m``."""
+    return [name for name, linear in linears.items() if not satisfies_nm(linear.weight, n, m, exact=True)]

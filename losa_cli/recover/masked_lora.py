@@ -14,18 +14,11 @@ back if the rank grows.  ``merge`` folds the delta into W and can never revive a
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from ..core.errors import ConfigError
-
-ADAPTER_FILE = "adapters.safetensors"
-ADAPTER_META = "adapter_config.json"
 
 
 class _FusedMaskedLoRA(torch.autograd.Function):
@@ -175,88 +168,3 @@ def set_block_ranks(blocks: nn.ModuleList, ranks: list[int]) -> None:
                 if not 0 <= ranks[index] <= module.r_max:
                     raise ValueError(f"rank {ranks[index]} for block {index} outside [0, {module.r_max}]")
                 module.rank = int(ranks[index])
-
-
-def base_checksum(blocks: nn.ModuleList) -> str:
-    """SHA-256 of the unmerged base weights: ties saved adapters to the base they were trained on."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, wrapper in sorted(wrappers_of(blocks).items()):
-        was_merged = wrapper.merged
-        wrapper.unmerge()
-        digest.update(name.encode())
-        digest.update(wrapper.base.weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        if was_merged:
-            wrapper.merge()
-    return digest.hexdigest()
-
-
-def save_adapters(blocks: nn.ModuleList, folder: Path, base_sha: str, extra: dict | None = None) -> None:
-    """Write the factors (full r_max width) and their ranks/scale as safetensors + JSON."""
-    from safetensors.torch import save_file
-
-    wrappers = wrappers_of(blocks)
-    tensors = {}
-    for name, wrapper in wrappers.items():
-        tensors[f"{name}.lora_A"] = wrapper.lora_A.detach().to("cpu").contiguous()
-        tensors[f"{name}.lora_B"] = wrapper.lora_B.detach().to("cpu").contiguous()
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / ADAPTER_FILE))
-    first = next(iter(wrappers.values()))
-    meta = {
-        "format": "losa-masked-lora/1",
-        "r_max": first.r_max,
-        "scale": first.scale,
-        "alpha": first.scale * first.r_max,
-        "ranks": {name: w.rank for name, w in wrappers.items()},
-        "base_sha256": base_sha,
-        "applies_to": "the unmerged sparse base weights whose sha256 is base_sha256",
-        **(extra or {}),
-    }
-    (folder / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def read_adapters(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load saved factors and metadata, with errors a user can act on."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    meta_path, tensor_path = folder / ADAPTER_META, folder / ADAPTER_FILE
-    if not meta_path.is_file() or not tensor_path.is_file():
-        raise ConfigError(f"{folder} holds no losa adapters ({ADAPTER_META} and {ADAPTER_FILE})")
-    try:
-        return load_file(str(tensor_path)), json.loads(meta_path.read_text())
-    except (SafetensorError, json.JSONDecodeError, OSError) as exc:
-        raise ConfigError(f"adapters in {folder} are corrupt: {exc}") from None
-
-
-@torch.no_grad()
-def merge_adapters_from_folder(model: nn.Module, folder: Path, blocks: nn.ModuleList | None = None) -> dict:
-    """Merge saved adapters into a model's plain linear layers in place; zeros stay zeros.
-
-    Refuses when the model's weights are not the base the adapters were trained on (for example
-    a folder that already holds the merged result), since merging twice would double the update.
-    """
-    from ..core.modeling import find_blocks
-
-    blocks = blocks if blocks is not None else find_blocks(model)
-    tensors, meta = read_adapters(Path(folder))
-    wrappers = attach(blocks, int(meta["r_max"]), float(meta["alpha"]), 0.0, fused=False)
-    missing = [n for n in wrappers if f"{n}.lora_A" not in tensors]
-    if missing:
-        detach(blocks)
-        raise ConfigError(f"adapters in {folder} do not fit this model: no factors for {missing[0]} (and {len(missing) - 1} more)")
-    if base_checksum(blocks) != meta.get("base_sha256"):
-        detach(blocks)
-        raise ConfigError(
-            f"adapters in {folder} were trained on other base weights (sha256 mismatch); "
-            "a losa recover output already holds its adapters merged"
-        )
-    for name, wrapper in wrappers.items():
-        wrapper.lora_A.copy_(tensors[f"{name}.lora_A"])
-        wrapper.lora_B.copy_(tensors[f"{name}.lora_B"])
-        wrapper.rank = int(meta["ranks"][name])
-        wrapper.merge()
-    detach(blocks)
-    return {"adapters": str(folder), "r_max": meta["r_max"], "base_sha256": meta["base_sha256"]}

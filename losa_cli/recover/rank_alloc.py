@@ -71,8 +71,3 @@ def allocate_ranks(errors: list[float], mean_rank: float, r_min: int, r_max: int
             if sum(ranks) != budget and r_min <= ranks[i] + step <= r_max:
                 ranks[i] += step
     return ranks
-
-
-def cubic_sparsity(target: float, stage: int, stages: int) -> float:
-    """s_t = S (1 - (1 - t/T)^3): fast early, gentle near the target (t = 1..T)."""
-    return target * (1.0 - (1.0 - stage / stages) ** 3)

@@ -8,21 +8,25 @@ stage t = 1..T:
         below a block's current sparsity); prune block by block, measuring each block's
         reconstruction error; unmerge with the new mask; ranks from the errors (exact budget);
         fine-tune the adapters for K_t steps.
-finish: merge -> check every pruned weight is still exactly zero -> save model + adapters +
-        manifest atomically.
+finish: merge -> check every weight pruned in any stage is still exactly zero -> save the
+        merged model + manifest atomically.
+
+Pruned weights never come back: each stage's zeros are checked to be a superset of the previous
+stage's mask (the input model's zeros for stage 1), and the merged result against the last mask.
+The adapters are not saved: their base (the unmerged last-stage weights) exists only inside the
+run, and the merged model already holds their effect.
 
 Training runs through ``accelerate``: ``accelerate launch --num_processes N losa recover ...``
-trains data-parallel, each process taking its slice of every global batch.  A checkpoint (via
-``Accelerator.save_state``: weights, masks, adapters, optimizer, scheduler, RNG, plus our
-stage/step counter) is written at the start of every stage and every ``--checkpoint-every``
-steps; ``--resume`` continues from it and ends with the same weights as an uninterrupted run.
+trains data-parallel, each process taking its slice of every global batch.  A checkpoint
+(safetensors + JSON, see ``checkpoint.py``) is written at the start of every stage and every
+``--checkpoint-every`` steps; ``--resume`` continues from it and ends with the same weights as
+an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,14 +41,16 @@ from ..core.config import OWL_LAMBDA, OWL_M, RecoverConfig, to_dict
 from ..core.data import collate, training_examples
 from ..core.errors import ConfigError, LosaError, NumericalError
 from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
-from .masked_lora import MaskedLoRALinear, attach, base_checksum, detach, save_adapters, set_block_ranks, wrappers_of
-from ..prune.masks import parse_nm
-from ..core.modeling import find_blocks, load_model, save_model, sparsity_report
-from ..prune.pruning import Criterion, calibration_windows, check_nm_widths, prune_blocks
-from .rank_alloc import ReconstructionError, allocate_ranks, cubic_sparsity
+from ..core.modeling import block_linears, find_blocks, load_model, save_model, sparsity_report
+from ..prune.masks import group_zero_counts, parse_nm
+from ..prune.pruning import Criterion, calibration_windows, check_nm_widths, nm_violations, prune_blocks, revived
 from ..prune.rmi import DEFAULT_BETA, default_delta
+from .checkpoint import STATE_FILE, Checkpoints
+from .masked_lora import MaskedLoRALinear, attach, detach, set_block_ranks, wrappers_of
+from .rank_alloc import ReconstructionError, allocate_ranks
+from .schedule import cubic_sparsity, lr_factor, nm_ramp
 
-STATE_FILE = "losa_state.json"
+__all__ = ["STATE_FILE", "InterruptForTest", "RecoverResult", "StageRecord", "run_recover"]
 #: settings that may differ between a run and its resumption
 RESUME_FREE = ("resume", "force", "checkpoint_every", "device")
 
@@ -63,6 +69,7 @@ class StageRecord:
     losses: list[float] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     wall_time_s: float = 0.0
+    pattern: str | None = None
 
 
 @dataclass
@@ -93,24 +100,12 @@ def _fingerprint(config: RecoverConfig) -> dict:
     return {k: v for k, v in to_dict(config).items() if k not in RESUME_FREE}
 
 
-def _lr_factor(step: int, steps: list[int], warmup: float) -> float:
-    """Linear warm-up then linear decay, restarted at every stage (``step`` is global)."""
-    for length in steps:
-        if step < length:
-            warm = max(1, int(round(length * warmup)))
-            if step < warm:
-                return (step + 1) / warm
-            return max(0.0, (length - step) / max(1, length - warm))
-        step -= length
-    return 0.0
-
-
 def _stage_rates(config: RecoverConfig, model: nn.Module, windows: torch.Tensor, device: torch.device, target: float,
-                 final: bool, progress: ProgressFn | None) -> list[float]:
+                 stage: int, progress: ProgressFn | None) -> list[float]:
     """This stage's per-block rates, never below what a block already has."""
     current = sparsity_report(model)[1]
-    if config.pattern and final:
-        n, m = parse_nm(config.pattern)
+    if config.pattern:  # N:M fixes every block's rate
+        n, m = nm_ramp(*parse_nm(config.pattern), stage, config.stages)
         return [n / m] * len(current)
     if config.allocation == "rmi" and target > 0:
         delta = config.delta if config.delta is not None else default_delta(target)
@@ -136,48 +131,14 @@ def _restore_inactive(saved) -> None:
         wrapper.lora_B[:, wrapper.rank :].copy_(b)
 
 
-class _Checkpoints:
-    """One latest checkpoint folder beside the output, replaced atomically."""
-
-    def __init__(self, out: Path) -> None:
-        self.folder = out.parent / f"{out.name}.checkpoint"
-
-    def exists(self) -> bool:
-        return (self.folder / STATE_FILE).is_file()
-
-    def read_state(self) -> dict:
-        try:
-            return json.loads((self.folder / STATE_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise LosaError(f"the checkpoint in {self.folder} is unreadable ({exc}); start over with --force") from None
-
-    def save(self, accelerator, state: dict) -> None:
-        staging = self.folder.parent / f".{self.folder.name}.tmp"
-        if accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging / "accelerate"), safe_serialization=False)
-        if accelerator.is_main_process:
-            (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-            old = self.folder.parent / f".{self.folder.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if self.folder.exists():
-                self.folder.rename(old)
-            staging.rename(self.folder)
-            shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
 def _dense_outputs(model: nn.Module, windows: torch.Tensor, device: torch.device) -> list[list[torch.Tensor]]:
-    """Every block's outputs on ``windows`` in the input model, kept on the CPU in fp16 (the
-    reconstruction reference: n x T x d x L values, so only a few windows are used)."""
+    """Every block's outputs on ``windows`` in the input model, kept on the CPU in bf16: the
+    reconstruction reference (n x T x d x L values, so only ``--error-samples`` windows).  bf16
+    has fp32's range (fp16 overflows past 65,504, which residual streams of e.g. Gemma 3 exceed)
+    and its rounding (2^-9 relative) is far below any pruning error; errors are reduced in fp32."""
     stored: list[list[torch.Tensor]] = []
     for _ in sequential_blocks(model, windows, device, on_outputs=lambda i, outs: stored.append(
-            [o.detach().to("cpu", torch.float16) for o in outs])):
+            [o.detach().to("cpu", torch.bfloat16) for o in outs])):
         pass
     return stored
 
@@ -189,7 +150,7 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
 
     config.validate()
     out = check_output(config.out, config.force, inputs=(config.model,))
-    checkpoints = _Checkpoints(out)
+    checkpoints = Checkpoints(out)
     resume_state = None
     if checkpoints.exists():
         if config.force and not config.resume:
@@ -215,7 +176,7 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
     model = loaded.model
     blocks = find_blocks(model)
     if config.pattern:
-        check_nm_widths(model, config.pattern)
+        _check_nm_input(model, config.pattern)
     warnings: list[str] = []
     calib = config.calibration
     windows = calibration_windows(model, loaded.tokenizer, calib.calib, calib.nsamples, calib.seqlen, calib.seed, warnings)
@@ -233,14 +194,13 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
     steps = config.plan_steps()
     mean_ranks = config.plan_ranks()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps, config.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, config.warmup))
     model, prepared_optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
 
     history: list[StageRecord] = []
     first_stage, first_step, tokens_before = 1, 0, 0
     if resume_state is not None:
-        accelerator.load_state(str(checkpoints.folder / "accelerate"))
+        checkpoints.load(accelerator, blocks, optimizer, scheduler)
         history = [StageRecord(**record) for record in resume_state["history"]]
         first_stage, first_step = resume_state["stage"], resume_state["step"]
         tokens_before = resume_state["tokens_trained"]
@@ -276,7 +236,7 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
             history.append(record)
             if config.reset_optimizer:
                 optimizer.state.clear()
-            checkpoints.save(accelerator, _state(config, stage, 0, history, tokens_trained))
+            checkpoints.save(accelerator, blocks, optimizer, scheduler, _state(config, stage, 0, history, tokens_trained))
             start_step = 0
         model.train()
         for step in range(start_step, steps[stage - 1]):
@@ -303,7 +263,8 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
             if progress:
                 progress(f"stage {stage}/{config.stages} train", step + 1, steps[stage - 1], f"loss {step_loss:.3f}")
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < steps[stage - 1]:
-                checkpoints.save(accelerator, _state(config, stage, step + 1, history, tokens_trained))
+                checkpoints.save(accelerator, blocks, optimizer, scheduler,
+                                 _state(config, stage, step + 1, history, tokens_trained))
             if stop_after_steps is not None and global_step - steps_done_before >= stop_after_steps:
                 raise InterruptForTest(f"stopped after {stop_after_steps} steps")
         model.eval()
@@ -321,17 +282,52 @@ def _state(config: RecoverConfig, stage: int, step: int, history: list[StageReco
             "history": [asdict(h) for h in history]}
 
 
+def _check_nm_input(model: nn.Module, pattern: str) -> None:
+    """An N:M run can end with exactly N zeros per group only if no group already holds more."""
+    check_nm_widths(model, pattern)
+    n, m = parse_nm(pattern)
+    crowded = [name for name, linear in block_linears(find_blocks(model)).items() if bool((group_zero_counts(linear.weight, m) > n).any())]
+    if crowded:
+        raise ConfigError(f"--pattern {pattern}: the input model already has more than {n} zeros in some groups of {m} "
+                          f"({crowded[0]} and {len(crowded) - 1} more layers); start from the dense model or one pruned "
+                          f"with --pattern {pattern}")
+
+
+def _stage_target(config: RecoverConfig, stage: int) -> tuple[float, tuple[int, int] | None]:
+    """This stage's global target and, for N:M runs, its pattern (see ``schedule.py``)."""
+    if config.pattern:
+        n, m = nm_ramp(*parse_nm(config.pattern), stage, config.stages)
+        return n / m, (n, m)
+    return cubic_sparsity(config.target_sparsity(), stage, config.stages), None
+
+
+def _pruned_masks(wrappers: dict[str, MaskedLoRALinear]) -> dict[str, torch.Tensor]:
+    """The current mask of every layer (True = pruned), as the adapters hold it: set when the
+    last stage pruned, never re-read from the weights being checked."""
+    return {name: ~wrapper.mask for name, wrapper in wrappers.items()}
+
+
+def _check_kept_zeros(pruned: dict[str, torch.Tensor], wrappers: dict[str, MaskedLoRALinear], when: str) -> None:
+    """Every weight in ``pruned`` must be exactly zero now, or we stop before anything is saved."""
+    found = revived(pruned, {name: wrapper.base for name, wrapper in wrappers.items()})
+    if found:
+        name, count = next(iter(found.items()))
+        raise NumericalError(f"{when}: {count} pruned weights of {name} became non-zero (and {len(found) - 1} more layers "
+                             "too); not saving -- this is a bug in losa, please report it")
+
+
 def _prune_stage(config: RecoverConfig, stage: int, *, model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor,
                  error_windows: torch.Tensor, dense: list[list[torch.Tensor]], device: torch.device, mean_rank: float,
                  steps: int, progress: ProgressFn | None) -> StageRecord:
-    """Merge, allocate rates, prune with error measurement, unmerge with the new mask, set ranks."""
-    final = stage == config.stages
-    target = cubic_sparsity(config.sparsity, stage, config.stages)
+    """Merge, allocate rates, prune with error measurement (the previous mask kept), unmerge with
+    the new mask, set ranks."""
+    target, nm = _stage_target(config, stage)
     wrappers = wrappers_of(blocks)
+    previous = _pruned_masks(wrappers)
     for wrapper in wrappers.values():
         wrapper.merge()
     model.eval()
-    rates = _stage_rates(config, model, windows, device, target, final, progress)
+    rates = _stage_rates(config, model, windows, device, target, stage, progress)
     errors: list[ReconstructionError] = [ReconstructionError() for _ in blocks]
     count = error_windows.shape[0]
 
@@ -339,9 +335,9 @@ def _prune_stage(config: RecoverConfig, stage: int, *, model: nn.Module, blocks:
         for reference, produced in zip(dense[index], outputs[:count]):
             errors[index].add(reference, produced)
 
-    nm = parse_nm(config.pattern) if config.pattern and final else None
-    criterion = Criterion(config.method, nm)
+    criterion = Criterion(config.method, nm, config.damp, config.blocksize)
     prune_warnings = prune_blocks(model, criterion, rates, windows, device, progress, on_outputs=measure)
+    _check_kept_zeros(previous, wrappers, f"stage {stage} pruning")
     for wrapper in wrappers.values():
         wrapper.unmerge(new_mask=True)
     block_errors = [e.value() for e in errors]
@@ -351,28 +347,27 @@ def _prune_stage(config: RecoverConfig, stage: int, *, model: nn.Module, blocks:
         ranks = allocate_ranks(block_errors, mean_rank, config.rank_min, config.rank_max)
     set_block_ranks(blocks, ranks)
     return StageRecord(stage=stage, target_sparsity=target, rates=rates, errors=block_errors, ranks=ranks,
-                       sparsity=sparsity_report(model)[2], steps=steps, warnings=prune_warnings)
+                       sparsity=sparsity_report(model)[2], steps=steps, warnings=prune_warnings,
+                       pattern=f"{nm[0]}:{nm[1]}" if nm else None)
 
 
 def _finish(config, out, loaded, accelerator, model, blocks, history, tokens_trained, started, warnings, resume_state,
             global_batch) -> RecoverResult:
-    """Merge, verify the zeros, and save model + adapters + manifest atomically (main process)."""
-    base_sha = base_checksum(blocks)
+    """Merge, verify the zeros (and N:M), and save the model + manifest atomically (main process)."""
     wrappers = wrappers_of(blocks)
-    masks = {name: w.mask.clone() for name, w in wrappers.items()}
+    final_mask = _pruned_masks(wrappers)
     for name, wrapper in wrappers.items():
         try:
             wrapper.merge()
         except FloatingPointError:
             raise NumericalError(f"the adapter of {name} holds NaN/inf; not saving (lower --lr and start over)") from None
-    revived = [name for name, w in wrappers.items() if bool((w.base.weight[~masks[name]] != 0).any())]
-    if revived:
-        raise NumericalError(f"pruned weights became non-zero in {revived[0]} (and {len(revived) - 1} more); not saving")
-    adapters_staging = None
-    if accelerator.is_main_process:
-        adapters_staging = out.parent / f".{out.name}.adapters-tmp"
-        shutil.rmtree(adapters_staging, ignore_errors=True)
-        save_adapters(blocks, adapters_staging, base_sha, {"stages": len(history)})
+    _check_kept_zeros(final_mask, wrappers, "merging the adapters")
+    if config.pattern:
+        n, m = parse_nm(config.pattern)
+        off = nm_violations({name: w.base for name, w in wrappers.items()}, n, m)
+        if off:
+            raise NumericalError(f"{off[0]} does not hold exactly {n} zeros in every group of {m} (and {len(off) - 1} more "
+                                 "layers); not saving")
     detach(blocks)
     per_layer, per_block, global_sparsity, checksum = sparsity_report(loaded.model)
     result = RecoverResult(
@@ -386,7 +381,6 @@ def _finish(config, out, loaded, accelerator, model, blocks, history, tokens_tra
     if accelerator.is_main_process:
         with atomic_folder(out) as staging:
             save_model(loaded, staging)
-            adapters_staging.rename(staging / "adapters")
             result.wall_time_s = time.perf_counter() - started
             manifest = build_manifest(
                 "recover",

@@ -47,7 +47,7 @@ STAGE_MARKER = "losa_run_stage.json"
 RUN_RECORD = "losa_run.json"
 RECIPE_COPY = "recipe.yaml"
 #: settings that do not change what a stage produces, or that the inputs' fingerprints already cover
-HASH_FREE = ("out", "force", "resume", "model", "dense_baseline", "report", "adapters")
+HASH_FREE = ("out", "force", "resume", "model", "dense_baseline", "report")
 DATA_KEYS = ("calib", "data", "per_layer")
 
 

@@ -34,6 +34,7 @@ from ..core.config import (
     CalibrationConfig,
     EvalConfig,
     ExportConfig,
+    RECOVER_SPARSITY,
     PruneConfig,
     RecoverConfig,
 )
@@ -58,7 +59,6 @@ _MANAGED = {
     "prune": {"calibration": "give calib, nsamples and seqlen flat in the section", "seed": "set seed at the top level"},
     "recover": {"calibration": "give calib, nsamples and seqlen flat in the section", "seed": "set seed at the top level",
                 "resume": "losa run resumes an interrupted recover stage by itself; --restart starts over"},
-    "export": {"adapters": "recover merges its adapters into the weights; there is nothing to merge"},
     "bench": {"dense_baseline": "losa run exports the dense input model as the baseline (dense-export stage)",
               "report": "the speed chart is written to OUT/bench/speed.png"},
     "eval": {"sparsity": "losa run always counts the final model's zeros"},
@@ -412,8 +412,10 @@ def _cross_stage_problems(recipe: Recipe) -> list[str]:
             found.append(f"prune.pattern {prune_pattern} needs recover.pattern {prune_pattern} too: recover would prune "
                          "unstructured on top and break the N:M pattern")
         prune_sparsity = prune.get("sparsity", PruneConfig.sparsity)
-        recover_sparsity = recover.get("sparsity", RecoverConfig.sparsity)
-        if not prune_pattern and not prune.get("per_layer") and recover_sparsity < prune_sparsity:
+        recover_sparsity = recover.get("sparsity")
+        if recover_sparsity is None:
+            recover_sparsity = RECOVER_SPARSITY
+        if not prune_pattern and not recover_pattern and not prune.get("per_layer") and recover_sparsity < prune_sparsity:
             found.append(f"recover.sparsity {recover_sparsity} is below prune.sparsity {prune_sparsity}: recover never "
                          "revives weights; raise recover.sparsity or lower prune.sparsity")
     if bench is not None:

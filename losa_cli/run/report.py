@@ -138,7 +138,8 @@ def _sparsity_section(manifests: dict[str, dict], final_stage: str | None) -> li
                          f"blocks' linear weights are zero (mask sha256 `{sparsity['mask_checksum'][:16]}`).")
     if "recover" in manifests:
         r = manifests["recover"]["results"]
-        items.append(f"- recover: adapters merged and every pruned weight checked to be exactly zero after the merge; "
+        items.append(f"- recover: each stage's zeros checked to contain the stage before's, and every pruned weight checked to be "
+                     "exactly zero after the final merge; "
                      f"{r['global_sparsity']:.4%} zeros, mask sha256 `{r['mask_checksum'][:16]}`.")
     elif "prune" in manifests:
         r = manifests["prune"]["results"]
