@@ -39,5 +39,8 @@ def test_wanda_50_on_smollm2(tmp_path, wiki):
     assert report["global_sparsity"] == pytest.approx(0.5, abs=1e-6)
     assert len(report["per_block_sparsity"]) == 30
     dense, pruned = _ppl("smollm2-135m", wiki), _ppl(str(out), wiki)
-    assert 5 < dense < 60, dense
-    assert dense < pruned < 1000, (dense, pruned)
+    # Measured with these exact settings (fp32, 6 x 256 wiki tokens, 4 x 128 C4 calibration windows,
+    # seed 0): dense 18.32, Wanda 50% 36.29 (1.98x dense), magnitude 50% 211.7 (11.6x dense).
+    # The bound is Wanda's quality with room for CPU/library noise; magnitude-quality pruning fails it.
+    assert 16 < dense < 21, dense
+    assert 1.5 * dense < pruned < 2.6 * dense, (dense, pruned)
