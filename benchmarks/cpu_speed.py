@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import json
 import shutil
 import tempfile
 import time
@@ -61,6 +62,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(v[0] for v in SMOLLM_VARIANTS), help="part a rows to run")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--table-only", action="store_true", help="print the table of an earlier run's --out JSON")
     return parser.parse_args()
 
 
@@ -157,23 +159,33 @@ def part_b(args: argparse.Namespace, work: Path, threads: int) -> tuple[list[dic
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ("part", "model", "engine", "phase", "seqlen", "zeros", "median ms", "p90 ms", "tok/s", "x same-engine dense", "x ORT dense")
+    """One row per sparse variant x engine x phase, beside the dense model timed in the same
+    comparison, so that every speed-up is recomputable from the row that shows it."""
+    header = ("part", "model", "engine", "phase", "seqlen", "zeros", "median ms", "dense median ms (same run)",
+              "x same-engine dense", "dense ORT median ms (same run)", "x ORT dense")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        if r["model"] == "dense" and r["compared_with"] != next(x["compared_with"] for x in rows if x["part"] == r["part"]):
-            continue  # dense is re-timed beside every variant; print the first measurement only
-        if r["median_ms"] is None:
-            cells = [r["part"], r["model"], r["engine"], r["phase"], str(r["seqlen"]), f"{r['zeros_matmul']:.1%}", "failed", "", "", "", ""]
+        if r["model"] == "dense":
+            continue
+        same = [x for x in rows if x["model"] == "dense" and x["part"] == r["part"] and x["compared_with"] == r["compared_with"]
+                and x["phase"] == r["phase"] and x["seqlen"] == r["seqlen"]]
+        dense = {x["engine"]: x["median_ms"] for x in same}
+        cells = [r["part"], r["model"], r["engine"], r["phase"], str(r["seqlen"]), f"{r['zeros_matmul']:.1%}"]
+        if r["median_ms"] is None or dense.get(r["engine"]) is None:
+            cells += ["failed", "", "", "", ""]
         else:
-            cells = [r["part"], r["model"], r["engine"], r["phase"], str(r["seqlen"]), f"{r['zeros_matmul']:.1%}",
-                     f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['tokens_per_s']:.1f}",
-                     f"{r['speedup_vs_same_engine_dense']:.2f}", f"{r['speedup_vs_onnxruntime_dense']:.2f}"]
+            ort = dense.get("onnxruntime")
+            cells += [f"{r['median_ms']:.2f}", f"{dense[r['engine']]:.2f}", f"{dense[r['engine']] / r['median_ms']:.2f}",
+                      f"{ort:.2f}" if ort else "", f"{ort / r['median_ms']:.2f}" if ort else ""]
         print("| " + " | ".join(cells) + " |")
 
 
 def main() -> None:
     args = parse_args()
+    if args.table_only:
+        print_table(json.loads(args.out.read_text())["rows"])
+        return
     info = cpu_info()
     threads = args.threads or safe_threads(info["cores"])
     parts = set(args.parts.split(","))
