@@ -78,7 +78,7 @@ def run_export(config: ExportConfig, progress: ProgressFn | None = None) -> Expo
     """Export a (pruned, possibly recovered) model; see the module docstring for the steps."""
     config.validate()
     started = time.perf_counter()
-    out = check_output(config.out, config.force, inputs=(config.model,))
+    out = check_output(config.out, config.force, inputs=(config.model, *filter(None, [config.adapters])))
     warnings: list[str] = []
     environment = check_onnx_environment(config.opset) if config.onnx else {}
     if config.onnx and config.opset > DEEPSPARSE_MAX_OPSET:

@@ -226,9 +226,13 @@ def read_adapters(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not meta_path.is_file() or not tensor_path.is_file():
         raise ConfigError(f"{folder} holds no losa adapters ({ADAPTER_META} and {ADAPTER_FILE})")
     try:
-        return load_file(str(tensor_path)), json.loads(meta_path.read_text())
-    except (SafetensorError, json.JSONDecodeError, OSError) as exc:
+        tensors, meta = load_file(str(tensor_path)), json.loads(meta_path.read_text(encoding="utf-8"))
+    except (SafetensorError, ValueError, OSError) as exc:  # JSON and UTF-8 errors are ValueErrors
         raise ConfigError(f"adapters in {folder} are corrupt: {exc}") from None
+    if not isinstance(meta, dict) or not {"r_max", "alpha", "ranks", "base_sha256"} <= meta.keys():
+        raise ConfigError(f"{meta_path} lacks r_max, alpha, ranks or base_sha256; "
+                          "give the adapters folder losa recover wrote")
+    return tensors, meta
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ from ..core.errors import ConfigError, LosaError, NumericalError
 from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
 from .masked_lora import MaskedLoRALinear, attach, base_checksum, detach, save_adapters, set_block_ranks, wrappers_of
 from ..prune.masks import parse_nm
-from ..core.modeling import find_blocks, load_model, save_model, sparsity_report
+from ..core.modeling import find_blocks, load_model, resolve_device, save_model, sparsity_report
 from ..prune.pruning import Criterion, calibration_windows, check_nm_widths, prune_blocks
 from .rank_alloc import ReconstructionError, allocate_ranks, cubic_sparsity
 from ..prune.rmi import DEFAULT_BETA, default_delta
@@ -189,6 +189,7 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
 
     config.validate()
     out = check_output(config.out, config.force, inputs=(config.model,))
+    resolve_device(config.device)  # --device cuda without a GPU: refuse, never fall back to the CPU
     checkpoints = _Checkpoints(out)
     resume_state = None
     if checkpoints.exists():
