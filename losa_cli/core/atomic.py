@@ -13,21 +13,52 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import ConfigError, OutputExistsError
 
 
-def check_output(path: str | Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
-    """Refuse an existing output without ``force``, and an output that is one of the inputs."""
+def check_output(path: str | Path, force: bool, inputs: tuple[str | Path, ...] = (), option: str = "--out",
+                 folder: bool = True) -> Path:
+    """Refuse, before any work starts: an output that clashes with an input or cannot be written
+    (``output_problem``), and an existing one without ``force`` or of the wrong kind."""
     out = Path(path).expanduser().resolve()
+    problem = output_problem(out, inputs, option)
+    if problem:
+        raise ConfigError(problem)
+    if out.exists() and not force:
+        raise OutputExistsError(f"output {path} already exists; pass --force to replace it or choose another {option}")
+    if out.exists() and out.is_dir() != folder:
+        kind = "not a folder" if folder else "a folder"
+        raise OutputExistsError(f"output {path} exists and is {kind}; remove it or choose another {option}")
+    return out
+
+
+def output_problem(out: Path, inputs: tuple[str | Path, ...] = (), option: str = "--out") -> str | None:
+    """Why ``out`` may not be written (None when it may).
+
+    It must not be an input, hold one, or lie inside an input folder (writing there would change
+    the input); and its nearest existing ancestor must be a folder we can create a file in --
+    probed with a real temporary file, so the answer holds for root and for /proc alike.
+    """
+    out = out.expanduser().resolve()
     for given in inputs:
         source = Path(given).expanduser()
-        if source.exists() and (out == source.resolve() or source.resolve().is_relative_to(out)):
-            raise OutputExistsError(f"--out {path} would overwrite the input {given}; choose another folder")
-    if out.exists() and not force:
-        raise OutputExistsError(f"output {path} already exists; pass --force to replace it or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output {path} exists and is not a folder; remove it or choose another --out")
-    return out
+        if not source.exists():
+            continue
+        source = source.resolve()
+        if out == source or source.is_relative_to(out) or (source.is_dir() and out.is_relative_to(source)):
+            return f"{option} {out} would overwrite the input {given} or write inside it; choose a path outside it"
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{option} {out} lies under {ancestor}, which is a file, not a folder; choose another {option}"
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".losa-write-test-", dir=ancestor)
+    except OSError as exc:
+        return f"{option} {out} cannot be written ({exc.strerror or exc} in {ancestor}); choose a folder you can write"
+    os.close(handle)
+    os.unlink(probe)
+    return None
 
 
 @contextmanager

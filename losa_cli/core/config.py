@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .hub import LOCAL_DATA
 
 DEFAULT_MODEL = "smollm2-135m"
 METHODS = ("wanda", "sparsegpt", "magnitude")
@@ -51,13 +52,17 @@ def _check_nm(pattern: str) -> str | None:
 class CalibrationConfig:
     """Where calibration windows come from and how many."""
 
-    calib: str = "c4"
+    calib: str = ""  # no default: a Hub name (c4, wikitext2) would reach the network unasked
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
 
-    def problems(self) -> list[str]:
+    def problems(self, needs_data: bool = True) -> list[str]:
         found = []
+        if needs_data and not self.calib:
+            found.append(f"--calib is required: {LOCAL_DATA}; --calib c4 or wikitext2 downloads from the Hub")
+        if not 0 <= self.seed < 2**32:
+            found.append(f"--seed must be in [0, 2**32), got {self.seed}")
         if self.nsamples < 1:
             found.append(f"--nsamples must be at least 1, got {self.nsamples}")
         if self.seqlen < 2:
@@ -89,8 +94,13 @@ class PruneConfig:
     force: bool = False
     trust_remote_code: bool = False
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Every method but magnitude, and every allocation but uniform, reads activations."""
+        return self.method != "magnitude" or self.allocation != "uniform"
+
     def validate(self) -> None:
-        found = self.calibration.problems()
+        found = self.calibration.problems(self.needs_calibration)
         if not self.out:
             found.append("--out is required: the folder to write the pruned model to")
         found += _check_choice("--method", self.method, METHODS)
@@ -107,6 +117,11 @@ class PruneConfig:
         found += _check_choice("--allocation", self.allocation, ALLOCATIONS)
         if self.per_layer and self.allocation != "uniform":
             found.append("--per-layer gives the rates itself; drop --allocation")
+        if self.per_layer:
+            try:
+                load_per_layer(self.per_layer)
+            except ConfigError as exc:
+                found.append(str(exc))
         if self.allocation == "rmi" and self.delta is not None and not (0.0 < self.delta < 0.5 and self.sparsity + self.delta < 1.0):
             found.append(f"--delta must be in (0, 0.5) with sparsity + delta below 1, got {self.delta}")
         if self.beta is not None and self.beta <= 0:
@@ -385,34 +400,35 @@ def to_dict(config: object) -> dict:
     return asdict(config)  # type: ignore[arg-type]
 
 
-def load_per_layer(path: str, num_blocks: int) -> list[float]:
-    """Read explicit per-block rates: a JSON list, or a JSON object {block index: rate}.
-
-    Accepts a losa manifest too (its ``per_block_rates``), so a previous run's allocation can be
-    replayed.
+def load_per_layer(path: str, num_blocks: int | None = None) -> list[float]:
+    """Read explicit per-block rates: a JSON list, a JSON object {block index: rate}, or a losa
+    manifest (file or output folder: its ``per_block_rates``), so a previous run's allocation can
+    be replayed.  Without ``num_blocks`` only the file itself is checked (before loading a model).
     """
-    file = Path(path)
+    from .manifest import MANIFEST_NAME
+
+    file = Path(path).expanduser()
+    if file.is_dir():
+        file = file / MANIFEST_NAME
     if not file.is_file():
-        raise ConfigError(f"--per-layer file {path} does not exist")
+        raise ConfigError(f"--per-layer {file} does not exist; give a JSON list of rates or a losa manifest")
     try:
-        data = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSON and UTF-8 errors are ValueErrors
         raise ConfigError(f"--per-layer file {path} is not valid JSON ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("results"), dict):  # a losa manifest
+        data = data["results"]
     if isinstance(data, dict) and "per_block_rates" in data:
         data = data["per_block_rates"]
     if isinstance(data, dict):
-        try:
-            rates = [float(data[str(i)] if str(i) in data else data[i]) for i in range(num_blocks)]
-        except (KeyError, TypeError, ValueError):
-            raise ConfigError(f"--per-layer file {path} must give a rate for every block 0..{num_blocks - 1}") from None
-    elif isinstance(data, list):
-        rates = [float(r) for r in data]
-    else:
-        raise ConfigError(f"--per-layer file {path} must hold a JSON list of rates or an object {{block: rate}}")
-    if len(rates) != num_blocks:
+        data = [data.get(str(i)) for i in range(num_blocks if num_blocks is not None else len(data))]
+    if not isinstance(data, list) or not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in data):
+        raise ConfigError(f"--per-layer file {path} must hold a list of numbers, an object {{block: rate}} for every "
+                          "block, or a losa manifest with per_block_rates")
+    rates = [float(r) for r in data]
+    if num_blocks is not None and len(rates) != num_blocks:
         raise ConfigError(f"--per-layer file {path} gives {len(rates)} rates but the model has {num_blocks} blocks")
     bad = [f"block {i}: {r}" for i, r in enumerate(rates) if not 0.0 <= r < 1.0]
     if bad:
         raise ConfigError(f"--per-layer rates must be in [0, 1): {', '.join(bad)}")
     return rates
-

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
+from .hub import LOCAL_DATA, hub_unreachable, offline_by_env
 
 HUB_DATASETS = {
     "c4": {"path": "allenai/c4", "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}, "split": "train", "field": "text"},
@@ -38,8 +39,17 @@ def format_instruction(record: dict) -> tuple[str, str]:
     return prompt, str(record.get("output", ""))
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; give a .txt or .jsonl file saved as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def _read_txt(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     separator = "\n\n" if "\n\n" in text else "\n"
     return [doc.strip() for doc in text.split(separator) if doc.strip()]
 
@@ -47,17 +57,16 @@ def _read_txt(path: Path) -> list[str]:
 def _jsonl_records(path: Path) -> list[tuple[int, dict]]:
     """(line number, record) of every non-blank line; each record needs ``text`` or ``instruction``."""
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or ("text" not in record and "instruction" not in record):
-                raise DataError(f"{path}:{number}: needs a 'text' field or 'instruction'/'output' fields")
-            records.append((number, record))
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or ("text" not in record and "instruction" not in record):
+            raise DataError(f"{path}:{number}: needs a 'text' field or 'instruction'/'output' fields")
+        records.append((number, record))
     return records
 
 
@@ -89,14 +98,17 @@ def _read_saved_dataset(path: Path) -> list[str]:
 def _read_hub(name: str) -> list[str]:
     spec = dict(HUB_DATASETS[name])
     field = spec.pop("field")
+    offline = None if offline_by_env() else hub_unreachable()  # offline mode reads the local cache quickly
+    if offline:
+        raise DataError(f"{name!r} is a Hub dataset and the Hub cannot be reached ({offline}); "
+                        f"give {LOCAL_DATA} instead")
     try:
         from datasets import load_dataset
 
         dataset = load_dataset(**spec)
     except Exception as exc:  # noqa: BLE001 - any network/Hub failure means the same to the user
-        raise DataError(
-            f"cannot fetch the Hub dataset {name!r} ({type(exc).__name__}); offline? pass a local file, e.g. --calib c4-sample.txt"
-        ) from None
+        raise DataError(f"cannot fetch the Hub dataset {name!r} ({type(exc).__name__}); "
+                        f"give {LOCAL_DATA} instead") from None
     return [t for t in dataset[field] if t and t.strip()]
 
 
@@ -112,10 +124,7 @@ def read_documents(source: str) -> list[str]:
     elif path.suffix == ".jsonl":
         docs = _read_jsonl(path)
     elif path.suffix in (".txt", ".text", ".md", ""):
-        try:
-            docs = _read_txt(path)
-        except UnicodeDecodeError:
-            raise DataError(f"{source} is not UTF-8 text") from None
+        docs = _read_txt(path)
     else:
         raise DataError(f"{source}: unsupported data format {path.suffix!r}; use .txt, .jsonl or a saved datasets folder")
     if not docs:

@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .errors import ModelError
+
 MANIFEST_NAME = "losa_manifest.json"
 TRACKED_PACKAGES = ("losa", "torch", "transformers", "accelerate", "safetensors", "datasets", "numpy", "gguf")
 
@@ -94,7 +96,10 @@ def lineage(folder: Path) -> list[dict]:
         parent = manifest.get("parent_manifest")
         if not parent or not parent.get("path"):
             break
-        candidate = read_manifest(Path(parent["path"]))
+        try:
+            candidate = read_manifest(Path(parent["path"]))
+        except ModelError:
+            break
         if candidate is None or manifest_hash(candidate) != parent.get("sha256"):
             break
         manifest = candidate
@@ -102,8 +107,14 @@ def lineage(folder: Path) -> list[dict]:
 
 
 def read_manifest(folder: Path) -> dict | None:
-    """The folder's manifest, or None when it has none."""
+    """The folder's manifest, or None when it has none; a ModelError when it is not a JSON object."""
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSON and UTF-8 errors are ValueErrors
+        raise ModelError(f"{path} is unreadable ({exc}); repair or delete it") from None
+    if not isinstance(manifest, dict):
+        raise ModelError(f"{path} is not a losa manifest (a JSON object); repair or delete it")
+    return manifest

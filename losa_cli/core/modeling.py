@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .hub import hub_unreachable
+from .manifest import read_manifest
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,17 +81,28 @@ def resolve_source(spec: str) -> ModelSource:
     raise ModelError(f"--model {spec} does not exist; give a model folder, a .gguf file, a Hub id or {SMOLLM2_ALIAS}")
 
 
-def _load_config(source: ModelSource, trust_remote_code: bool):
+def _load_config(source: ModelSource, trust_remote_code: bool, hub: dict, offline: str | None):
     from transformers import AutoConfig
 
-    kwargs = {"trust_remote_code": trust_remote_code}
+    kwargs = {"trust_remote_code": trust_remote_code, **hub}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     try:
-        return AutoConfig.from_pretrained(source.location, **kwargs)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        where = "on the Hub (offline? wrong id?)" if not source.is_local else f"in {source.location}"
-        raise ModelError(f"cannot read the model config {where}: {_first_line(exc)}") from None
+        config = AutoConfig.from_pretrained(source.location, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a broken file fails in many ways; --debug shows which
+        raise ModelError(_unreadable(source, exc, offline)) from exc
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", None) is False:
+        raise ModelError(_unsupported_message(getattr(config, "model_type", "?")))  # BERT, T5: not decoder-only
+    return config
+
+
+def _unreadable(source: ModelSource, exc: BaseException, offline: str | None) -> str:
+    """One line for a config that cannot be read: a Hub id offline, or a broken local file."""
+    if offline:
+        return (f"--model {source.spec} is not a local path, the Hub cannot be reached ({offline}) and it is not in "
+                f"the local cache: give a model folder, a .gguf file or {SMOLLM2_ALIAS}")
+    where = "on the Hub (wrong id?)" if not source.is_local else f"in {source.location}"
+    return f"cannot read the model config {where} (corrupt or incomplete file?): {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -101,14 +113,19 @@ def _first_line(exc: BaseException) -> str:
 def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer on the CPU, safetensors only for local folders.
 
-    GGUF models are dequantised by transformers on load and saved as plain safetensors.
+    GGUF models are dequantised by transformers on load and saved as plain safetensors.  A Hub
+    id is looked up only in the local cache when the Hub cannot be reached (``hub.py``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_source(spec)
-    config = _load_config(source, trust_remote_code)
+    if source.is_local:
+        read_manifest(Path(source.location))  # a broken manifest fails now, not after the work
+    offline = None if source.is_local else hub_unreachable()
+    hub = {"local_files_only": True} if offline else {}  # the cache only: no retries against a dead network
+    config = _load_config(source, trust_remote_code, hub, offline)
     torch_dtype = DTYPES[dtype]
-    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype}
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype, **hub}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     elif source.is_local:
@@ -123,20 +140,24 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc) or "not supported" in str(exc):
             raise ModelError(_unsupported_message(getattr(config, "model_type", "?"))) from None
-        raise ModelError(f"cannot load the model from {source.location}: {_first_line(exc)}") from None
-    except (OSError, RuntimeError, KeyError) as exc:
-        raise ModelError(f"cannot load the model from {source.location} (corrupt or incomplete checkpoint?): {_first_line(exc)}") from None
+        raise ModelError(f"cannot load the model from {source.location}: {_first_line(exc)}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, GGUF and torch errors of a broken file
+        raise ModelError(f"cannot load the model from {source.location} (corrupt or incomplete checkpoint?): {_first_line(exc)}") from exc
     if source.gguf_file:
         model = _drop_gguf_quantization(model)
     model.eval()
     try:
-        tok_kwargs = {"trust_remote_code": trust_remote_code}
+        tok_kwargs = {"trust_remote_code": trust_remote_code, **hub}
         if source.gguf_file:
             tok_kwargs["gguf_file"] = source.gguf_file
         tokenizer = AutoTokenizer.from_pretrained(source.location, **tok_kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"cannot load the tokenizer from {source.location}: {_first_line(exc)}") from None
-    find_blocks(model)  # fail early, before any work, on an unsupported structure
+    except Exception as exc:  # noqa: BLE001 - as above
+        raise ModelError(f"cannot load the tokenizer from {source.location}: {_first_line(exc)}") from exc
+    blocks = find_blocks(model)  # fail early, before any work, on an unsupported structure
+    if any(getattr(module, "is_causal", True) is False for module in blocks.modules()):
+        raise ModelError(_unsupported_message(getattr(config, "model_type", "?")))  # bidirectional attention
     return LoadedModel(model, tokenizer, source)
 
 

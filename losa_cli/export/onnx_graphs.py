@@ -336,8 +336,8 @@ def read_graph_spec(folder: Path) -> GraphSpec | None:
     if not path.is_file():
         return None
     try:
-        return GraphSpec(**json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
+        return GraphSpec(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:  # JSON and UTF-8 errors are ValueErrors
         raise ModelError(f"{path} is not a valid losa ONNX description ({exc}); re-run losa export --onnx") from None
 
 
@@ -566,7 +566,11 @@ def spec_from_graph(path: Path) -> GraphSpec:
     """Describe a bare ONNX file (no sidecar) from its inputs: prefill only unless it takes a past."""
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise ModelError(f"{path} is not a readable ONNX file ({type(exc).__name__}); "
+                         "export it again with losa export --onnx") from exc
     names = [i.name for i in proto.graph.input]
     if "input_ids" not in names:
         raise ModelError(f"{path} has no input_ids input; losa bench runs causal LM graphs (export with losa export --onnx)")

@@ -76,10 +76,9 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
     if config.pattern:
         check_nm_widths(loaded.model, config.pattern)
     warnings: list[str] = []
-    needs_data = config.method != "magnitude" or config.allocation != "uniform"
     calib = config.calibration
     windows = (calibration_windows(loaded.model, loaded.tokenizer, calib.calib, calib.nsamples, calib.seqlen, calib.seed, warnings)
-               if needs_data else None)
+               if config.needs_calibration else None)
     allocation = block_rates(config, loaded, windows, device, progress)
     rates = allocation.rates
     activations = None if config.method == "magnitude" else windows  # magnitude needs no activations

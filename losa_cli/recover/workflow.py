@@ -41,7 +41,7 @@ from ..core.config import OWL_LAMBDA, OWL_M, RecoverConfig, to_dict
 from ..core.data import collate, training_examples
 from ..core.errors import ConfigError, LosaError, NumericalError
 from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
-from ..core.modeling import block_linears, find_blocks, load_model, save_model, sparsity_report
+from ..core.modeling import block_linears, find_blocks, load_model, resolve_device, save_model, sparsity_report
 from ..prune.masks import group_zero_counts, parse_nm
 from ..prune.pruning import Criterion, calibration_windows, check_nm_widths, nm_violations, prune_blocks, revived
 from ..prune.rmi import DEFAULT_BETA, default_delta
@@ -150,6 +150,7 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
 
     config.validate()
     out = check_output(config.out, config.force, inputs=(config.model,))
+    resolve_device(config.device)  # --device cuda without a GPU: refuse, never fall back to the CPU
     checkpoints = Checkpoints(out)
     resume_state = None
     if checkpoints.exists():

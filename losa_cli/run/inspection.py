@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..core.errors import ConfigError, OutputExistsError
+from ..core.atomic import check_output
+from ..core.errors import ConfigError
 from ..core.manifest import lineage
 from ..core.modeling import load_model, sparsity_report
 from ..core.plots import plot_allocation
@@ -39,8 +40,7 @@ def run_inspect(model: str, plot: str | None = None, force: bool = False, trust_
     if plot is not None:
         if not plot.lower().endswith(".png"):
             raise ConfigError(f"--plot {plot}: give a .png file name")
-        if Path(plot).exists() and not force:
-            raise OutputExistsError(f"{plot} already exists; pass --force to replace it")
+        check_output(plot, force, option="--plot", folder=False)
     loaded = load_model(model, "float32", trust_remote_code)
     per_layer, per_block, global_sparsity, checksum = sparsity_report(loaded.model)
     chain = lineage(Path(loaded.source.location)) if loaded.source.is_local else []

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..core.atomic import atomic_folder
+from ..core.atomic import atomic_folder, output_problem
 from ..runtime.bench import run_bench
 from ..core.sequential import ProgressFn
 from ..core.config import to_dict
@@ -111,6 +111,8 @@ def input_problems(recipe: Recipe, out: Path) -> list[str]:
                              f"{Path.cwd()})")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RUN_RECORD).is_file())):
         found.append(f"--out {out} exists and is not a losa run folder (no {RUN_RECORD}); choose another folder")
+    elif problem := output_problem(out, (recipe.model,)):
+        found.append(problem)
     return found
 
 

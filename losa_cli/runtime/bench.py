@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..core.atomic import check_output
 from ..core.config import BenchConfig, to_dict
 from .engines import (
     EngineFailure,
@@ -29,7 +30,7 @@ from .engines import (
     safe_threads,
     summarize,
 )
-from ..core.errors import ConfigError, ModelError, OutputExistsError
+from ..core.errors import ConfigError, ModelError
 from ..core.manifest import library_versions
 from ..core.modeling import load_model
 from ..export.onnx_graphs import (
@@ -217,8 +218,8 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> BenchR
     """Time the sparse model and its dense counterpart on each engine; see the module docstring."""
     config.validate()
     started = time.perf_counter()
-    if config.report is not None and Path(config.report).exists() and not config.force:
-        raise OutputExistsError(f"{config.report} already exists; pass --force to replace it")
+    if config.report is not None:
+        check_output(config.report, config.force, option="--report", folder=False)
     check_onnx_environment(config.opset)
     warnings: list[str] = []
     notes: list[str] = []
