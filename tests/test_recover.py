@@ -193,10 +193,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama_6
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
 
 
-def test_resume_mid_stage_restores_optimizer_moments_and_schedule(tiny_llama_6, calib_file, plain_text, tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss", ["ce", "squarehead"])
+def test_resume_mid_stage_restores_optimizer_moments_and_schedule(loss, tiny_llama_6, calib_file, plain_text, tmp_path,
+                                                                  monkeypatch):
     """Stopped inside stage 2 (after AdamW has built moments and the schedule has moved), the
-    resumed run ends exactly where an uninterrupted one does; checkpoints hold no pickles."""
-    settings = dict(dropout=0.1, reset_optimizer=False)
+    resumed run ends exactly where an uninterrupted one does, with CE and with distillation from
+    the dense teacher (kd + feature loss); checkpoints hold no pickles."""
+    settings = dict(dropout=0.1, reset_optimizer=False, loss=loss)
     straight = run_recover(config(tiny_llama_6, tmp_path / "a", plain_text, calib_file, **settings))
     with pytest.raises(InterruptForTest):
         run_recover(config(tiny_llama_6, tmp_path / "b", plain_text, calib_file, **settings), stop_after_steps=10)

@@ -282,6 +282,8 @@ def recover(
     pattern: Annotated[Optional[str], typer.Option(help="N:M, ramped over the stages (2:4: 1:4 then 2:4); ends exactly N:M.")] = None,
     damp: Annotated[float, typer.Option(help="SparseGPT damping, fraction of mean(diag H).")] = RecoverConfig.damp,
     blocksize: Annotated[int, typer.Option(help="SparseGPT column block size.")] = RecoverConfig.blocksize,
+    loss: Annotated[str, typer.Option(help="ce | kd | kd+ce | squarehead (kd and feature loss); kd* distil the dense input model.")] = RecoverConfig.loss,
+    kd_temperature: Annotated[float, typer.Option("--kd-temperature", help="Distillation temperature.")] = RecoverConfig.kd_temperature,
     allocation: Annotated[str, typer.Option(help="Per-block rates each stage: rmi | owl | uniform.")] = RecoverConfig.allocation,
     stages: Annotated[int, typer.Option(help="Number of prune+fine-tune stages (1 = one-shot + masked LoRA).")] = RecoverConfig.stages,
     total_steps: Annotated[int, typer.Option("--total-steps", help="Optimizer steps over all stages.")] = RecoverConfig.total_steps,
@@ -322,6 +324,7 @@ def recover(
 
     config = RecoverConfig(
         model=model, out=out, data=data, sparsity=sparsity, method=method, pattern=pattern, damp=damp, blocksize=blocksize,
+        loss=loss, kd_temperature=kd_temperature,
         allocation=allocation,
         rmi_samples=rmi_samples, stages=stages, total_steps=total_steps, final_share=final_share,
         steps_per_stage=_numbers(steps_per_stage, int, "--steps-per-stage"),

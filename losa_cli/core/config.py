@@ -20,6 +20,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ALLOCATIONS = ("uniform", "rmi", "owl")
 OWL_LAMBDA = 0.08  # OWL's published defaults: rates within s +- lambda, outliers above M x mean
 OWL_M = 5.0
+RECOVER_LOSSES = ("ce", "kd", "kd+ce", "squarehead")  # see recover/losses.py
 RECOVER_SPARSITY = 0.7  # losa recover's target when neither --sparsity nor --pattern is given
 
 
@@ -184,6 +185,8 @@ class RecoverConfig:
     pattern: str | None = None
     damp: float = 0.01
     blocksize: int = 128
+    loss: str = "ce"
+    kd_temperature: float = 1.0
     allocation: str = "rmi"
     delta: float | None = None
     beta: float | None = None
@@ -264,6 +267,9 @@ class RecoverConfig:
             found.append(f"--damp must be in (0, 1], got {self.damp}")
         if self.blocksize < 1:
             found.append(f"--blocksize must be positive, got {self.blocksize}")
+        found += _check_choice("--loss", self.loss, RECOVER_LOSSES)
+        if not 0.0 < self.kd_temperature <= 100.0:
+            found.append(f"--kd-temperature must be in (0, 100], got {self.kd_temperature}")
         found += _check_choice("--allocation", self.allocation, ALLOCATIONS)
         if self.stages < 1:
             found.append(f"--stages must be at least 1, got {self.stages}")

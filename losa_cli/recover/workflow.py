@@ -25,6 +25,7 @@ an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -46,6 +47,7 @@ from ..prune.masks import group_zero_counts, parse_nm
 from ..prune.pruning import Criterion, calibration_windows, check_nm_widths, nm_violations, prune_blocks, revived
 from ..prune.rmi import DEFAULT_BETA, default_delta
 from .checkpoint import STATE_FILE, Checkpoints
+from .losses import Objective
 from .masked_lora import MaskedLoRALinear, attach, detach, set_block_ranks, wrappers_of
 from .rank_alloc import ReconstructionError, allocate_ranks
 from .schedule import cubic_sparsity, lr_factor, nm_ramp
@@ -131,6 +133,15 @@ def _restore_inactive(saved) -> None:
         wrapper.lora_B[:, wrapper.rank :].copy_(b)
 
 
+def _dense_teacher(model: nn.Module, device: torch.device) -> nn.Module:
+    """A frozen copy of the input model, before any pruning: the distillation teacher (one more
+    copy of the weights in memory, one more forward pass per step)."""
+    teacher = copy.deepcopy(model).to(device).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher
+
+
 def _dense_outputs(model: nn.Module, windows: torch.Tensor, device: torch.device) -> list[list[torch.Tensor]]:
     """Every block's outputs on ``windows`` in the input model, kept on the CPU in bf16: the
     reconstruction reference (n x T x d x L values, so only ``--error-samples`` windows).  bf16
@@ -186,7 +197,9 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
     error_windows = windows[: config.error_samples]
     dense = _dense_outputs(model, error_windows, device)
 
+    teacher = _dense_teacher(model, device) if config.loss != "ce" else None
     wrappers = attach(blocks, config.rank_max, config.alpha, config.dropout, config.fused)
+    objective = Objective(config.loss, config.kd_temperature, teacher, blocks, find_blocks(teacher) if teacher else None)
     params = [p for w in wrappers.values() for p in (w.lora_A, w.lora_B)]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -246,7 +259,7 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
             for micro in range(config.grad_accum):
                 batch = batch_for(global_step * config.grad_accum + micro)
                 with accelerator.accumulate(model):
-                    loss = model(**batch, use_cache=False).loss
+                    loss = objective(model, batch)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, config.grad_clip)
