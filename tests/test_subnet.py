@@ -53,6 +53,7 @@ def test_updates_change_only_the_localised_submatrix_and_keep_pruned_weights_zer
     train_step(layer, optimizer, 0)  # the first step scores, then the subnet is localised
     rows, cols = layer.rows.clone(), layer.cols.clone()
     assert int(layer.countdown) == 100 and not layer.delta.any()
+    assert not optimizer.state.get(layer.delta)  # the moments of the old sub-matrix are dropped
     before = layer.base.weight.detach().clone()
     for seed in range(1, 5):
         train_step(layer, optimizer, seed)
@@ -152,3 +153,27 @@ def test_bad_adapter_settings_get_one_line(tiny_llama_6, calib_file, plain_text,
                                  str(plain_text), "--calib", str(calib_file), *extra])
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, result.stderr
     assert {"adapter", "losia_ratio", "losia_period"} <= set(section_keys("recover"))  # recipes take them too
+
+
+def test_unmerge_with_a_new_mask_rereads_it_and_relocalises_after_the_next_step():
+    """As at a stage start: merge, prune a weight inside the core sub-matrix, unmerge(new_mask=True)."""
+    layer = sparse_subnet()
+    layer.train()
+    optimizer = torch.optim.AdamW(layer.trainable(), lr=1e-2)
+    for seed in range(3):
+        train_step(layer, optimizer, seed)
+    with torch.no_grad():
+        layer.delta.normal_()  # a trained delta to take back out
+    layer.merge()
+    kept = (layer.base.weight != 0).nonzero()
+    row, col = next((int(r), int(c)) for r, c in kept if int(r) in layer.rows.tolist() and int(c) in layer.cols.tolist())
+    with torch.no_grad():
+        layer.base.weight[row, col] = 0.0  # "pruning"
+    x = torch.randn(3, 16)
+    merged = layer(x)
+    layer.unmerge(new_mask=True)
+    assert not layer.mask[row, col] and int(layer.countdown) == 1
+    torch.testing.assert_close(layer(x), merged)  # same function, the pruned weight out of the update
+    train_step(layer, optimizer, 7)
+    layer.merge()
+    assert layer.base.weight[row, col] == 0 and int(layer.countdown) == 100  # relocalised after that step
