@@ -21,6 +21,7 @@ ALLOCATIONS = ("uniform", "rmi", "owl")
 OWL_LAMBDA = 0.08  # OWL's published defaults: rates within s +- lambda, outliers above M x mean
 OWL_M = 5.0
 RECOVER_LOSSES = ("ce", "kd", "kd+ce", "squarehead")  # see recover/losses.py
+RECOVER_ADAPTERS = ("masked-lora", "losia")  # see recover/masked_lora.py, recover/subnet.py
 RECOVER_SPARSITY = 0.7  # losa recover's target when neither --sparsity nor --pattern is given
 
 
@@ -202,6 +203,9 @@ class RecoverConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     fused: bool = True
+    adapter: str = "masked-lora"
+    losia_ratio: float = 0.125  # LoSiA's rank factor p = 1/8: core rows and columns per layer
+    losia_period: int = 50
     error_samples: int = 16
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     max_length: int = 1024
@@ -297,6 +301,11 @@ class RecoverConfig:
             found.append(f"--alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             found.append(f"--dropout must be in [0, 1), got {self.dropout}")
+        found += _check_choice("--adapter", self.adapter, RECOVER_ADAPTERS)
+        if not 0.0 < self.losia_ratio <= 1.0:
+            found.append(f"--losia-ratio must be in (0, 1], got {self.losia_ratio}")
+        if self.losia_period < 1:
+            found.append(f"--losia-period must be at least 1, got {self.losia_period}")
         if self.error_samples < 1:
             found.append(f"--error-samples must be at least 1, got {self.error_samples}")
         if self.max_length < 8:

@@ -15,6 +15,7 @@ back if the rank grows.  ``merge`` folds the delta into W and can never revive a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,20 @@ class _FusedMaskedLoRA(torch.autograd.Function):
         return grad_x, grad_x_drop, None, grad_bias, grad_a, grad_b, None, None
 
 
-class MaskedLoRALinear(nn.Module):
+class AdapterLinear(nn.Module):
+    """What the LoSA workflow needs of a trainable wrapper around a frozen sparse ``nn.Linear``:
+    ``base``, ``mask`` (True = kept), ``merged``, ``merge()``, ``unmerge(new_mask)`` and
+    ``trainable()``.  Masked LoRA and the LoSiA-style subnet (``subnet.py``) both are one."""
+
+    base: nn.Linear
+    mask: torch.Tensor
+    merged: bool
+
+    def trainable(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+
+class MaskedLoRALinear(AdapterLinear):
     """A frozen sparse ``nn.Linear`` plus a masked low-rank update (see module docstring)."""
 
     def __init__(self, base: nn.Linear, r_max: int, alpha: float, dropout: float = 0.0, fused: bool = True) -> None:
@@ -80,6 +94,9 @@ class MaskedLoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fused = fused
         self.merged = False
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B]
 
     def active(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The factors cut to the active rank (slicing leaves the rest without gradient)."""
@@ -129,13 +146,18 @@ class MaskedLoRALinear(nn.Module):
 
 
 def attach(blocks: nn.ModuleList, r_max: int, alpha: float, dropout: float, fused: bool) -> dict[str, MaskedLoRALinear]:
-    """Wrap every nn.Linear inside the blocks; returns the wrappers by qualified name."""
+    """Wrap every nn.Linear inside the blocks in masked LoRA; returns the wrappers by qualified name."""
+    return wrap_linears(blocks, lambda linear: MaskedLoRALinear(linear, r_max, alpha, dropout, fused))
+
+
+def wrap_linears(blocks: nn.ModuleList, make: Callable[[nn.Linear], AdapterLinear]) -> dict[str, AdapterLinear]:
+    """Wrap every nn.Linear inside the blocks with ``make(linear)``; the wrappers by qualified name."""
     wrappers = {}
     for index, block in enumerate(blocks):
         for name, module in list(block.named_modules()):
             for child_name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear) and not isinstance(module, MaskedLoRALinear):
-                    wrapper = MaskedLoRALinear(child, r_max, alpha, dropout, fused)
+                if isinstance(child, nn.Linear) and not isinstance(module, AdapterLinear):
+                    wrapper = make(child)
                     setattr(module, child_name, wrapper)
                     wrappers[f"{index}.{name + '.' if name else ''}{child_name}"] = wrapper
     return wrappers
@@ -146,22 +168,22 @@ def detach(blocks: nn.ModuleList) -> None:
     for block in blocks:
         for module in list(block.modules()):
             for child_name, child in list(module.named_children()):
-                if isinstance(child, MaskedLoRALinear):
+                if isinstance(child, AdapterLinear):
                     setattr(module, child_name, child.base)
 
 
-def wrappers_of(blocks: nn.ModuleList) -> dict[str, MaskedLoRALinear]:
-    """The attached wrappers by qualified name (``block.path``)."""
+def wrappers_of(blocks: nn.ModuleList) -> dict[str, AdapterLinear]:
+    """The attached wrappers (masked LoRA or subnet) by qualified name (``block.path``)."""
     found = {}
     for index, block in enumerate(blocks):
         for name, module in block.named_modules():
-            if isinstance(module, MaskedLoRALinear):
+            if isinstance(module, AdapterLinear):
                 found[f"{index}.{name}"] = module
     return found
 
 
 def set_block_ranks(blocks: nn.ModuleList, ranks: list[int]) -> None:
-    """All adapters of block l share rank ranks[l]."""
+    """All masked-LoRA adapters of block l share rank ranks[l] (subnets have no rank: ignored)."""
     for index, block in enumerate(blocks):
         for module in block.modules():
             if isinstance(module, MaskedLoRALinear):

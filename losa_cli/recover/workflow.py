@@ -2,7 +2,8 @@
 
 setup: load the model, the fine-tuning examples and the calibration windows; record the dense
         block outputs on a few windows (the reference for reconstruction error); attach masked
-        LoRA to every linear layer of every block.
+        LoRA (``--adapter losia``: a trained core sub-matrix, ``subnet.py``) to every linear
+        layer of every block.
 stage t = 1..T:
         s_t = S (1 - (1 - t/T)^3); merge the adapters; per-block rates (RMI / OWL / uniform, never
         below a block's current sparsity); prune block by block, measuring each block's
@@ -48,9 +49,10 @@ from ..prune.pruning import Criterion, calibration_windows, check_nm_widths, nm_
 from ..prune.rmi import DEFAULT_BETA, default_delta
 from .checkpoint import STATE_FILE, Checkpoints
 from .losses import Objective
-from .masked_lora import MaskedLoRALinear, attach, detach, set_block_ranks, wrappers_of
+from .masked_lora import AdapterLinear, MaskedLoRALinear, attach, detach, set_block_ranks, wrappers_of
 from .rank_alloc import ReconstructionError, allocate_ranks
 from .schedule import cubic_sparsity, lr_factor, nm_ramp
+from .subnet import attach_subnets, step_subnets
 
 __all__ = ["STATE_FILE", "InterruptForTest", "RecoverResult", "StageRecord", "run_recover"]
 #: settings that may differ between a run and its resumption
@@ -119,11 +121,11 @@ def _stage_rates(config: RecoverConfig, model: nn.Module, windows: torch.Tensor,
     return [max(target, c) for c in current]
 
 
-def _snapshot_inactive(wrappers: dict[str, MaskedLoRALinear]) -> list[tuple[MaskedLoRALinear, torch.Tensor, torch.Tensor]]:
+def _snapshot_inactive(wrappers: dict[str, AdapterLinear]) -> list[tuple[MaskedLoRALinear, torch.Tensor, torch.Tensor]]:
     """Adapter components above the active rank, to restore after the optimizer step (AdamW's
     moments and weight decay would otherwise move them although their gradient is zero)."""
     return [(w, w.lora_A[w.rank :].detach().clone(), w.lora_B[:, w.rank :].detach().clone())
-            for w in wrappers.values() if w.rank < w.r_max]
+            for w in wrappers.values() if isinstance(w, MaskedLoRALinear) and w.rank < w.r_max]
 
 
 @torch.no_grad()
@@ -198,9 +200,12 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
     dense = _dense_outputs(model, error_windows, device)
 
     teacher = _dense_teacher(model, device) if config.loss != "ce" else None
-    wrappers = attach(blocks, config.rank_max, config.alpha, config.dropout, config.fused)
+    if config.adapter == "losia":
+        wrappers = attach_subnets(blocks, config.losia_ratio, config.losia_period)
+    else:
+        wrappers = attach(blocks, config.rank_max, config.alpha, config.dropout, config.fused)
     objective = Objective(config.loss, config.kd_temperature, teacher, blocks, find_blocks(teacher) if teacher else None)
-    params = [p for w in wrappers.values() for p in (w.lora_A, w.lora_B)]
+    params = [p for w in wrappers.values() for p in w.trainable()]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -269,6 +274,7 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
                 tokens_trained += int((batch["labels"] != -100).sum()) * world
             scheduler.step()
             _restore_inactive(inactive)
+            step_subnets(wrappers, optimizer)
             global_step += 1
             if not math.isfinite(step_loss):
                 raise NumericalError(f"the loss became {step_loss} at stage {stage} step {step + 1}; the last good "
@@ -315,13 +321,13 @@ def _stage_target(config: RecoverConfig, stage: int) -> tuple[float, tuple[int, 
     return cubic_sparsity(config.target_sparsity(), stage, config.stages), None
 
 
-def _pruned_masks(wrappers: dict[str, MaskedLoRALinear]) -> dict[str, torch.Tensor]:
+def _pruned_masks(wrappers: dict[str, AdapterLinear]) -> dict[str, torch.Tensor]:
     """The current mask of every layer (True = pruned), as the adapters hold it: set when the
     last stage pruned, never re-read from the weights being checked."""
     return {name: ~wrapper.mask for name, wrapper in wrappers.items()}
 
 
-def _check_kept_zeros(pruned: dict[str, torch.Tensor], wrappers: dict[str, MaskedLoRALinear], when: str) -> None:
+def _check_kept_zeros(pruned: dict[str, torch.Tensor], wrappers: dict[str, AdapterLinear], when: str) -> None:
     """Every weight in ``pruned`` must be exactly zero now, or we stop before anything is saved."""
     found = revived(pruned, {name: wrapper.base for name, wrapper in wrappers.items()})
     if found:
