@@ -63,6 +63,8 @@ def main() -> None:
         "LoSA, KD + CE": dict(losa, loss="kd+ce"),
         "LoSA, SquareHead (KD + block features)": dict(losa, loss="squarehead"),
         "LoSA on SparseGPT": dict(losa, method="sparsegpt"),
+        "LoSA with LoSiA subnets (ratio 1/8) instead of masked LoRA": dict(losa, adapter="losia"),
+        "LoSA with LoSiA subnets, KD": dict(losa, adapter="losia", loss="kd"),
     }
     loaded = load_model("smollm2-135m")
     windows = eval_windows(loaded.tokenizer, 512, args.eval_windows)
@@ -106,7 +108,7 @@ def main() -> None:
             recovered = load_model(str(work / "out")).model
             rows[name] = {"name": name, "perplexity": perplexities(recovered, windows), "sparsity": result.global_sparsity,
                           "tokens_trained": result.tokens_trained, "wall_s": time.perf_counter() - started,
-                          "loss": config.loss, "method": config.method, "losa_commit": _commit(),
+                          "loss": config.loss, "method": config.method, "adapter": config.adapter, "losa_commit": _commit(),
                           "cpu": setup["environment"]["machine"]["cpu"],
                           "stages": [{"target": s.target_sparsity, "sparsity": s.sparsity, "ranks": s.ranks, "steps": s.steps,
                                       "first_loss": s.losses[0] if s.losses else None,
