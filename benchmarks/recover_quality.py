@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -97,8 +98,10 @@ def main() -> None:
                       "sparsity": sparsity_report(loaded.model)[2], "wall_s": time.perf_counter() - started}
         print(name, rows[name]["perplexity"], flush=True)
         save()
-    for name, plan in plans.items():
-        if name in rows or (wanted and name not in wanted):
+    order = [n for n in wanted if n in plans] if wanted else list(plans)  # --only also sets the order
+    for name in order:
+        plan = plans[name]
+        if name in rows:
             continue
         work = Path(tempfile.mkdtemp(prefix="losa-bench-"))
         try:
@@ -109,7 +112,7 @@ def main() -> None:
             rows[name] = {"name": name, "perplexity": perplexities(recovered, windows), "sparsity": result.global_sparsity,
                           "tokens_trained": result.tokens_trained, "wall_s": time.perf_counter() - started,
                           "loss": config.loss, "method": config.method, "adapter": config.adapter, "losa_commit": _commit(),
-                          "cpu": setup["environment"]["machine"]["cpu"],
+                          "cpu": setup["environment"]["machine"]["cpu"], "load_average_after": list(os.getloadavg()),
                           "stages": [{"target": s.target_sparsity, "sparsity": s.sparsity, "ranks": s.ranks, "steps": s.steps,
                                       "first_loss": s.losses[0] if s.losses else None,
                                       "last_loss": s.losses[-1] if s.losses else None} for s in result.stages]}
