@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=32)
-    parser.add_argument("--only", default="")
+    parser.add_argument("--only", default="", help="comma-separated row names: run only these, in this order")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -59,13 +59,13 @@ def main() -> None:
     plans = {
         "one-shot + masked LoRA (1 stage, uniform rank 10)": dict(stages=1, allocation="uniform", rank_allocation="uniform",
                                                                    mean_ranks=[10.0]),
-        "LoSA (5 stages, RMI rates, error ranks 6..10)": losa,
-        "LoSA, KD from the dense model": dict(losa, loss="kd"),
-        "LoSA, KD + CE": dict(losa, loss="kd+ce"),
-        "LoSA, SquareHead (KD + block features)": dict(losa, loss="squarehead"),
-        "LoSA on SparseGPT": dict(losa, method="sparsegpt"),
-        "LoSA with LoSiA subnets (ratio 1/8) instead of masked LoRA": dict(losa, adapter="losia"),
-        "LoSA with LoSiA subnets, KD": dict(losa, adapter="losia", loss="kd"),
+        "LoSA CE (5 stages; RMI rates; error ranks 6..10)": losa,
+        "LoSA KD (dense teacher)": dict(losa, loss="kd"),
+        "LoSA KD+CE": dict(losa, loss="kd+ce"),
+        "LoSA SquareHead (KD + block features)": dict(losa, loss="squarehead"),
+        "LoSA CE on SparseGPT": dict(losa, method="sparsegpt"),
+        "LoSA CE with LoSiA subnets (ratio 1/8)": dict(losa, adapter="losia"),
+        "LoSA KD with LoSiA subnets (ratio 1/8)": dict(losa, adapter="losia", loss="kd"),
     }
     loaded = load_model("smollm2-135m")
     windows = eval_windows(loaded.tokenizer, 512, args.eval_windows)
