@@ -57,7 +57,7 @@ def main() -> None:
                   response_only=False)
     losa = dict(stages=5, allocation="rmi", rank_allocation="error")
     plans = {
-        "one-shot + masked LoRA (1 stage, uniform rank 10)": dict(stages=1, allocation="uniform", rank_allocation="uniform",
+        "one-shot + masked LoRA (1 stage; uniform rank 10)": dict(stages=1, allocation="uniform", rank_allocation="uniform",
                                                                    mean_ranks=[10.0]),
         "LoSA CE (5 stages; RMI rates; error ranks 6..10)": losa,
         "LoSA KD (dense teacher)": dict(losa, loss="kd"),
@@ -67,6 +67,7 @@ def main() -> None:
         "LoSA CE with LoSiA subnets (ratio 1/8)": dict(losa, adapter="losia"),
         "LoSA KD with LoSiA subnets (ratio 1/8)": dict(losa, adapter="losia", loss="kd"),
     }
+    commit = _commit()  # the code every row of this run is measured with
     loaded = load_model("smollm2-135m")
     windows = eval_windows(loaded.tokenizer, 512, args.eval_windows)
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -111,7 +112,7 @@ def main() -> None:
             recovered = load_model(str(work / "out")).model
             rows[name] = {"name": name, "perplexity": perplexities(recovered, windows), "sparsity": result.global_sparsity,
                           "tokens_trained": result.tokens_trained, "wall_s": time.perf_counter() - started,
-                          "loss": config.loss, "method": config.method, "adapter": config.adapter, "losa_commit": _commit(),
+                          "loss": config.loss, "method": config.method, "adapter": config.adapter, "losa_commit": commit,
                           "cpu": setup["environment"]["machine"]["cpu"], "load_average_after": list(os.getloadavg()),
                           "stages": [{"target": s.target_sparsity, "sparsity": s.sparsity, "ranks": s.ranks, "steps": s.steps,
                                       "first_loss": s.losses[0] if s.losses else None,
