@@ -143,7 +143,7 @@ def prune(
     delta: Annotated[Optional[float], typer.Option(help="RMI: max deviation from --sparsity (default by band).")] = None,
     beta: Annotated[Optional[float], typer.Option(help="RMI: importance temperature (default 1 Wanda, 100 SparseGPT).")] = None,
     rmi_samples: Annotated[int, typer.Option("--rmi-samples", help="RMI: calibration windows used for similarity.")] = PruneConfig.rmi_samples,
-    owl_lambda: Annotated[float, typer.Option("--owl-lambda", help="OWL: max deviation from --sparsity.")] = PruneConfig.owl_lambda,
+    owl_lambda: Annotated[float, typer.Option("--owl-lambda", help="OWL: rates span 2 x lambda around --sparsity.")] = PruneConfig.owl_lambda,
     owl_m: Annotated[float, typer.Option("--owl-m", help="OWL: outlier threshold, multiple of the mean score.")] = PruneConfig.owl_m,
     calib: Annotated[str, typer.Option(help="Calibration text: .txt, .jsonl, saved dataset folder, or c4/wikitext2.")] = CalibrationConfig.calib,
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = CalibrationConfig.nsamples,
