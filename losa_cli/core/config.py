@@ -19,6 +19,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ALLOCATIONS = ("uniform", "rmi", "owl")
 OWL_LAMBDA = 0.08  # OWL's published defaults: rates span 2 x lambda around s, outliers above M x mean
 OWL_M = 5.0
+SAMPLINGS = ("stream", "document")  # calibration windows: from the joined text, or one per document (Wanda/SparseGPT)
 
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> list[str]:
@@ -54,9 +55,10 @@ class CalibrationConfig:
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
+    sampling: str = "stream"
 
     def problems(self) -> list[str]:
-        found = []
+        found = _check_choice("--sampling", self.sampling, SAMPLINGS)
         if self.nsamples < 1:
             found.append(f"--nsamples must be at least 1, got {self.nsamples}")
         if self.seqlen < 2:

@@ -78,7 +78,8 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
     warnings: list[str] = []
     needs_data = config.method != "magnitude" or config.allocation != "uniform"
     calib = config.calibration
-    windows = (calibration_windows(loaded.model, loaded.tokenizer, calib.calib, calib.nsamples, calib.seqlen, calib.seed, warnings)
+    windows = (calibration_windows(loaded.model, loaded.tokenizer, calib.calib, calib.nsamples, calib.seqlen, calib.seed,
+                                   warnings, calib.sampling)
                if needs_data else None)
     allocation = block_rates(config, loaded, windows, device, progress)
     rates = allocation.rates
