@@ -81,14 +81,37 @@ def test_default_delta_bands():
     assert default_delta(0.95) == pytest.approx(0.025)
 
 
+def _published_owl(ratios, sparsity, lam):
+    """OWL's rule as its paper's code writes it, independently of rmi.py: ratios rescaled onto
+    [0, 2 lam], density = rescaled - mean + (1 - sparsity), rate = 1 - density."""
+    low, high = min(ratios), max(ratios)
+    rescaled = [(r - low) * (1 / (high - low)) * lam * 2 for r in ratios]
+    mean = sum(rescaled) / len(rescaled)
+    return [1 - (v - mean + (1 - sparsity)) for v in rescaled]
+
+
 def test_owl_outlier_ratio_and_rates():
     scores = [torch.tensor([1.0] * 98 + [100.0, 100.0])]
     assert outlier_ratio(scores, 5.0) == pytest.approx(0.02)
-    ratios = [0.01, 0.05, 0.02, 0.08, 0.03]
-    rates = owl_rates(ratios, 0.7, 0.08)
-    assert sum(rates) / 5 == pytest.approx(0.7, abs=1e-12)
-    assert all(0.62 - 1e-12 <= r <= 0.78 + 1e-12 for r in rates)
+    # one outlier block among five: by hand 0.7 - 0.16 + 0.16 / 5 = 0.572, the others 0.7 + 0.032
+    rates = owl_rates([0.01, 0.01, 0.01, 0.01, 0.09], 0.7, 0.08)
+    assert rates == pytest.approx([0.732] * 4 + [0.572], abs=1e-12)
+    for ratios in ([0.01, 0.01, 0.01, 0.01, 0.09], [0.01, 0.05, 0.02, 0.08, 0.03], [0.3] + [0.1 * i for i in range(29)]):
+        rates = owl_rates(ratios, 0.7, 0.08)
+        assert rates == pytest.approx(_published_owl(ratios, 0.7, 0.08), abs=1e-12)
+        assert abs(sum(rates) / len(rates) - 0.7) < 1e-15  # the mean is kept exactly
+        assert max(rates) - min(rates) == pytest.approx(0.16, abs=1e-12)  # the span is 2 lambda
+    rates = owl_rates([0.01, 0.05, 0.02, 0.08, 0.03], 0.7, 0.08)
     assert int(torch.tensor(rates).argmin()) == 3 and int(torch.tensor(rates).argmax()) == 0  # outliers keep weights
+    assert owl_rates([0.02] * 4, 0.6, 0.08) == [0.6] * 4
+
+
+def test_owl_rates_scale_down_only_below_zero():
+    """Recover's first stages ask for targets below 2 lambda: deviations shrink so none is negative."""
+    ratios = [0.01, 0.01, 0.01, 0.01, 0.09]
+    rates = owl_rates(ratios, 0.1, 0.08)
+    assert min(rates) == pytest.approx(0.0, abs=1e-15) and min(rates) >= 0.0
+    assert sum(rates) / 5 == pytest.approx(0.1, abs=1e-15) and int(torch.tensor(rates).argmin()) == 4
 
 
 def _prune(model, out, calib, *extra):
@@ -148,7 +171,9 @@ def test_inspect_on_unpruned_model_and_plot_exists(tiny_models, tmp_path):
     (["--pattern", "2:4", "--allocation", "rmi"], "cannot be combined"),
     (["--allocation", "best"], "--allocation 'best' is unknown"),
     (["--allocation", "rmi", "--delta", "0.6"], "--delta must be in (0, 0.5)"),
-    (["--allocation", "owl", "--sparsity", "0.95"], "--owl-lambda must be in"),
+    (["--allocation", "owl", "--sparsity", "0.95"], "--owl-lambda must be positive with"),
+    (["--allocation", "owl", "--sparsity", "0.9"], "--owl-lambda must be positive with"),  # 0.9 + 2 x 0.08 >= 1
+    (["--allocation", "owl", "--sparsity", "0.1"], "--owl-lambda must be positive with"),  # a rate would be < 0
 ])
 def test_allocation_bad_input(tiny_llama_6, calib_file, tmp_path, extra, message):
     result = _prune(tiny_llama_6, tmp_path / "out", calib_file, *extra)

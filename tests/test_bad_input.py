@@ -14,7 +14,6 @@ import hashlib
 import json
 import shutil
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,9 +282,7 @@ def test_bad_input_one_line_nothing_written(case: Case, shared, tmp_path, no_net
     monkeypatch.chdir(tmp_path)  # a recipe's relative paths, and anything written by mistake, stay here
     args = case[1](ctx)
     before = tree_digest(model, ctx.inp)
-    started = time.perf_counter()
     result = runner.invoke(app, args)
-    elapsed = time.perf_counter() - started
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     # exit code 1 is CliRunner's for an exception that escaped the CLI
     assert result.exit_code not in (0, 1), (result.exit_code, result.output, result.exception)
@@ -294,7 +291,6 @@ def test_bad_input_one_line_nothing_written(case: Case, shared, tmp_path, no_net
     assert tree_digest(model, ctx.inp) == before, "an input was modified"
     written = [p.name for p in tmp_path.iterdir() if p.name != "in"]
     assert written == [], f"written: {written}"
-    assert elapsed < 20, f"took {elapsed:.1f} s"
 
 
 # --- offline: local paths never touch the network; Hub names fail fast -----------------------
@@ -327,9 +323,9 @@ def test_hub_names_fail_fast_without_network(args, shared, tmp_path, connections
     model, calib = shared
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(variable, raising=False)
-    started = time.perf_counter()
     result = runner.invoke(app, [a.format(model=model, calib=calib, out=tmp_path / "out") for a in args])
-    assert time.perf_counter() - started < 10, "a Hub name without network must fail in seconds, not retry"
+    # fails fast: one probe of the Hub, no retries by the Hub libraries (no wall-clock bound in tests)
+    assert len(connections) == 1, connections
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and "cannot be reached" in lines[0], result.output
     assert "a model folder" in lines[0] or "a local .txt/.jsonl file" in lines[0]

@@ -164,6 +164,23 @@ def test_error_calibration_too_short(tiny_models, tmp_path):
     assert_clean_error(result, "windows of 32 tokens, fewer than the 4 asked for", tmp_path / "out")
 
 
+@pytest.mark.parametrize("sampling", ["stream", "document"])
+def test_sampling_is_used_and_recorded_in_the_manifest(tiny_models, tmp_path, calib_file, sampling):
+    """--sampling picks the calibration windows (different masks) and lands in the manifest."""
+    result = prune(tiny_models["llama"], tmp_path / sampling, "--sampling", sampling, calib=calib_file)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / sampling / "losa_manifest.json").read_text())
+    assert manifest["settings"]["calibration"]["sampling"] == sampling
+    other = "document" if sampling == "stream" else "stream"
+    again = prune(tiny_models["llama"], tmp_path / other, "--sampling", other, calib=calib_file)
+    assert json.loads(again.stdout)["mask_checksum"] != json.loads(result.stdout)["mask_checksum"]
+
+
+def test_error_bad_sampling(tiny_models, tmp_path, calib_file):
+    result = prune(tiny_models["llama"], tmp_path / "out", "--sampling", "random", calib=calib_file)
+    assert_clean_error(result, "--sampling 'random' is unknown; choose one of stream, document", tmp_path / "out")
+
+
 def test_error_output_exists_then_force(tiny_models, tmp_path, calib_file):
     out = tmp_path / "out"
     out.mkdir()

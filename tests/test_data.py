@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from losa_cli.core.data import bos_token_to_prepend, consecutive_windows, read_documents, sample_windows
+from losa_cli.core.data import bos_token_to_prepend, consecutive_windows, document_windows, read_documents, sample_windows
 from losa_cli.core.errors import DataError
 
-from conftest import tiny_tokenizer
+from conftest import synthetic_text, tiny_tokenizer
 
 
 def test_txt_blank_line_documents(tmp_path):
@@ -74,3 +74,38 @@ def test_bos_prepended_when_tokenizer_adds_it():
     assert windows.shape == (5, 5)
     assert (windows[:, 0] == 1).all() and windows[0, 1:].tolist() == [10, 11, 12, 13]
     assert consecutive_windows(torch.arange(20), 5, 2, bos=None).tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+
+
+def _reference_c4_windows(tokenizer, documents, nsamples, seqlen, seed):
+    """The calibration loop of the Wanda / SparseGPT ``get_c4``, re-implemented here as they
+    write it (global ``random``, each picked document tokenised alone)."""
+    import random
+
+    random.seed(seed)
+    windows = []
+    for _ in range(nsamples):
+        while True:
+            i = random.randint(0, len(documents) - 1)
+            encoded = tokenizer(documents[i], return_tensors="pt")
+            if encoded.input_ids.shape[1] > seqlen:
+                break
+        i = random.randint(0, encoded.input_ids.shape[1] - seqlen - 1)
+        windows.append(encoded.input_ids[:, i : i + seqlen])
+    return torch.cat(windows)
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_document_windows_are_the_reference_loaders_windows(add_bos):
+    tokenizer = tiny_tokenizer(add_bos)
+    # documents of 3 to 60 words: many are shorter than a window and must be skipped as theirs are
+    documents = [synthetic_text(1, 3 + (7 * i) % 58, seed=i).strip() for i in range(40)]
+    for seed in (0, 1, 7):
+        ours = document_windows(tokenizer, documents, 12, 48, seed, "docs")
+        assert torch.equal(ours, _reference_c4_windows(tokenizer, documents, 12, 48, seed)), seed
+    assert not torch.equal(document_windows(tokenizer, documents, 12, 48, 0, "d"), document_windows(tokenizer, documents, 12, 48, 1, "d"))
+
+
+def test_document_windows_need_one_document_longer_than_a_window():
+    tokenizer = tiny_tokenizer(False)
+    with pytest.raises(DataError, match="no document of docs is longer than 500 tokens"):
+        document_windows(tokenizer, [synthetic_text(1, 20, seed=i) for i in range(5)], 4, 500, 0, "docs")

@@ -149,6 +149,17 @@ def test_recipe_problems_are_reported_together_before_any_work(tiny_llama_6, cal
     assert not out.exists()  # nothing was run or written
 
 
+def test_recipe_calibration_sampling_reaches_prune_and_recover(tiny_llama_6, calib_file, eval_file, tmp_path):
+    from losa_cli.run.recipe import plan_stages
+
+    recipe = tiny_recipe(tiny_llama_6, calib_file, eval_file)
+    recipe["prune"]["sampling"] = "document"
+    recipe["recover"]["sampling"] = "document"
+    plans = {plan.name: plan for plan in plan_stages(load_recipe(str(write_recipe(tmp_path / "r.yaml", recipe))), tmp_path)}
+    assert plans["prune"].config.calibration.sampling == "document"
+    assert plans["recover"].config.calibration.sampling == "document"
+
+
 def test_overrides_and_yaml_values():
     recipe = load_recipe(None, ["prune.pattern=2:4", "prune.calib=c4", "recover.pattern=2:4", "recover.sparsity=0.5",
                                 "recover.lr=1e-3", "bench=null", "recover.mean_ranks=[4, 5, 6, 7, 8]"])

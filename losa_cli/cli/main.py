@@ -128,6 +128,8 @@ def _warn(warnings: list[str]) -> None:
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model folder, .gguf file, Hub id, or smollm2-135m.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+SAMPLING_HELP = ("Calibration windows: stream (from the documents joined by blank lines) | document "
+                 "(one random window of a random document longer than --seqlen, as the Wanda/SparseGPT loaders).")
 
 
 @app.command()
@@ -143,12 +145,13 @@ def prune(
     delta: Annotated[Optional[float], typer.Option(help="RMI: max deviation from --sparsity (default by band).")] = None,
     beta: Annotated[Optional[float], typer.Option(help="RMI: importance temperature (default 1 Wanda, 100 SparseGPT).")] = None,
     rmi_samples: Annotated[int, typer.Option("--rmi-samples", help="RMI: calibration windows used for similarity.")] = PruneConfig.rmi_samples,
-    owl_lambda: Annotated[float, typer.Option("--owl-lambda", help="OWL: max deviation from --sparsity.")] = PruneConfig.owl_lambda,
+    owl_lambda: Annotated[float, typer.Option("--owl-lambda", help="OWL: rates span 2 x lambda around --sparsity.")] = PruneConfig.owl_lambda,
     owl_m: Annotated[float, typer.Option("--owl-m", help="OWL: outlier threshold, multiple of the mean score.")] = PruneConfig.owl_m,
     calib: Annotated[str, typer.Option(help="Calibration text: .txt, .jsonl or saved dataset folder (c4/wikitext2: from the Hub).")] = CalibrationConfig.calib,
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = CalibrationConfig.nsamples,
     seqlen: Annotated[int, typer.Option(help="Tokens per window (clipped to the model's context).")] = CalibrationConfig.seqlen,
     seed: Annotated[int, typer.Option(help="Seed for sampling the windows.")] = CalibrationConfig.seed,
+    sampling: Annotated[str, typer.Option(help=SAMPLING_HELP)] = CalibrationConfig.sampling,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = PruneConfig.device,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 (statistics are fp32 always).")] = PruneConfig.dtype,
     damp: Annotated[float, typer.Option(help="SparseGPT damping, fraction of mean(diag H).")] = PruneConfig.damp,
@@ -163,7 +166,7 @@ def prune(
     config = PruneConfig(
         model=model, out=out, method=method, sparsity=sparsity, pattern=pattern, per_layer=per_layer,
         allocation=allocation, delta=delta, beta=beta, rmi_samples=rmi_samples, owl_lambda=owl_lambda, owl_m=owl_m,
-        calibration=CalibrationConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed),
+        calibration=CalibrationConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling),
         device=device, dtype=dtype, damp=damp, blocksize=blocksize, force=force, trust_remote_code=trust_remote_code,
     )
     result = _execute(run_prune, config, as_json)
@@ -302,6 +305,7 @@ def recover(
     calib: Annotated[str, typer.Option(help="Calibration text for pruning: .txt, .jsonl or saved dataset folder (c4/wikitext2: from the Hub).")] = CalibrationConfig.calib,
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = CalibrationConfig.nsamples,
     seqlen: Annotated[int, typer.Option(help="Calibration window length.")] = CalibrationConfig.seqlen,
+    sampling: Annotated[str, typer.Option(help=SAMPLING_HELP)] = CalibrationConfig.sampling,
     error_samples: Annotated[int, typer.Option("--error-samples", help="Windows for reconstruction error.")] = RecoverConfig.error_samples,
     rmi_samples: Annotated[int, typer.Option("--rmi-samples")] = RecoverConfig.rmi_samples,
     max_length: Annotated[int, typer.Option("--max-length", help="Fine-tuning sequence length.")] = RecoverConfig.max_length,
@@ -334,7 +338,8 @@ def recover(
         mean_ranks=_numbers(mean_ranks, float, "--mean-ranks"), rank_allocation=rank_allocation, rank_min=rank_min,
         rank_max=rank_max, alpha=alpha, dropout=dropout, fused=fused, adapter=adapter, losia_ratio=losia_ratio,
         losia_period=losia_period, error_samples=error_samples,
-        calibration=CalibrationConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed), max_length=max_length,
+        calibration=CalibrationConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling),
+        max_length=max_length,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, warmup=warmup,
         response_only=response_only, reset_optimizer=reset_optimizer, dtype=dtype, device=device,
         checkpoint_every=checkpoint_every, resume=resume, force=force, trust_remote_code=trust_remote_code,

@@ -18,11 +18,12 @@ METHODS = ("wanda", "sparsegpt", "magnitude")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 ALLOCATIONS = ("uniform", "rmi", "owl")
-OWL_LAMBDA = 0.08  # OWL's published defaults: rates within s +- lambda, outliers above M x mean
+OWL_LAMBDA = 0.08  # OWL's published defaults: rates span 2 x lambda around s, outliers above M x mean
 OWL_M = 5.0
 RECOVER_LOSSES = ("ce", "kd", "kd+ce", "squarehead")  # see recover/losses.py
 RECOVER_ADAPTERS = ("masked-lora", "losia")  # see recover/masked_lora.py, recover/subnet.py
 RECOVER_SPARSITY = 0.7  # losa recover's target when neither --sparsity nor --pattern is given
+SAMPLINGS = ("stream", "document")  # calibration windows: from the joined text, or one per document (Wanda/SparseGPT)
 
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> list[str]:
@@ -58,9 +59,10 @@ class CalibrationConfig:
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
+    sampling: str = "stream"
 
     def problems(self, needs_data: bool = True) -> list[str]:
-        found = []
+        found = _check_choice("--sampling", self.sampling, SAMPLINGS)
         if needs_data and not self.calib:
             found.append(f"--calib is required: {LOCAL_DATA}; --calib c4 or wikitext2 downloads from the Hub")
         if not 0 <= self.seed < 2**32:
@@ -130,8 +132,9 @@ class PruneConfig:
             found.append(f"--beta must be positive, got {self.beta}")
         if self.rmi_samples < 2:
             found.append(f"--rmi-samples must be at least 2 (similarity needs several sequences), got {self.rmi_samples}")
-        if self.allocation == "owl" and (not 0.0 < self.owl_lambda < 0.5 or self.sparsity + self.owl_lambda >= 1.0):
-            found.append(f"--owl-lambda must be in (0, 0.5) with sparsity + lambda below 1, got {self.owl_lambda}")
+        if self.allocation == "owl" and not (0.0 < self.owl_lambda and 2 * self.owl_lambda <= self.sparsity < 1.0 - 2 * self.owl_lambda):
+            found.append(f"--owl-lambda must be positive with 2 x lambda <= sparsity < 1 - 2 x lambda "
+                         f"(OWL's rates lie within sparsity +- 2 x lambda), got {self.owl_lambda}")
         if self.owl_m <= 0:
             found.append(f"--owl-m must be positive, got {self.owl_m}")
         found += _check_choice("--device", self.device, DEVICES)

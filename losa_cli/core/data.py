@@ -4,12 +4,14 @@ Accepted sources: a ``.txt`` file (documents separated by blank lines, or one pe
 file has no blank lines), a ``.jsonl`` file (a ``text`` field, or Alpaca-style instruction
 records), a folder saved with ``datasets.save_to_disk``, or the Hub names ``c4`` / ``wikitext2``
 when online.  Documents are joined with a blank line and tokenised once, as the perplexity
-protocol prescribes; windows are cut from that one token stream.
+protocol prescribes; windows are cut from that one token stream.  Calibration can instead draw
+each window from one document (``document_windows``), as the Wanda / SparseGPT loaders do.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -173,6 +175,36 @@ def sample_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, 
     starts = offset + chosen * body
     windows = torch.stack([stream[s : s + body] for s in starts.tolist()])
     return _with_bos(windows, bos)
+
+
+def document_windows(tokenizer, documents: list[str], nsamples: int, seqlen: int, seed: int, source: str) -> torch.Tensor:
+    """``nsamples`` windows drawn as the Wanda / SparseGPT C4 loaders draw them, so that a paper's
+    protocol can be reproduced window for window.
+
+    A ``random.Random(seed)`` (the same sequence as their ``random.seed(seed)``) picks a document
+    with ``randint(0, len - 1)`` until one has more than ``seqlen`` tokens, then a start with
+    ``randint(0, tokens - seqlen - 1)``.  Each document is tokenised alone with the tokenizer's
+    defaults, so a BOS token is part of the text (at its start) exactly where theirs is; none is
+    prepended.  Windows may repeat or overlap, as theirs may.
+    """
+    rng = random.Random(seed)
+    tokens: dict[int, list[int]] = {}
+    longest = 0
+    windows = []
+    for _ in range(nsamples):
+        while True:
+            index = rng.randint(0, len(documents) - 1)
+            if index not in tokens:
+                tokens[index] = tokenizer(documents[index]).input_ids
+                longest = max(longest, len(tokens[index]))
+            if len(tokens[index]) > seqlen:
+                break
+            if len(tokens) == len(documents) and longest <= seqlen:
+                raise DataError(f"no document of {source} is longer than {seqlen} tokens (the longest has {longest}); "
+                                "lower --seqlen or use --sampling stream")
+        start = rng.randint(0, len(tokens[index]) - seqlen - 1)
+        windows.append(tokens[index][start : start + seqlen])
+    return torch.tensor(windows, dtype=torch.long)
 
 
 def consecutive_windows(stream: torch.Tensor, seqlen: int, max_windows: int | None, bos: int | None) -> torch.Tensor:

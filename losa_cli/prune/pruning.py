@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..core.sequential import ProgressFn, sequential_blocks
-from ..core.data import bos_token_to_prepend, read_documents, sample_windows, token_stream
+from ..core.data import bos_token_to_prepend, document_windows, read_documents, sample_windows, token_stream
 from ..core.errors import ConfigError, NumericalError
 from .masks import layerwise_mask, nm_mask, parse_nm, rowwise_mask, satisfies_nm
 from ..core.modeling import clip_seqlen, find_blocks, find_linears
@@ -48,9 +48,12 @@ def check_nm_widths(model: nn.Module, pattern: str) -> None:
 
 
 def calibration_windows(model: nn.Module, tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
-                        warnings: list[str]) -> torch.Tensor:
-    """Sample calibration windows, clipping ``seqlen`` to the model's context (with a warning)."""
+                        warnings: list[str], sampling: str = "stream") -> torch.Tensor:
+    """Sample calibration windows (``sampling``: "stream" or "document", see ``core/data.py``),
+    clipping ``seqlen`` to the model's context (with a warning)."""
     seqlen = clip_seqlen(model, seqlen, warnings)
+    if sampling == "document":
+        return document_windows(tokenizer, read_documents(source), nsamples, seqlen, seed, source)
     stream = token_stream(tokenizer, read_documents(source))
     return sample_windows(stream, nsamples, seqlen, seed, bos_token_to_prepend(tokenizer), source)
 

@@ -7,7 +7,7 @@ sequence per row.  K_l = X_l X_l^T is formed once per block (n x n, fp64), centr
 L x L similarity matrix.  Blocks similar to many others are redundant and get more sparsity.
 
 OWL (Yin et al., 2024): the fraction of a block's Wanda scores |W| * |X| above M x their mean;
-blocks with many outliers keep more weights.
+blocks with many outliers keep more weights (the published linear rule, ``owl_rates``).
 """
 
 from __future__ import annotations
@@ -113,24 +113,25 @@ def outlier_ratio(scores: list[torch.Tensor], multiple: float = OWL_M) -> float:
 
 
 def owl_rates(ratios: list[float], sparsity: float, lam: float = OWL_LAMBDA) -> list[float]:
-    """OWL: s_l = s - lam * (2 z_l - 1) + c with z_l the min-max normalised outlier ratio,
-    clipped to [s - lam, s + lam], and the shift c found by bisection so the mean is exactly s."""
+    """OWL's published rule (Yin et al., the authors' code): rescale the outlier ratios linearly
+    onto [0, 2 lam] (z_l), give block l the density 1 - s + z_l - mean(z), i.e. the rate
+    s_l = s - (z_l - mean(z)).  The mean is s exactly, rates span 2 lam, and the block richest in
+    outliers keeps the most weights.  No clipping and no shift: that is what the paper does.
+
+    Rates lie within s +- 2 lam; ``losa prune`` checks that this fits in [0, 1).  Only where it
+    cannot (recover's early stages, whose targets lie below 2 lam) are the deviations scaled down
+    uniformly so that no rate falls below 0 -- the mean and the order stay as published.
+    """
     values = torch.tensor(ratios, dtype=torch.float64)
     spread = values.max() - values.min()
-    z = (values - values.min()) / spread if spread > 0 else torch.full_like(values, 0.5)
-    base = sparsity - lam * (2 * z - 1)
-    lower, upper = max(0.0, sparsity - lam), min(sparsity + lam, math.nextafter(1.0, 0.0))
-
-    def rates_for(shift: float) -> torch.Tensor:
-        return (base + shift).clamp(lower, upper)
-
-    low, high = -2 * lam, 2 * lam
-    for _ in range(200):
-        mid = (low + high) / 2
-        if float(rates_for(mid).mean()) < sparsity:
-            low = mid
-        else:
-            high = mid
-    rates = rates_for((low + high) / 2)
-    rates += sparsity - rates.mean()  # remove the last ~1e-16 of bisection error
-    return [float(r) for r in rates]
+    if spread <= 0:
+        return [float(sparsity)] * len(ratios)
+    z = (values - values.min()) / spread * (2 * lam)
+    deviation = z - z.mean()
+    scale = 1.0
+    if sparsity - float(deviation.max()) < 0:
+        scale = sparsity / float(deviation.max())
+    top = math.nextafter(1.0, 0.0)
+    if sparsity - float(deviation.min()) > top:
+        scale = min(scale, (top - sparsity) / -float(deviation.min()))
+    return [float(sparsity - scale * d) for d in deviation]

@@ -77,7 +77,8 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
         check_nm_widths(loaded.model, config.pattern)
     warnings: list[str] = []
     calib = config.calibration
-    windows = (calibration_windows(loaded.model, loaded.tokenizer, calib.calib, calib.nsamples, calib.seqlen, calib.seed, warnings)
+    windows = (calibration_windows(loaded.model, loaded.tokenizer, calib.calib, calib.nsamples, calib.seqlen, calib.seed,
+                                   warnings, calib.sampling)
                if config.needs_calibration else None)
     allocation = block_rates(config, loaded, windows, device, progress)
     rates = allocation.rates

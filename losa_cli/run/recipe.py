@@ -3,7 +3,7 @@
 A recipe has top-level keys ``model``, ``seed``, ``device``, ``trust_remote_code`` and one
 section per stage: ``prune``, ``recover``, ``export``, ``bench``, ``eval``.  A section that is
 absent or ``null`` is not run.  A section's keys are the field names of that stage's config
-dataclass (``config.py``); the calibration fields ``calib``, ``nsamples``, ``seqlen`` are given
+dataclass (``config.py``); the calibration fields ``calib``, ``nsamples``, ``seqlen``, ``sampling`` are given
 flat in ``prune`` / ``recover``.  What ``losa run`` sets itself (inputs, outputs, ``force``)
 is refused with the reason.  Overrides ``section.key=value`` (``recover.total_steps=40``,
 ``prune=null``, ``model=some/folder``) are applied on top, the value read as YAML.
@@ -43,7 +43,7 @@ from ..core.errors import ConfigError
 SECTIONS = ("prune", "recover", "export", "bench", "eval")
 CONFIG_CLASSES = {"prune": PruneConfig, "recover": RecoverConfig, "export": ExportConfig, "bench": BenchConfig,
                   "eval": EvalConfig}
-CALIBRATION_KEYS = ("calib", "nsamples", "seqlen")  # flat in prune / recover, mapped to CalibrationConfig
+CALIBRATION_KEYS = ("calib", "nsamples", "seqlen", "sampling")  # flat in prune / recover, mapped to CalibrationConfig
 TOP_LEVEL = {"model": str, "seed": int, "device": str, "trust_remote_code": bool}
 DEFAULT_OUT = "runs/losa-run"
 
@@ -56,8 +56,8 @@ _MANAGED_ALL = {
     "trust_remote_code": "set trust_remote_code at the top level",
 }
 _MANAGED = {
-    "prune": {"calibration": "give calib, nsamples and seqlen flat in the section", "seed": "set seed at the top level"},
-    "recover": {"calibration": "give calib, nsamples and seqlen flat in the section", "seed": "set seed at the top level",
+    "prune": {"calibration": "give calib, nsamples, seqlen and sampling flat in the section", "seed": "set seed at the top level"},
+    "recover": {"calibration": "give calib, nsamples, seqlen and sampling flat in the section", "seed": "set seed at the top level",
                 "resume": "losa run resumes an interrupted recover stage by itself; --restart starts over"},
     "bench": {"dense_baseline": "losa run exports the dense input model as the baseline (dense-export stage)",
               "report": "the speed chart is written to OUT/bench/speed.png"},
