@@ -31,6 +31,16 @@ def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> list[str
     return [] if value in choices else [f"{option} {value!r} is unknown; choose one of {', '.join(choices)}"]
 
 
+def _sparsegpt_problems(damp: float, blocksize: int) -> list[str]:
+    """SparseGPT's settings, shared by prune and recover."""
+    found = []
+    if not 0.0 < damp <= 1.0:
+        found.append(f"--damp must be in (0, 1], got {damp}")
+    if blocksize < 1:
+        found.append(f"--blocksize must be positive, got {blocksize}")
+    return found
+
+
 def parse_nm(pattern: str) -> tuple[int, int]:
     """Parse ``"N:M"`` (zero N weights in every group of M consecutive inputs); ``ValueError``
     carries a message the CLI shows as is."""
@@ -139,10 +149,7 @@ class PruneConfig:
             found.append(f"--owl-m must be positive, got {self.owl_m}")
         found += _check_choice("--device", self.device, DEVICES)
         found += _check_choice("--dtype", self.dtype, DTYPES)
-        if not 0.0 < self.damp <= 1.0:
-            found.append(f"--damp must be in (0, 1], got {self.damp}")
-        if self.blocksize < 1:
-            found.append(f"--blocksize must be positive, got {self.blocksize}")
+        found += _sparsegpt_problems(self.damp, self.blocksize)
         if found:
             raise ConfigError("; ".join(found))
 
@@ -270,10 +277,7 @@ class RecoverConfig:
             elif self.sparsity is not None and abs(self.sparsity - self.target_sparsity()) > 1e-9:
                 found.append(f"--sparsity {self.sparsity} contradicts --pattern {self.pattern} "
                              f"({self.target_sparsity():g} zeros): drop --sparsity, N:M sets it")
-        if not 0.0 < self.damp <= 1.0:
-            found.append(f"--damp must be in (0, 1], got {self.damp}")
-        if self.blocksize < 1:
-            found.append(f"--blocksize must be positive, got {self.blocksize}")
+        found += _sparsegpt_problems(self.damp, self.blocksize)
         found += _check_choice("--loss", self.loss, RECOVER_LOSSES)
         if not 0.0 < self.kd_temperature <= 100.0:
             found.append(f"--kd-temperature must be in (0, 100], got {self.kd_temperature}")
