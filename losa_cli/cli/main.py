@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -79,9 +80,14 @@ def handled(command: Callable[..., None]) -> Callable[..., None]:
 
 @contextmanager
 def progress_bars(enabled: bool = True) -> Iterator[Callable[..., None] | None]:
-    """A progress callback drawing one rich bar per task description on stderr."""
-    if not enabled or not stderr.is_terminal and os.environ.get("LOSA_PROGRESS") != "1":
+    """A progress callback: one rich bar per task description on a terminal, else plain lines on
+    stderr (each task at most every ``PLAIN_PROGRESS_S`` seconds, and when it completes), so a log
+    of a long run shows it is alive."""
+    if not enabled:
         yield None
+        return
+    if not stderr.is_terminal and os.environ.get("LOSA_PROGRESS") != "1":
+        yield _plain_progress()
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
@@ -94,6 +100,21 @@ def progress_bars(enabled: bool = True) -> Iterator[Callable[..., None] | None]:
             bars.update(tasks[description], completed=done, total=total, info=info)
 
         yield update
+
+
+PLAIN_PROGRESS_S = 20.0
+
+
+def _plain_progress() -> Callable[..., None]:
+    last: dict[str, float] = {}
+
+    def update(description: str, done: int, total: int, info: str = "") -> None:
+        now = time.monotonic()
+        if done >= total or now - last.get(description, -PLAIN_PROGRESS_S) >= PLAIN_PROGRESS_S:
+            last[description] = now
+            print(f"{description} {done}/{total} {info}".rstrip(), file=sys.stderr, flush=True)
+
+    return update
 
 
 def _is_main_process() -> bool:

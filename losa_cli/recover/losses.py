@@ -30,8 +30,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
             temperature: float = 1.0) -> torch.Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over positions where ``mask`` is set."""
     valid = mask.reshape(-1).bool()
-    s = student_logits.reshape(-1, student_logits.shape[-1])[valid].float() / temperature
-    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])[valid].float() / temperature
+    s = student_logits.reshape(-1, student_logits.shape[-1])
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    if not bool(valid.all()):  # unpadded text windows skip two vocab-wide copies (~200 MB per 1k tokens)
+        s, t = s[valid], t[valid]
+    s, t = s.float(), t.float()
+    if temperature != 1.0:
+        s, t = s / temperature, t / temperature
     kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="sum", log_target=True)
     return kl * temperature**2 / max(int(valid.sum()), 1)
 
