@@ -1,17 +1,22 @@
-"""Recovery quality on SmolLM2-135M at 70% unstructured sparsity (Wanda):
-one-shot pruned  vs  one-shot + masked LoRA (uniform rank, 1 stage)  vs  LoSA (5 stages, RMI rates,
-error-driven ranks) with CE, distillation from the dense model (KD, KD + CE, SquareHead) or SparseGPT
-pruning; every fine-tuned row with the same optimizer steps, batches and tokens, and its wall time.
+"""Recovery quality on SmolLM2-135M at 70% (or --sparsity) unstructured sparsity:
+one-shot Wanda / SparseGPT  vs  one-shot + masked LoRA (uniform rank, 1 stage)  vs  LoSA (5 stages,
+RMI rates, error-driven ranks) with CE, distillation from the dense model (KD, KD + CE, SquareHead),
+SparseGPT pruning, LoSiA-style subnets, or every kept weight trained (the ceiling); every
+fine-tuned row with the same optimizer steps, batches and tokens, and its wall time.
 
-Run (about 40 minutes on 2 cores):
-    python benchmarks/recover_quality.py --steps 80 --batch 4 --max-length 256
+Run one row at a time on a CPU (each LoSA row about 25 minutes on 2 cores at 64-80 steps):
+    python benchmarks/recover_quality.py --steps 80 --batch 4 --max-length 256 --only "ROW,ROW"
+The default recipe's recover stage, another seed:
+    python benchmarks/recover_quality.py --steps 64 --lr 3e-3 --data c4-sample.txt --seed 1 \
+        --out benchmarks/results/recover_quality_default_seed1.json --only "one-shot Wanda 70%,LoSA KD (dense teacher)"
 
 Calibration: ../shared/data/c4-sample.txt, 32 windows x 256 tokens (RMI on the same 32, reconstruction
-error on 8).  Fine-tuning: ../shared/data/natural-instructions.jsonl (Alpaca template, loss on all
-tokens: its responses are ~5 tokens after ~250-token prompts).  Evaluation: the same windows as benchmarks/prune_quality.py (first 32 x 512 tokens of
-wiki-sample.txt and enwiki-articles.txt).  fp32 on the CPU, seed 0.  The one-stage baseline gets
-the rank LoSA ends with (mean 10), so both merge adapters of the same size.  Writes
-benchmarks/results/recover_quality.json (finished rows are kept and skipped on re-run).
+error on 8).  Fine-tuning: --data (default natural-instructions.jsonl, Alpaca template, loss on all
+tokens: its responses are ~5 tokens after ~250-token prompts; or c4-sample.txt, plain text).
+Evaluation: the same windows as benchmarks/prune_quality.py (first 32 x 512 tokens of wiki-sample.txt
+and enwiki-articles.txt).  fp32; --device cuda measures quality per token on a GPU.  The one-stage
+baseline gets the rank LoSA ends with (mean 10), so both merge adapters of the same size.  Writes
+--out (finished rows are kept and skipped on re-run); --plot draws every results/recover_quality*.json.
 """
 
 from __future__ import annotations
@@ -94,7 +99,7 @@ def main() -> None:
              "pruning": "wanda unless a row names its method", "calibration": {"file": "c4-sample.txt", "nsamples": args.nsamples, "seqlen": args.seqlen},
              "fine_tuning": {"file": Path(data).name, "steps": args.steps, "batch": args.batch,
                              "max_length": args.max_length, "lr": args.lr,
-                             "loss": "all tokens (prompts are ~50x longer than responses)"},
+                             "loss": "all tokens" + (" (prompts are ~50x longer than responses)" if data.endswith(".jsonl") else "")},
              "evaluation": {name: {"windows": int(w.shape[0]), "seqlen": int(w.shape[1])} for name, w in windows.items()},
              "seed": args.seed, "dtype": "float32", "device": args.device, "environment": environment()}
     if args.device != "cpu" and torch.cuda.is_available():
@@ -185,7 +190,8 @@ def _runs(path: Path) -> list[dict]:
 
 
 def plot(paths: list[Path], png: Path) -> None:
-    """Wiki perplexity against training minutes (CPU rows) and against training tokens (GPU sweep)."""
+    """Left: wiki perplexity against wall minutes of the CPU rows.  Right: the GPU sweep at 70%,
+    perplexity against learning rate, one line per row kind, data and steps (seeds as points)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,36 +199,40 @@ def plot(paths: list[Path], png: Path) -> None:
 
     from losa_cli.core.plots import save_figure
 
-    fig, (cpu_ax, gpu_ax) = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, (cpu_ax, gpu_ax) = plt.subplots(1, 2, figsize=(14, 5.5))
     dense = None
+    series: dict[str, list[tuple[float, float]]] = {}
     for path in paths:
         for run in _runs(path):
             setup, tuning = run["setup"], run["setup"]["fine_tuning"]
             for row in run["rows"]:
                 wiki = row["perplexity"]["wiki-sample.txt"]
-                if row["name"] == "dense":
-                    dense = wiki
+                dense = wiki if row["name"] == "dense" else dense
                 if not row.get("tokens_trained") or setup["sparsity"] != 0.7:
                     continue
-                label = f"{row['name'][:38]} | {tuning['file'][:5]} lr {tuning['lr']:g} seed {setup['seed']}"
+                kind = f"{row['name'].split(' (5 stages')[0]} | {Path(tuning['file']).stem[:12]}"
                 if setup["device"] == "cpu":
-                    cpu_ax.scatter(row["wall_s"] / 60, wiki)
-                    cpu_ax.annotate(label, (row["wall_s"] / 60, wiki), fontsize=6)
+                    cpu_ax.scatter(row["wall_s"] / 60, wiki, label=f"{kind} | lr {tuning['lr']:g} | seed {setup['seed']}")
                 else:
-                    gpu_ax.scatter(row["tokens_trained"], wiki, s=14)
-                    gpu_ax.annotate(label, (row["tokens_trained"], wiki), fontsize=5)
+                    series.setdefault(f"{kind} | {tuning['steps']} steps", []).append((tuning["lr"], wiki))
+    for label, points in sorted(series.items()):
+        points.sort()
+        lrs = sorted({lr for lr, _ in points})
+        means = [sum(w for lr, w in points if lr == x) / sum(1 for lr, _ in points if lr == x) for x in lrs]
+        line = gpu_ax.plot(lrs, means, marker="o", label=label)[0]
+        gpu_ax.scatter([lr for lr, _ in points], [w for _, w in points], s=10, color=line.get_color())
     for ax in (cpu_ax, gpu_ax):
         ax.set_yscale("log")
-        ax.axhline(89, color="green", linestyle="--", linewidth=0.8, label="goal: 89 (90% of the gap closed)")
+        ax.axhline(89, color="green", linestyle="--", linewidth=0.8, label="goal 89 (90% of the gap)")
         if dense:
             ax.axhline(dense, color="black", linewidth=0.8, label=f"dense {dense:.1f}")
         ax.set_ylabel("wiki perplexity (32 x 512 tokens)")
-        ax.legend(fontsize=7, loc="upper right")
-    cpu_ax.set_xlabel("wall minutes of losa recover on 2 CPU cores (prune stages included)")
-    cpu_ax.set_title("CPU: SmolLM2-135M, 70% Wanda, LoSA")
+        ax.legend(fontsize=6, loc="upper right")
+    cpu_ax.set_xlabel("wall minutes of the recover stage, 2 CPU cores (pruning passes included)")
+    cpu_ax.set_title("CPU rows, SmolLM2-135M at 70%")
     gpu_ax.set_xscale("log")
-    gpu_ax.set_xlabel("training tokens")
-    gpu_ax.set_title("H200 sweep: quality per token (same code, fp32)")
+    gpu_ax.set_xlabel("learning rate")
+    gpu_ax.set_title("GPU sweep at 70%: quality per token (mean over seeds; points = seeds)")
     save_figure(fig, png)
     print(f"wrote {png}")
 

@@ -231,3 +231,13 @@ def test_seqlen_clipped_to_context_with_warning(tiny_models, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["seqlen"] == 256
     assert "exceeds the model's context 256" in result.stderr
+
+
+def test_progress_off_a_terminal_is_plain_lines(tiny_models, calib_file, tmp_path):
+    """CliRunner is not a terminal: progress comes as plain lines on stderr, never bars."""
+    result = runner.invoke(app, ["prune", "--model", str(tiny_models["llama"]), "--out", str(tmp_path / "out"),
+                                 "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "32", "--sparsity", "0.5"])
+    assert result.exit_code == 0, result.output
+    blocks = len(find_blocks(load_model(str(tiny_models["llama"])).model))
+    assert f"blocks {blocks}/{blocks}" in result.stderr.splitlines(), result.stderr
+    assert "\x1b[" not in result.stderr
