@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common import SHARED_DATA, environment, eval_windows, perplexities, write_json
-from losa_cli.core.config import SAMPLINGS
+from losa_cli.core.config import SAMPLINGS, CalibrationConfig
 from losa_cli.core.modeling import find_blocks, load_model, sparsity_report
 from losa_cli.prune.pruning import Criterion, calibration_windows, prune_blocks
 
@@ -67,8 +67,9 @@ def main() -> None:
                 continue
             loaded.model.load_state_dict(dense_state)
             started = time.perf_counter()
-            calib = calibration_windows(loaded.model, loaded.tokenizer, calib_path, args.nsamples, args.seqlen, seed, [],
-                                        sampling)
+            calibration = CalibrationConfig(calib=calib_path, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed,
+                                            sampling=sampling)
+            calib = calibration_windows(loaded.model, loaded.tokenizer, calibration, [])
             prune_blocks(loaded.model, criterion, [args.sparsity] * blocks, calib, torch.device("cpu"))
             prune_s = time.perf_counter() - started
             _, _, global_sparsity, checksum = sparsity_report(loaded.model)

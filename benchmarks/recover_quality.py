@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -119,8 +120,7 @@ def main() -> None:
         started = time.perf_counter()
         warnings: list[str] = []
         pruned = copy.deepcopy(loaded.model).to(args.device)
-        calib_windows = calibration_windows(pruned, loaded.tokenizer, calib.calib, calib.nsamples, calib.seqlen, args.seed,
-                                            warnings)
+        calib_windows = calibration_windows(pruned, loaded.tokenizer, calib, warnings)
         prune_blocks(pruned, Criterion(method), [args.sparsity] * len(find_blocks(pruned)), calib_windows,
                      torch.device(args.device))
         rows[name] = {"name": name, "perplexity": perplexities(pruned, windows, args.device),
@@ -216,10 +216,11 @@ def plot(paths: list[Path], png: Path) -> None:
                 else:
                     series.setdefault(f"{kind} | {tuning['steps']} steps", []).append((tuning["lr"], wiki))
     for label, points in sorted(series.items()):
-        points.sort()
-        lrs = sorted({lr for lr, _ in points})
-        means = [sum(w for lr, w in points if lr == x) / sum(1 for lr, _ in points if lr == x) for x in lrs]
-        line = gpu_ax.plot(lrs, means, marker="o", label=label)[0]
+        by_lr: dict[float, list[float]] = {}
+        for lr, wiki in points:
+            by_lr.setdefault(lr, []).append(wiki)
+        lrs = sorted(by_lr)
+        line = gpu_ax.plot(lrs, [statistics.mean(by_lr[lr]) for lr in lrs], marker="o", label=label)[0]
         gpu_ax.scatter([lr for lr, _ in points], [w for _, w in points], s=10, color=line.get_color())
     for ax in (cpu_ax, gpu_ax):
         ax.set_yscale("log")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.config import CalibrationConfig
 from ..core.sequential import ProgressFn, sequential_blocks
 from ..core.data import bos_token_to_prepend, document_windows, read_documents, sample_windows, token_stream
 from ..core.errors import ConfigError, NumericalError
@@ -47,15 +48,16 @@ def check_nm_widths(model: nn.Module, pattern: str) -> None:
                 )
 
 
-def calibration_windows(model: nn.Module, tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
-                        warnings: list[str], sampling: str = "stream") -> torch.Tensor:
-    """Sample calibration windows (``sampling``: "stream" or "document", see ``core/data.py``),
-    clipping ``seqlen`` to the model's context (with a warning)."""
-    seqlen = clip_seqlen(model, seqlen, warnings)
-    if sampling == "document":
-        return document_windows(tokenizer, read_documents(source), nsamples, seqlen, seed, source)
+def calibration_windows(model: nn.Module, tokenizer, calibration: CalibrationConfig, warnings: list[str]) -> torch.Tensor:
+    """Sample the windows ``calibration`` describes (``sampling``: "stream" or "document", see
+    ``core/data.py``), clipping its ``seqlen`` to the model's context (with a warning).  Taking the
+    whole config keeps every caller on the same file, count, length, seed and sampling."""
+    source, seed = calibration.calib, calibration.seed
+    seqlen = clip_seqlen(model, calibration.seqlen, warnings)
+    if calibration.sampling == "document":
+        return document_windows(tokenizer, read_documents(source), calibration.nsamples, seqlen, seed, source)
     stream = token_stream(tokenizer, read_documents(source))
-    return sample_windows(stream, nsamples, seqlen, seed, bos_token_to_prepend(tokenizer), source)
+    return sample_windows(stream, calibration.nsamples, seqlen, seed, bos_token_to_prepend(tokenizer), source)
 
 
 def _select_mask(scores: torch.Tensor, rate: float, nm: tuple[int, int] | None, per_row: bool) -> torch.Tensor:

@@ -76,10 +76,7 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
     if config.pattern:
         check_nm_widths(loaded.model, config.pattern)
     warnings: list[str] = []
-    calib = config.calibration
-    windows = (calibration_windows(loaded.model, loaded.tokenizer, calib.calib, calib.nsamples, calib.seqlen, calib.seed,
-                                   warnings, calib.sampling)
-               if config.needs_calibration else None)
+    windows = calibration_windows(loaded.model, loaded.tokenizer, config.calibration, warnings) if config.needs_calibration else None
     allocation = block_rates(config, loaded, windows, device, progress)
     rates = allocation.rates
     activations = None if config.method == "magnitude" else windows  # magnitude needs no activations

@@ -193,8 +193,7 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
         _check_nm_input(model, config.pattern)
     warnings: list[str] = []
     calib = config.calibration
-    windows = calibration_windows(model, loaded.tokenizer, calib.calib, calib.nsamples, calib.seqlen, calib.seed, warnings,
-                                  calib.sampling)
+    windows = calibration_windows(model, loaded.tokenizer, calib, warnings)
     examples = training_examples(loaded.tokenizer, config.data, config.max_length, config.response_only)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else (loaded.tokenizer.eos_token_id or 0)
     error_windows = windows[: config.error_samples]
