@@ -187,7 +187,10 @@ def _check_bench_json(report: dict, engines: list[str]) -> None:
         assert run["error"] is None, run
         timing = run["timing"]
         assert timing["runs"] >= 1 and timing["median_ms"] > 0 and timing["tokens_per_s"] > 0
-    assert {(s["phase"], s["sparse"]) for s in report["speedups"]} >= {(p, f"{e} sparse") for e in engines for p in ("prefill", "decode")}
+    assert {(s["phase"], s["sparse"]) for s in report["speedups"]} >= {(p, f"{e} sparse fp32") for e in engines for p in ("prefill", "decode")}
+    decode = [r for r in report["runs"] if r["phase"] == "decode"]
+    assert all(0 < r["ceiling"]["share"] and r["ceiling"]["bytes_per_token"] > 0 for r in decode)
+    assert report["machine"]["read_bandwidth_gb_s"] > 0
     assert report["sparse"]["matmul_zero_fraction"] > 0.3 and report["dense"]["matmul_zero_fraction"] == 0.0
 
 
@@ -203,7 +206,7 @@ def test_bench_both_engines_json_and_report(exported, tmp_path):
     report = json.loads(result.stdout)
     _check_bench_json(report, ["onnxruntime", "deepsparse"])
     assert report["settings"]["threads"] == 1 and report["dense"]["origin"].startswith("densified")
-    assert any(s["sparse"] == "deepsparse sparse" and s["dense"] == "onnxruntime dense" for s in report["speedups"])
+    assert any(s["sparse"] == "deepsparse sparse fp32" and s["dense"] == "onnxruntime dense fp32" for s in report["speedups"])
     assert png.read_bytes()[:4] == b"\x89PNG" and report["report"] == str(png)
 
 

@@ -161,6 +161,7 @@ def prune(
     method: Annotated[str, typer.Option(help="wanda | sparsegpt | magnitude")] = PruneConfig.method,
     sparsity: Annotated[float, typer.Option(help="Unstructured sparsity in [0, 1).")] = PruneConfig.sparsity,
     pattern: Annotated[Optional[str], typer.Option(help="N:M pattern (zero N of every M inputs), e.g. 2:4.")] = None,
+    prune_lm_head: Annotated[bool, typer.Option("--prune-lm-head", help="Also prune the output head at the blocks' mean rate (untied from a tied embedding).")] = False,
     per_layer: Annotated[Optional[str], typer.Option("--per-layer", help="JSON list of per-block rates, or a losa manifest (or its folder) to replay.")] = None,
     allocation: Annotated[str, typer.Option(help="Per-block rates: uniform | rmi | owl.")] = PruneConfig.allocation,
     delta: Annotated[Optional[float], typer.Option(help="RMI: max deviation from --sparsity (default by band).")] = None,
@@ -185,7 +186,7 @@ def prune(
     from ..prune.workflow import run_prune
 
     config = PruneConfig(
-        model=model, out=out, method=method, sparsity=sparsity, pattern=pattern, per_layer=per_layer,
+        model=model, out=out, method=method, sparsity=sparsity, pattern=pattern, prune_lm_head=prune_lm_head, per_layer=per_layer,
         allocation=allocation, delta=delta, beta=beta, rmi_samples=rmi_samples, owl_lambda=owl_lambda, owl_m=owl_m,
         calibration=CalibrationConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling),
         device=device, dtype=dtype, damp=damp, blocksize=blocksize, force=force, trust_remote_code=trust_remote_code,
@@ -201,7 +202,12 @@ def prune(
     for index, (rate, actual) in enumerate(zip(result.per_block_rates, result.per_block_sparsity)):
         table.add_row(str(index), f"{rate:.4f}", f"{actual:.4f}")
     table.add_row("all", f"{result.target_sparsity:.4f}", f"{result.global_sparsity:.4f}", style="bold")
+    if result.lm_head is not None:
+        table.add_row("lm_head", f"{result.lm_head['rate']:.4f}", f"{result.lm_head['sparsity']:.4f}")
     stdout.print(table)
+    if result.lm_head and result.lm_head["untied_from_embedding"]:
+        stdout.print("lm_head was tied to the embedding: it is now a pruned copy, saved beside the intact embedding",
+                     highlight=False)
     stdout.print(
         f"calibration {result.nsamples} x {result.seqlen} tokens on {result.device}; "
         f"{result.wall_time_s:.1f} s, peak memory {result.peak_memory_mib:.0f} MiB; mask sha256 {result.mask_checksum[:16]}",
@@ -221,13 +227,18 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = EvalConfig.device,
     sparsity: Annotated[bool, typer.Option("--sparsity", help="Report per-layer and global zero fractions.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
+    tokenizer: Annotated[Optional[str], typer.Option(help="ONNX --model only: tokenizer folder, when none is beside the graphs.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Perplexity over non-overlapping windows, and/or the zero fractions of any model."""
+    """Perplexity over non-overlapping windows, and/or the zero fractions of any model.
+
+    --model may also be an ONNX export (folder or .onnx file): its prefill graph then runs on
+    ONNX Runtime, so an int8 export is measured on the same windows as the PyTorch model.
+    """
     from ..runtime.evaluate import run_eval
 
     config = EvalConfig(model=model, data=data, seqlen=seqlen, max_windows=max_windows, dtype=dtype, device=device,
-                        batch_size=batch_size, sparsity=sparsity, trust_remote_code=trust_remote_code)
+                        batch_size=batch_size, sparsity=sparsity, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     result = _execute(run_eval, config, as_json)
     if result is None:
         return
@@ -388,6 +399,7 @@ def export(
     model: Annotated[str, typer.Argument(help="Model folder to export (pruned or recovered).")],
     out: Annotated[str, typer.Option("--out", "-o", help="Folder to write the model (and onnx/) to.")],
     onnx: Annotated[bool, typer.Option("--onnx", help="Also export ONNX prefill and KV-cache decode graphs, verified.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="With --onnx: also int8-weight graphs in onnx-int8/ (ONNX Runtime form).")] = False,
     batch: Annotated[Optional[int], typer.Option(help="Fix the ONNX batch size (default: dynamic).")] = None,
     seqlen: Annotated[Optional[int], typer.Option(help="Fix the ONNX prompt length (default: dynamic).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset; DeepSparse 1.8 needs 17 or lower.")] = ExportConfig.opset,
@@ -400,7 +412,7 @@ def export(
     """Save safetensors and, with --onnx, export and verify ONNX graphs."""
     from ..export.workflow import run_export
 
-    config = ExportConfig(model=model, out=out, onnx=onnx, batch=batch, seqlen=seqlen, opset=opset,
+    config = ExportConfig(model=model, out=out, onnx=onnx, int8=int8, batch=batch, seqlen=seqlen, opset=opset,
                           decode=decode, tolerance=tolerance, force=force, trust_remote_code=trust_remote_code)
     result = _execute(run_export, config, as_json)
     if result is None:
@@ -421,6 +433,14 @@ def export(
             table.add_row("greedy tokens match", "yes" if check["greedy_match"] else "NO")
         table.add_row("weights with identical zeros", f"{check['weights_checked'] - len(check['zero_mismatches'])}/{check['weights_checked']}")
         table.add_row("external data (> 2 GB)", "yes" if graphs["external_data"] else "no")
+        if result.onnx_int8 is not None:
+            versus = result.onnx_int8["comparison"]
+            table.add_row("int8: max |logits diff| vs fp32 graph", f"{versus['prefill_max_abs_diff']:.3g} "
+                          f"(max |logits| {versus['logits_max_abs']:.3g})")
+            table.add_row("int8: top-1 agreement (prefill)", f"{versus['top1_agreement']:.1%}")
+            if "greedy_agreement" in versus:
+                table.add_row("int8: greedy tokens equal", f"{versus['greedy_agreement']:.1%}")
+            table.add_row("int8: every pruned weight still zero", "yes")
         stdout.print(table)
 
 
@@ -440,16 +460,22 @@ def bench(
     report: Annotated[Optional[str], typer.Option(help="Write a PNG bar chart of the latencies.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing --report file.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
+    precisions: Annotated[str, typer.Option(help="Comma-separated weight precisions: fp32,int8 (int8 quantized for the run).")] = BenchConfig.precisions,
+    calib: Annotated[Optional[str], typer.Option(help="Text for static int8 activation ranges (DeepSparse int8 needs it).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Latency and throughput of a sparse model vs its dense counterpart on CPU engines."""
+    """Latency and throughput of a sparse model vs its dense counterpart on CPU engines.
+
+    Decode rows (batch 1) also show the bandwidth ceiling: the bytes a step must read in the
+    format the engine uses, over this machine's measured read bandwidth, and the share reached.
+    """
     from ..runtime.bench import run_bench
 
     if not cpu:
         raise ConfigError("only CPU benchmarking exists: drop --no-cpu")
     config = BenchConfig(model=model, dense_baseline=dense_baseline, engines=engines, batch=batch, seqlen=seqlen,
                          decode_tokens=decode_tokens, threads=threads, warmup=warmup, iterations=iterations, report=report,
-                         force=force, trust_remote_code=trust_remote_code)
+                         force=force, trust_remote_code=trust_remote_code, precisions=precisions, calib=calib)
     result = _execute(run_bench, config, as_json)
     if result is None:
         return
@@ -457,16 +483,21 @@ def bench(
     table = Table(title=f"losa bench: {result.model} ({result.sparse['matmul_zero_fraction']:.1%} zeros) vs "
                         f"{result.dense['source']} ({result.dense['matmul_zero_fraction']:.1%}); batch {settings['batch']}, "
                         f"{settings['seqlen']} tokens, {settings['threads']} thread(s)")
-    for column in ("engine", "model", "phase", "median ms", "p90 ms", "tokens/s"):
-        table.add_column(column, justify="left" if column in ("engine", "model", "phase") else "right")
+    names = ("engine", "model", "precision", "phase")
+    for column in (*names, "median ms", "p90 ms", "tokens/s", "vs ORT dense fp32", "ceiling ms", "share"):
+        table.add_column(column, justify="left" if column in names else "right")
     for run in result.runs:
-        t = run["timing"]
+        t, ceiling, speedup = run["timing"], run.get("ceiling"), run.get("speedup_vs_onnxruntime_dense_fp32")
         if t is None:
-            table.add_row(run["engine"], run["model"], run["phase"], "failed", "", run["error"] or "")
-        else:
-            table.add_row(run["engine"], run["model"], run["phase"], f"{t['median_ms']:.2f}", f"{t['p90_ms']:.2f}",
-                          f"{t['tokens_per_s']:.1f}")
+            table.add_row(*(run[n] for n in names), "failed", "", run["error"] or "")
+            continue
+        table.add_row(*(run[n] for n in names), f"{t['median_ms']:.2f}", f"{t['p90_ms']:.2f}", f"{t['tokens_per_s']:.1f}",
+                      f"{speedup:.2f}x" if speedup else "", f"{ceiling['ceiling_ms']:.2f} ({ceiling['format']})" if ceiling else "",
+                      f"{ceiling['share']:.0%}" if ceiling else "")
     stdout.print(table)
+    if "read_bandwidth_gb_s" in result.machine:
+        stdout.print(f"ceiling: bytes read per decode token / measured read bandwidth {result.machine['read_bandwidth_gb_s']:.1f} GB/s "
+                     f"({settings['threads']} thread(s)); share = ceiling / median", highlight=False)
     for row in result.speedups:
         stdout.print(f"{row['phase']}: {row['sparse']} is {row['speedup']:.2f}x the speed of {row['dense']}", highlight=False)
     for note in result.notes:

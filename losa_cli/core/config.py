@@ -14,6 +14,7 @@ from .errors import ConfigError
 from .hub import LOCAL_DATA
 
 DEFAULT_MODEL = "smollm2-135m"
+BENCH_PRECISIONS = ("fp32", "int8")
 METHODS = ("wanda", "sparsegpt", "magnitude")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -93,6 +94,7 @@ class PruneConfig:
     method: str = "wanda"
     sparsity: float = 0.5
     pattern: str | None = None
+    prune_lm_head: bool = False
     per_layer: str | None = None
     allocation: str = "uniform"
     delta: float | None = None
@@ -167,6 +169,7 @@ class EvalConfig:
     batch_size: int = 1
     sparsity: bool = False
     trust_remote_code: bool = False
+    tokenizer: str | None = None
 
     def validate(self) -> None:
         found = []
@@ -345,6 +348,7 @@ class ExportConfig:
     model: str = ""
     out: str = ""
     onnx: bool = False
+    int8: bool = False
     batch: int | None = None
     seqlen: int | None = None
     opset: int = EXPORT_DEFAULT_OPSET
@@ -369,6 +373,8 @@ class ExportConfig:
             found.append(f"--tolerance must be in (0, 1), got {self.tolerance}")
         if not self.onnx and (self.batch is not None or self.seqlen is not None):
             found.append("--batch and --seqlen shape the ONNX graphs; add --onnx or drop them")
+        if self.int8 and not self.onnx:
+            found.append("--int8 quantizes the ONNX graphs; add --onnx")
         if found:
             raise ConfigError("; ".join(found))
 
@@ -391,10 +397,16 @@ class BenchConfig:
     opset: int = EXPORT_DEFAULT_OPSET
     timeout_s: float = 3600.0
     trust_remote_code: bool = False
+    precisions: str = "fp32"
+    calib: str | None = None
 
     def engine_list(self) -> list[str]:
         """The engines asked for, in order, without duplicates."""
         return list(dict.fromkeys(e.strip().lower() for e in self.engines.split(",") if e.strip()))
+
+    def precision_list(self) -> list[str]:
+        """The weight precisions asked for, in order, without duplicates."""
+        return list(dict.fromkeys(p.strip().lower() for p in self.precisions.split(",") if p.strip()))
 
     def validate(self) -> None:
         found = []
@@ -409,6 +421,10 @@ class BenchConfig:
                 found.append(f"{name} must be at least {low}, got {value}")
         if self.threads is not None and self.threads < 1:
             found.append(f"--threads must be at least 1, got {self.threads}")
+        if not self.precision_list() or any(p not in BENCH_PRECISIONS for p in self.precision_list()):
+            found.append(f"--precisions {self.precisions!r}: choose from {', '.join(BENCH_PRECISIONS)} (comma-separated)")
+        if self.calib is not None and not Path(self.calib).is_file():
+            found.append(f"--calib {self.calib}: no such file (a text file for int8 activation ranges)")
         if self.report is not None and not self.report.lower().endswith(".png"):
             found.append(f"--report {self.report}: give a .png file name")
         if self.timeout_s <= 0:

@@ -73,7 +73,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _move_all_but_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+def move_all_but_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
     """Put embeddings, norms and rotary tables on ``device``; leave the blocks where they are.
 
     Runs outside inference mode and only moves what is elsewhere, so no parameter or buffer is
@@ -94,7 +94,7 @@ def _move_all_but_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
     """Inputs of block 0 for every window, and the extra arguments each block receives."""
     blocks = find_blocks(model)
-    _move_all_but_blocks(model, blocks, device)
+    move_all_but_blocks(model, blocks, device)
     with torch.inference_mode():
         return _record(model, blocks, windows, device)
 

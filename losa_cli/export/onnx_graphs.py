@@ -68,6 +68,7 @@ class GraphSpec:
     opset: int
     external_data: bool
     model_type: str
+    precision: str = "fp32"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -443,6 +444,16 @@ def _fingerprint(array: np.ndarray) -> tuple:
     return (tuple(sorted(array.shape)), int(np.count_nonzero(array == 0)), float(array.max()), float(array.min()))
 
 
+def pruned_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every block linear layer (``index.name``), plus the output head when it holds zeros (``--prune-lm-head``)."""
+    layers = {f"{index}.{name}": linear for index, block in enumerate(find_blocks(model))
+              for name, linear in find_linears(block).items()}
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear) and bool((head.weight == 0).any()):
+        layers["lm_head"] = head
+    return layers
+
+
 def check_zeros(model: nn.Module, weights: dict[str, np.ndarray]) -> list[ZeroCheck]:
     """Find each block linear weight among the ONNX initializers (same values, maybe transposed).
 
@@ -453,25 +464,23 @@ def check_zeros(model: nn.Module, weights: dict[str, np.ndarray]) -> list[ZeroCh
     for name, array in weights.items():
         buckets.setdefault(_fingerprint(array), []).append(name)
     checks = []
-    for index, block in enumerate(find_blocks(model)):
-        for name, linear in find_linears(block).items():
-            weight = linear.weight.detach().float().numpy()
-            model_zeros = float(np.count_nonzero(weight == 0)) / weight.size
-            found = None
-            for candidate in buckets.get(_fingerprint(weight), []):
-                array = weights[candidate]
-                if array.shape == weight.shape and np.array_equal(array, weight):
-                    found = (candidate, False)
-                elif array.shape == weight.T.shape and np.array_equal(array, weight.T):
-                    found = (candidate, True)
-                if found:
-                    break
-            if found is None:
-                checks.append(ZeroCheck(f"{index}.{name}", model_zeros, None, None, False))
-                continue
-            array = weights[found[0]]
-            checks.append(ZeroCheck(f"{index}.{name}", model_zeros, float(np.count_nonzero(array == 0)) / array.size,
-                                    found[0], found[1]))
+    for layer, linear in pruned_linears(model).items():
+        weight = linear.weight.detach().float().numpy()
+        model_zeros = float(np.count_nonzero(weight == 0)) / weight.size
+        found = None
+        for candidate in buckets.get(_fingerprint(weight), []):
+            array = weights[candidate]
+            if array.shape == weight.shape and np.array_equal(array, weight):
+                found = (candidate, False)
+            elif array.shape == weight.T.shape and np.array_equal(array, weight.T):
+                found = (candidate, True)
+            if found:
+                break
+        if found is None:
+            checks.append(ZeroCheck(layer, model_zeros, None, None, False))
+            continue
+        array = weights[found[0]]
+        checks.append(ZeroCheck(layer, model_zeros, float(np.count_nonzero(array == 0)) / array.size, found[0], found[1]))
     return checks
 
 

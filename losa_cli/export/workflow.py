@@ -3,7 +3,8 @@
 load model (fp32) -> count zeros ->
 in a staging folder: save safetensors + config + tokenizer, export the prefill/decode ONNX
 graphs into ``onnx/`` and verify them against the model (logits, greedy tokens, zeros of every
-pruned weight) -> manifest -> rename into place.  A failed verification writes nothing.
+pruned weight) -> with ``--int8``, int8-weight copies in ``onnx-int8/`` compared with the fp32
+graphs -> manifest -> rename into place.  A failed verification writes nothing.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from ..core.atomic import atomic_folder, check_output
 from ..core.config import ExportConfig, to_dict
 from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
 from ..core.modeling import load_model, save_model, sparsity_report
+from .int8 import export_int8
 from .onnx_graphs import DEEPSPARSE_MAX_OPSET, ProgressFn, check_onnx_environment, export_graphs, verify_export
 
 ONNX_FOLDER = "onnx"
+INT8_FOLDER = "onnx-int8"
 
 
 @dataclass
@@ -31,6 +34,7 @@ class ExportResult:
     mask_checksum: str
     per_block_sparsity: list[float]
     onnx: dict | None
+    onnx_int8: dict | None
     wall_time_s: float
     peak_memory_mib: float
     warnings: list[str] = field(default_factory=list)
@@ -74,7 +78,7 @@ def run_export(config: ExportConfig, progress: ProgressFn | None = None) -> Expo
         warnings.append(f"opset {config.opset} is above {DEEPSPARSE_MAX_OPSET}: DeepSparse 1.8 will refuse these graphs")
     loaded = load_model(config.model, "float32", config.trust_remote_code)
     per_layer, per_block, global_sparsity, checksum = sparsity_report(loaded.model)
-    onnx_summary = None
+    onnx_summary = int8_summary = None
     with atomic_folder(out) as staging:
         if progress:
             progress("save safetensors", 0, 1)
@@ -87,13 +91,19 @@ def run_export(config: ExportConfig, progress: ProgressFn | None = None) -> Expo
             warnings += export_warnings
             verification = verify_export(loaded.model, staging / ONNX_FOLDER, spec, config.tolerance, progress=progress)
             onnx_summary = _onnx_summary(spec, verification, environment)
+        if config.int8:
+            if progress:
+                progress("int8 graphs", 0, 1)
+            int8_summary = {"folder": INT8_FOLDER, **export_int8(staging / ONNX_FOLDER, staging / INT8_FOLDER)}
+            if progress:
+                progress("int8 graphs", 1, 1)
         results = {"global_sparsity": global_sparsity, "per_block_sparsity": per_block, "per_layer_sparsity": per_layer,
-                   "mask_checksum": checksum, "onnx": onnx_summary, "warnings": warnings}
+                   "mask_checksum": checksum, "onnx": onnx_summary, "onnx_int8": int8_summary, "warnings": warnings}
         parent = Path(loaded.source.location) if loaded.source.is_local else None
         manifest = build_manifest("export", {"model": config.model}, to_dict(config),
                                   results, parent_folder=parent)
         manifest["versions"].update({k: v for k, v in environment.items() if k in ("onnx", "onnxruntime")})
         write_manifest(staging, manifest)
     return ExportResult(out=str(out), model=config.model, global_sparsity=global_sparsity, mask_checksum=checksum,
-                        per_block_sparsity=per_block, onnx=onnx_summary,
+                        per_block_sparsity=per_block, onnx=onnx_summary, onnx_int8=int8_summary,
                         wall_time_s=time.perf_counter() - started, peak_memory_mib=peak_rss_mib(), warnings=warnings)

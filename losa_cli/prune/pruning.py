@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..core.config import CalibrationConfig
-from ..core.sequential import ProgressFn, sequential_blocks
+from ..core.sequential import ProgressFn, move_all_but_blocks, sequential_blocks
 from ..core.data import bos_token_to_prepend, document_windows, read_documents, sample_windows, token_stream
 from ..core.errors import ConfigError, NumericalError
 from .masks import layerwise_mask, nm_mask, parse_nm, rowwise_mask, satisfies_nm
@@ -144,3 +144,59 @@ def revived(pruned: dict[str, torch.Tensor], linears: dict[str, nn.Linear]) -> d
 def nm_violations(linears: dict[str, nn.Linear], n: int, m: int) -> list[str]:
     """Names of the layers that do not hold exactly ``n`` zeros in every group of ``m``."""
     return [name for name, linear in linears.items() if not satisfies_nm(linear.weight, n, m, exact=True)]
+
+
+class _HeadInputsSeen(Exception):
+    """Stops a forward pass once the output head's inputs are recorded (the logits are not needed)."""
+
+
+def untie_lm_head(model: nn.Module) -> bool:
+    """Give the output head its own copy of a tied embedding matrix; returns whether it was tied.
+
+    Pruning a tied head would zero the embedding rows too; the copy costs one matrix on disk
+    (stated in the manifest) and leaves the input embedding intact.
+    """
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None or head.weight is not embedding.weight:
+        return False
+    head.weight = nn.Parameter(head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    return True
+
+
+@torch.no_grad()
+def prune_lm_head(model: nn.Module, criterion: Criterion, rate: float, windows: torch.Tensor | None,
+                  device: torch.device) -> list[str]:
+    """Prune the output head (untied first) with the same criterion, on the inputs it sees.
+
+    Its inputs are the final-normed hidden states of the already pruned blocks, recorded by a
+    pre-hook that stops each forward pass before the (vocabulary-wide) logits are computed.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ConfigError("--prune-lm-head: this model has no linear output head")
+    stats = None
+    if criterion.method != "magnitude":
+        if windows is None:
+            raise ValueError(f"{criterion.method} needs calibration windows")
+        accumulator = HessianAccumulator if criterion.method == "sparsegpt" else InputNormAccumulator
+        stats = accumulator(head.in_features, device)
+
+        def record(_module: nn.Module, args: tuple) -> None:
+            stats.add(args[0].to(device))
+            raise _HeadInputsSeen
+
+        handle = head.register_forward_pre_hook(record)
+        home = next(find_blocks(model)[0].parameters()).device
+        move_all_but_blocks(model, find_blocks(model), home)  # the sequential pass left them on ``device``
+        try:
+            for row in range(windows.shape[0]):
+                try:
+                    model(input_ids=windows[row : row + 1].to(home), use_cache=False)
+                except _HeadInputsSeen:
+                    pass
+        finally:
+            handle.remove()
+    return prune_linear(head, criterion, rate, stats, "lm_head")

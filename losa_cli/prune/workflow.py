@@ -1,7 +1,8 @@
 """Workflow of ``losa prune``: sequential pruning with a criterion and per-block rates.
 
 load model -> calibration windows -> per-block rates (uniform, file, RMI, OWL, N:M) -> prune
-block by block (``pruning.py``) -> save the model, tokenizer and manifest atomically.
+block by block (``pruning.py``) -> with ``--prune-lm-head``, the output head at the blocks' mean
+rate (untied from the embedding) -> save the model, tokenizer and manifest atomically.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..core.config import PruneConfig, load_per_layer, to_dict
 from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
 from .masks import parse_nm
 from ..core.modeling import LoadedModel, find_blocks, load_model, resolve_device, save_model, sparsity_report
-from .pruning import Criterion, calibration_windows, check_nm_widths, prune_blocks
+from .pruning import Criterion, calibration_windows, check_nm_widths, prune_blocks, prune_lm_head, untie_lm_head
 from .rmi import DEFAULT_BETA, default_delta
 
 
@@ -43,6 +44,7 @@ class PruneResult:
     peak_memory_mib: float
     device: str
     allocation: dict = field(default_factory=dict)
+    lm_head: dict | None = None
     warnings: list[str] = field(default_factory=list)
 
 
@@ -64,6 +66,16 @@ def block_rates(config: PruneConfig, loaded: LoadedModel, windows: torch.Tensor 
     return Allocation("uniform", [config.sparsity] * num_blocks)
 
 
+def _prune_head(model: torch.nn.Module, criterion: Criterion, rate: float, windows: torch.Tensor | None,
+                device: torch.device, warnings: list[str]) -> dict:
+    """``--prune-lm-head``: untie the head from the embedding if needed, prune it at the blocks' mean rate."""
+    untied = untie_lm_head(model)
+    warnings += prune_lm_head(model, criterion, rate, windows, device)
+    weight = model.get_output_embeddings().weight
+    return {"untied_from_embedding": untied, "rate": rate, "sparsity": float((weight == 0).float().mean()),
+            "note": "the head is a separate copy of the embedding matrix, saved beside it" if untied else "already untied"}
+
+
 def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneResult:
     """``losa prune``: validate, load, prune, save atomically; never touches the input model."""
     config.validate()
@@ -82,6 +94,8 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
     activations = None if config.method == "magnitude" else windows  # magnitude needs no activations
     criterion = Criterion(config.method, parse_nm(config.pattern) if config.pattern else None, config.damp, config.blocksize)
     warnings += prune_blocks(loaded.model, criterion, rates, activations, device, progress)
+    head = _prune_head(loaded.model, criterion, sum(rates) / len(rates), activations, device, warnings) \
+        if config.prune_lm_head else None
     per_layer, per_block, global_sparsity, checksum = sparsity_report(loaded.model)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
     result = PruneResult(
@@ -101,6 +115,7 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
         peak_memory_mib=peak,
         device=str(device),
         allocation={k: v for k, v in asdict(allocation).items() if k != "rates"},
+        lm_head=head,
         warnings=warnings,
     )
     with atomic_folder(out) as staging:

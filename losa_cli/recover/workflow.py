@@ -189,6 +189,8 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
     loaded = load_model(config.model, config.dtype, config.trust_remote_code)
     model = loaded.model
     blocks = find_blocks(model)
+    head = model.get_output_embeddings()
+    head_pruned = {"lm_head": head.weight.detach() == 0} if head is not None and bool((head.weight == 0).any()) else {}
     if config.pattern:
         _check_nm_input(model, config.pattern)
     warnings: list[str] = []
@@ -291,7 +293,7 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
         record.wall_time_s += time.perf_counter() - stage_started
 
     result = _finish(config, out, loaded, accelerator, model, blocks, history, tokens_trained, started, warnings,
-                     resume_state, global_batch)
+                     resume_state, global_batch, head_pruned)
     if accelerator.is_main_process:
         checkpoints.remove()
     return result
@@ -372,7 +374,7 @@ def _prune_stage(config: RecoverConfig, stage: int, *, model: nn.Module, blocks:
 
 
 def _finish(config, out, loaded, accelerator, model, blocks, history, tokens_trained, started, warnings, resume_state,
-            global_batch) -> RecoverResult:
+            global_batch, head_pruned: dict[str, torch.Tensor]) -> RecoverResult:
     """Merge, verify the zeros (and N:M), and save the model + manifest atomically (main process)."""
     wrappers = wrappers_of(blocks)
     final_mask = _pruned_masks(wrappers)
@@ -382,6 +384,8 @@ def _finish(config, out, loaded, accelerator, model, blocks, history, tokens_tra
         except FloatingPointError:
             raise NumericalError(f"the adapter of {name} holds NaN/inf; not saving (lower --lr and start over)") from None
     _check_kept_zeros(final_mask, wrappers, "merging the adapters")
+    if revived(head_pruned, {"lm_head": model.get_output_embeddings()}):  # a pruned head (prune --prune-lm-head) stays frozen
+        raise NumericalError("the pruned output head lost zeros during recovery; not saving -- this is a bug in losa")
     if config.pattern:
         n, m = parse_nm(config.pattern)
         off = nm_violations({name: w.base for name, w in wrappers.items()}, n, m)

@@ -185,9 +185,17 @@ def _speed_section(out: Path, manifests: dict[str, dict], plots: list[Path]) -> 
     run_rows = []
     for r in results.get("runs", []):
         t = r.get("timing")
-        run_rows.append([r["engine"], r["model"], r["phase"], _fmt(t and t["median_ms"], ".2f"), _fmt(t and t["p90_ms"], ".2f"),
-                         _fmt(t and t["tokens_per_s"], ".1f") if t else f"failed: {r.get('error')}"])
-    lines += _table(["engine", "model", "phase", "median ms", "p90 ms", "tokens/s"], run_rows)
+        ceiling = r.get("ceiling")
+        run_rows.append([r["engine"], r["model"], r.get("precision", "fp32"), r["phase"], _fmt(t and t["median_ms"], ".2f"),
+                         _fmt(t and t["p90_ms"], ".2f"),
+                         _fmt(t and t["tokens_per_s"], ".1f") if t else f"failed: {r.get('error')}",
+                         f"{ceiling['ceiling_ms']:.2f} ({ceiling['format']})" if ceiling else "",
+                         f"{ceiling['share']:.0%}" if ceiling else ""])
+    lines += _table(["engine", "model", "precision", "phase", "median ms", "p90 ms", "tokens/s", "ceiling ms", "share"], run_rows)
+    if machine_bandwidth := results.get("machine", {}).get("read_bandwidth_gb_s"):
+        lines += [f"Ceiling: the bytes one batch-1 decode step reads in the engine's weight format (dense for ONNX Runtime, "
+                  f"packed values + 1-bit mask assumed for DeepSparse) over the measured read bandwidth, "
+                  f"{machine_bandwidth:.1f} GB/s; share = ceiling / median.", ""]
     machine = results.get("machine", {})
     load = results.get("load_average_before"), results.get("load_average_after")
     lines += [f"Machine: {machine.get('cpu')} ({machine.get('cores')} cores); load average "

@@ -1,9 +1,11 @@
 """Workflow of ``losa bench --cpu``: sparse vs dense latency on ONNX Runtime and DeepSparse.
 
-resolve the sparse model to ONNX graphs (an export folder, a .onnx file, or a model folder
-exported on the fly) -> the dense counterpart (``--dense-baseline``, or a densified copy of the
-sparse graphs) -> for every engine, phase and model: compile and time in a child process ->
-latency statistics, throughput and speed-ups, with the machine's load before and after.
+the graph sets (``graph_sets.py``: sparse, dense, and their int8 copies with ``--precisions``)
+-> the machine's read bandwidth -> for every engine, precision, phase and model: compile and
+time in a child process -> latency statistics, throughput, speed-ups against dense fp32 ONNX
+Runtime and against the same engine's dense model, and for decode the bandwidth ceiling of the
+format the engine reads (``ceiling.py``) and the share of it reached; the machine's load before
+and after.
 
 Decode is timed as one new token per sequence attending to a fixed past of ``--seqlen``
 tokens, ``--decode-tokens`` steps per iteration; the cache is not grown between steps, so both
@@ -12,7 +14,6 @@ engines (DeepSparse compiles static shapes) time the same computation.
 
 from __future__ import annotations
 
-import gc
 import os
 import tempfile
 import time
@@ -21,6 +22,10 @@ from pathlib import Path
 
 from ..core.atomic import check_output
 from ..core.config import BenchConfig, to_dict
+from ..core.errors import ConfigError
+from ..core.manifest import library_versions
+from ..export.onnx_graphs import ProgressFn, check_onnx_environment, weight_sparsity
+from .ceiling import ENGINE_FORMAT, ceiling_ms, decode_bytes, measure_bandwidth
 from .engines import (
     EngineFailure,
     cpu_info,
@@ -30,46 +35,11 @@ from .engines import (
     safe_threads,
     summarize,
 )
-from ..core.errors import ConfigError, ModelError
-from ..core.manifest import library_versions
-from ..core.modeling import load_model
-from ..export.onnx_graphs import (
-    SIDECAR_FILE,
-    GraphSpec,
-    ProgressFn,
-    check_onnx_environment,
-    densify_graph,
-    export_graphs,
-    read_graph_spec,
-    spec_from_graph,
-    verify_export,
-    weight_sparsity,
-)
+from .graph_sets import INT8_FORM, GraphSet, check_shapes, densified, int8_sets, resolve_graphs
 
 DECODE_PROTOCOL = ("one new token per sequence attending to a fixed past of --seqlen tokens; "
                    "--decode-tokens steps per iteration; the cache is not grown between steps")
 ORT_NOTE = "ONNX Runtime runs sparse weights as dense matrices: its sparse and dense timings should match"
-
-
-@dataclass
-class GraphSet:
-    """One model as ONNX graphs, and how they were obtained."""
-
-    role: str
-    source: str
-    folder: Path
-    spec: GraphSpec
-    origin: str
-    zero_fraction: float = 0.0
-    verification: dict | None = None
-
-    def path(self, phase: str) -> Path | None:
-        name = self.spec.prefill if phase == "prefill" else self.spec.decode
-        return None if name is None else self.folder / name
-
-    def describe(self) -> dict:
-        return {"source": self.source, "origin": self.origin, "matmul_zero_fraction": self.zero_fraction,
-                "decode_graph": self.spec.decode is not None, "verification": self.verification}
 
 
 @dataclass
@@ -96,69 +66,6 @@ class BenchResult:
         return asdict(self)
 
 
-# ----------------------------------------------------------------------------- resolving inputs
-
-
-def _from_onnx_file(path: Path, role: str) -> GraphSet:
-    spec = read_graph_spec(path.parent)
-    if spec is None or spec.prefill != path.name:
-        spec = spec_from_graph(path)
-        return GraphSet(role, str(path), path.parent, spec, "ONNX file (prefill only: no losa_onnx.json beside it)")
-    return GraphSet(role, str(path), path.parent, spec, "ONNX export folder")
-
-
-def _export_on_the_fly(source: str, scratch: Path, role: str, config: BenchConfig, progress: ProgressFn | None,
-                       warnings: list[str]) -> GraphSet:
-    """Export a model folder to dynamic-shape graphs in ``scratch`` and verify them (logits, zeros)."""
-    loaded = load_model(source, "float32", config.trust_remote_code)
-    folder = scratch / role
-    spec, export_warnings = export_graphs(loaded.model, folder, None, None, config.opset, True, progress)
-    warnings += [f"{role}: {w}" for w in export_warnings]
-    verification = verify_export(loaded.model, folder, spec, 1e-3, greedy_steps=2, progress=progress)
-    summary = {"prefill_max_abs_diff": verification.prefill_max_abs_diff,
-               "decode_max_abs_diff": verification.decode_max_abs_diff, "greedy_match": verification.greedy_match,
-               "weights_checked": verification.layers_checked}
-    del loaded
-    gc.collect()
-    return GraphSet(role, source, folder, spec, "model folder, exported to ONNX for this run", verification=summary)
-
-
-def resolve_graphs(source: str, scratch: Path, role: str, config: BenchConfig, progress: ProgressFn | None,
-                   warnings: list[str]) -> GraphSet:
-    """Turn MODEL_DIR_OR_ONNX into graphs: .onnx file, export folder, or model folder (exported here)."""
-    path = Path(source).expanduser()
-    if path.is_file() and path.suffix == ".onnx":
-        return _from_onnx_file(path, role)
-    for folder in (path / "onnx", path):
-        if path.is_dir() and (folder / SIDECAR_FILE).is_file():
-            return GraphSet(role, source, folder, read_graph_spec(folder), "ONNX export folder")
-    try:
-        return _export_on_the_fly(source, scratch, role, config, progress, warnings)
-    except ModelError as exc:
-        raise ModelError(f"{source} is neither an ONNX file, a losa export folder nor a loadable model ({exc})") from None
-
-
-def _densified(sparse: GraphSet, scratch: Path) -> GraphSet:
-    """A copy of the sparse graphs with no zeros: the dense timing reference when none is given."""
-    folder = scratch / "densified"
-    folder.mkdir(parents=True, exist_ok=True)
-    for phase in ("prefill", "decode"):
-        path = sparse.path(phase)
-        if path is not None:
-            densify_graph(path, folder / path.name)
-    return GraphSet("dense", f"densified copy of {sparse.source}", folder, sparse.spec,
-                    "densified copy: the sparse graphs with every zero weight replaced by a small value")
-
-
-def _check_shapes(graphs: GraphSet, config: BenchConfig) -> None:
-    """Fixed-shape graphs must match --batch/--seqlen."""
-    spec = graphs.spec
-    if spec.batch is not None and spec.batch != config.batch:
-        raise ConfigError(f"{graphs.source} was exported for batch {spec.batch}; use --batch {spec.batch} or re-export")
-    if spec.seqlen is not None and spec.seqlen != config.seqlen:
-        raise ConfigError(f"{graphs.source} was exported for {spec.seqlen} tokens; use --seqlen {spec.seqlen} or re-export")
-
-
 # ----------------------------------------------------------------------------- timing
 
 
@@ -170,22 +77,49 @@ def _job(graphs: GraphSet, engine: str, phase: str, config: BenchConfig, threads
             "head_dim": spec.head_dim, "seed": 0}
 
 
+def _label(row: dict) -> str:
+    return f"{row['engine']} {row['model']} {row['precision']}"
+
+
 def _speedups(runs: list[dict]) -> list[dict]:
-    """dense/sparse median per engine and phase, and DeepSparse-sparse over ONNX Runtime-dense."""
-    median = {(r["engine"], r["model"], r["phase"]): r["timing"]["median_ms"] for r in runs if r["timing"]}
-    rows = []
-    for engine, model, phase in list(median):
-        if model != "sparse" or (engine, "dense", phase) not in median:
+    """Fill each row's speed-ups; return the sparse-over-dense pairs (same engine and precision) and
+    every sparse row over dense fp32 ONNX Runtime, the baseline a user starts from."""
+    median = {(r["engine"], r["model"], r["precision"], r["phase"]): r["timing"]["median_ms"] for r in runs if r["timing"]}
+    pairs = []
+    for row in runs:
+        if not row["timing"]:
             continue
-        dense, sparse = median[(engine, "dense", phase)], median[(engine, "sparse", phase)]
-        rows.append({"phase": phase, "sparse": f"{engine} sparse", "dense": f"{engine} dense",
-                     "dense_median_ms": dense, "sparse_median_ms": sparse, "speedup": dense / sparse})
-    for phase in ("prefill", "decode"):
-        if ("deepsparse", "sparse", phase) in median and ("onnxruntime", "dense", phase) in median:
-            dense, sparse = median[("onnxruntime", "dense", phase)], median[("deepsparse", "sparse", phase)]
-            rows.append({"phase": phase, "sparse": "deepsparse sparse", "dense": "onnxruntime dense",
-                         "dense_median_ms": dense, "sparse_median_ms": sparse, "speedup": dense / sparse})
-    return rows
+        own = row["timing"]["median_ms"]
+        reference = median.get(("onnxruntime", "dense", "fp32", row["phase"]))
+        dense = median.get((row["engine"], "dense", row["precision"], row["phase"]))
+        row["speedup_vs_onnxruntime_dense_fp32"] = reference / own if reference else None
+        row["speedup_vs_same_engine_dense"] = dense / own if dense else None
+        if row["model"] != "sparse":
+            continue
+        same_engine = (row["engine"], "dense", row["precision"])
+        bases = [(same_engine, dense)]
+        if same_engine != ("onnxruntime", "dense", "fp32"):
+            bases.append((("onnxruntime", "dense", "fp32"), reference))
+        for key, base in bases:
+            if base is not None:
+                pairs.append({"phase": row["phase"], "sparse": _label(row), "dense": " ".join(key),
+                              "dense_median_ms": base, "sparse_median_ms": own, "speedup": base / own})
+    return pairs
+
+
+def _ceiling(row: dict, graphs: GraphSet, config: BenchConfig, bandwidth_gb_s: float, cache: dict) -> dict | None:
+    """Bytes per decode step of the format the engine reads, the time they take at the measured bandwidth,
+    and the share of that limit the measured step reached (batch 1 only: larger batches reuse weights)."""
+    if row["phase"] != "decode" or config.batch != 1 or not row["timing"] or graphs.spec.kv_heads is None:
+        return None
+    path = graphs.path("decode")
+    if path not in cache:
+        cache[path] = decode_bytes(path, config.seqlen, graphs.spec.num_layers, graphs.spec.kv_heads, graphs.spec.head_dim)
+    counted = cache[path]
+    weight_format = ENGINE_FORMAT[row["engine"]]
+    limit = ceiling_ms(counted.total(weight_format), bandwidth_gb_s)
+    return {"format": weight_format, "bytes_per_token": counted.total(weight_format), "ceiling_ms": limit,
+            "share": limit / row["timing"]["median_ms"], "bytes": counted.to_dict(), "bandwidth_gb_s": bandwidth_gb_s}
 
 
 def _engines(config: BenchConfig, warnings: list[str], notes: list[str]) -> list[str]:
@@ -226,15 +160,16 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> BenchR
     machine = cpu_info()
     threads = _threads(config, machine["cores"], warnings)
     engines = _engines(config, warnings, notes)
+    precisions = config.precision_list()
     with tempfile.TemporaryDirectory(prefix="losa-bench-") as scratch_name:
         scratch = Path(scratch_name)
         sparse = resolve_graphs(config.model, scratch, "sparse", config, progress, warnings)
         if config.dense_baseline:
             dense = resolve_graphs(config.dense_baseline, scratch, "dense", config, progress, warnings)
         else:
-            dense = _densified(sparse, scratch)
+            dense = densified(sparse, scratch)
         for graphs in (sparse, dense):
-            _check_shapes(graphs, config)
+            check_shapes(graphs, config)
             graphs.zero_fraction = weight_sparsity([graphs.path("prefill")])
         if sparse.zero_fraction < 0.05:
             warnings.append(f"the sparse model has only {sparse.zero_fraction:.1%} zero weights: no speed-up to expect")
@@ -245,9 +180,18 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> BenchR
             phases.append("decode")
         elif config.decode_tokens > 0:
             warnings.append("decode not timed: a decode graph is missing (export with losa export --onnx from a model folder)")
+        quantized = int8_sets([sparse, dense], engines, config, scratch, warnings) if "int8" in precisions else {}
         load_before = list(os.getloadavg())
-        plan = [(engine, phase, graphs) for engine in engines for phase in phases for graphs in (sparse, dense)]
-        runs = []
+        machine["read_bandwidth_gb_s"] = measure_bandwidth(threads)
+        plan = []
+        for engine in engines:
+            for precision in precisions:
+                for phase in phases:
+                    for fp32 in (sparse, dense):
+                        graphs = fp32 if precision == "fp32" else quantized.get((fp32.role, INT8_FORM[engine]))
+                        if graphs is not None:
+                            plan.append((engine, phase, graphs))
+        runs, byte_counts = [], {}
         for done, (engine, phase, graphs) in enumerate(plan):
             if progress:
                 progress("bench", done, len(plan))
@@ -255,14 +199,17 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> BenchR
         if progress:
             progress("bench", len(plan), len(plan))
         load_after = list(os.getloadavg())
+        speedups = _speedups(runs)
+        for row, (_, _, graphs) in zip(runs, plan):
+            row["ceiling"] = _ceiling(row, graphs, config, machine["read_bandwidth_gb_s"], byte_counts)
     if max(load_before[0], load_after[0]) > threads + 0.5:  # more than this benchmark's own threads
         warnings.append(f"the machine was busy (load average {load_before[0]:.2f} before, {load_after[0]:.2f} after, "
                         f"{machine['cores']} cores): timings are pessimistic and noisy")
     result = BenchResult(
         model=config.model, sparse=sparse.describe(), dense=dense.describe(),
-        settings={**to_dict(config), "threads": threads, "engines_run": engines, "phases": phases},
+        settings={**to_dict(config), "threads": threads, "engines_run": engines, "phases": phases, "precisions": precisions},
         decode_protocol=DECODE_PROTOCOL, machine=machine, load_average_before=load_before, load_average_after=load_after,
-        versions={**library_versions(), **engine_versions()}, runs=runs, speedups=_speedups(runs), notes=notes,
+        versions={**library_versions(), **engine_versions()}, runs=runs, speedups=speedups, notes=notes,
         warnings=warnings, wall_time_s=time.perf_counter() - started,
     )
     if config.report:
@@ -272,14 +219,15 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> BenchR
 
 def _timed_run(graphs: GraphSet, engine: str, phase: str, config: BenchConfig, threads: int, warnings: list[str]) -> dict:
     """One child-process timing; an engine failure is recorded, not fatal."""
-    row = {"engine": engine, "model": graphs.role, "phase": phase, "timing": None, "error": None}
+    row = {"engine": engine, "model": graphs.role, "precision": graphs.precision, "int8_activations": graphs.form,
+           "phase": phase, "timing": None, "error": None}
     try:
         raw = run_job(_job(graphs, engine, phase, config, threads), config.timeout_s)
     except EngineFailure as exc:
         row["error"] = str(exc)
         hint = "; DeepSparse 1.8 crashes on some shapes (seen: tiny dense graphs under 16 tokens), try another --seqlen" \
             if engine == "deepsparse" else ""
-        warnings.append(f"{engine} {graphs.role} {phase}: {exc}{hint}; the other timings are unaffected")
+        warnings.append(f"{engine} {graphs.role} {graphs.precision} {phase}: {exc}{hint}; the other timings are unaffected")
         return row
     tokens = config.batch * (config.seqlen if phase == "prefill" else 1)
     row["timing"] = summarize(raw["latencies_ms"], tokens, raw["compile_s"]).to_dict()
@@ -298,7 +246,7 @@ def plot_report(path: Path, result: BenchResult) -> Path:
     settings = result.settings
     for ax, phase in zip(axes[0], phases):
         rows = [r for r in result.runs if r["phase"] == phase and r["timing"]]
-        labels = [f"{r['engine']}\n{r['model']}" for r in rows]
+        labels = [f"{r['engine']}\n{r['model']} {r['precision']}" for r in rows]
         medians = [r["timing"]["median_ms"] for r in rows]
         spread = [r["timing"]["p90_ms"] - r["timing"]["median_ms"] for r in rows]
         colors = ["#4c72b0" if r["model"] == "sparse" else "#999999" for r in rows]

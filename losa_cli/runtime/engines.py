@@ -127,7 +127,7 @@ def run_job(job: dict, timeout_s: float) -> dict:
     env = {**os.environ, **ENGINE_ENV}
     with tempfile.TemporaryDirectory(prefix="losa-engine-") as scratch:
         job_path, result_path = Path(scratch) / "job.json", Path(scratch) / "result.json"
-        job_path.write_text(json.dumps(job))
+        job_path.write_text(json.dumps({**job, "scratch": scratch}))
         try:
             done = subprocess.run([sys.executable, "-m", "losa_cli.runtime.engines", str(job_path), str(result_path)],
                                   env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -188,6 +188,17 @@ def _feeds(job: dict, phase: str, names: list[str]):
     return arrays
 
 
+def _private_copy(graph: Path, scratch: Path) -> Path:
+    """A copy of ``graph`` in ``scratch`` that an engine may rewrite; its external data file is linked, not copied."""
+    import shutil
+
+    copy = scratch / graph.name
+    shutil.copyfile(graph, copy)
+    for data in graph.parent.glob(graph.name + ".data"):
+        (scratch / data.name).symlink_to(data.resolve())
+    return copy
+
+
 def _make_runner(job: dict, path: str, arrays: list):
     """Compile ``path`` on the job's engine; returns a no-argument function running one inference."""
     threads = job["threads"]
@@ -205,8 +216,9 @@ def _make_runner(job: dict, path: str, arrays: list):
     if job["engine"] == "deepsparse":
         from deepsparse import Engine
 
-        engine = Engine(model=path, batch_size=job["batch"], num_cores=threads,
-                        input_shapes=[list(a.shape) for a in arrays])
+        # DeepSparse 1.8 writes the input shapes into the file it is given: hand it a private copy
+        engine = Engine(model=str(_private_copy(Path(path), Path(job["scratch"]))), batch_size=job["batch"],
+                        num_cores=threads, input_shapes=[list(a.shape) for a in arrays])
         return lambda: engine.run(arrays)
     raise ValueError(f"unknown engine {job['engine']!r}")
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..core.sequential import ProgressFn
 from ..core.config import EvalConfig
+from ..core.errors import ConfigError
 from ..core.data import bos_token_to_prepend, consecutive_windows, read_documents, token_stream
 from ..core.modeling import clip_seqlen, load_model, resolve_device, sparsity_report
 
@@ -71,9 +72,36 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, device: torch.devi
     return total, count
 
 
+def _eval_onnx(config: EvalConfig, graph, progress: ProgressFn | None) -> EvalResult:
+    """Perplexity of an exported prefill graph through ONNX Runtime (same windows as a PyTorch model)."""
+    from transformers import AutoTokenizer
+
+    from .onnx_eval import onnx_window_nll, tokenizer_folder
+
+    if config.sparsity or config.data is None:
+        raise ConfigError("an ONNX graph gets perplexity only: give --data, and count zeros on the model folder")
+    if config.dtype != "float32" or config.device not in ("auto", "cpu"):
+        raise ConfigError("ONNX graphs run on ONNX Runtime's CPU in their own precision: drop --dtype and --device")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(graph, config.tokenizer))
+    bos = bos_token_to_prepend(tokenizer)
+    windows = consecutive_windows(token_stream(tokenizer, read_documents(config.data)), config.seqlen, config.max_windows, bos)
+    started = time.perf_counter()
+    total, count = onnx_window_nll(graph, windows, torch.get_num_threads(), config.batch_size, progress)
+    mean = total / count
+    ppl = PerplexityResult(data=config.data, perplexity=math.exp(mean), mean_nll=mean, seqlen=config.seqlen,
+                           windows=int(windows.shape[0]), predicted_tokens=count, bos_per_window=bos is not None,
+                           dtype="graph's own (ONNX)", device="cpu (onnxruntime)", wall_time_s=time.perf_counter() - started)
+    return EvalResult(model=config.model, perplexity=ppl, sparsity=None, warnings=[])
+
+
 def run_eval(config: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
-    """``losa eval``: perplexity on ``--data`` and/or the zero fractions of the model."""
+    """``losa eval``: perplexity on ``--data`` and/or the zero fractions of the model (or of ONNX graphs)."""
+    from .onnx_eval import onnx_prefill_graph
+
     config.validate()
+    graph = onnx_prefill_graph(config.model)
+    if graph is not None:
+        return _eval_onnx(config, graph, progress)
     device = resolve_device(config.device)
     loaded = load_model(config.model, config.dtype, config.trust_remote_code)
     warnings: list[str] = []
