@@ -461,7 +461,6 @@ def bench(
     force: Annotated[bool, typer.Option(help="Replace an existing --report file.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
     precisions: Annotated[str, typer.Option(help="Comma-separated weight precisions: fp32,int8 (int8 quantized for the run).")] = BenchConfig.precisions,
-    calib: Annotated[Optional[str], typer.Option(help="Text for static int8 activation ranges (DeepSparse int8 needs it).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Latency and throughput of a sparse model vs its dense counterpart on CPU engines.
@@ -475,7 +474,7 @@ def bench(
         raise ConfigError("only CPU benchmarking exists: drop --no-cpu")
     config = BenchConfig(model=model, dense_baseline=dense_baseline, engines=engines, batch=batch, seqlen=seqlen,
                          decode_tokens=decode_tokens, threads=threads, warmup=warmup, iterations=iterations, report=report,
-                         force=force, trust_remote_code=trust_remote_code, precisions=precisions, calib=calib)
+                         force=force, trust_remote_code=trust_remote_code, precisions=precisions)
     result = _execute(run_bench, config, as_json)
     if result is None:
         return

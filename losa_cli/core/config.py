@@ -398,7 +398,6 @@ class BenchConfig:
     timeout_s: float = 3600.0
     trust_remote_code: bool = False
     precisions: str = "fp32"
-    calib: str | None = None
 
     def engine_list(self) -> list[str]:
         """The engines asked for, in order, without duplicates."""
@@ -423,8 +422,6 @@ class BenchConfig:
             found.append(f"--threads must be at least 1, got {self.threads}")
         if not self.precision_list() or any(p not in BENCH_PRECISIONS for p in self.precision_list()):
             found.append(f"--precisions {self.precisions!r}: choose from {', '.join(BENCH_PRECISIONS)} (comma-separated)")
-        if self.calib is not None and not Path(self.calib).is_file():
-            found.append(f"--calib {self.calib}: no such file (a text file for int8 activation ranges)")
         if self.report is not None and not self.report.lower().endswith(".png"):
             found.append(f"--report {self.report}: give a .png file name")
         if self.timeout_s <= 0:

@@ -35,7 +35,7 @@ from .engines import (
     safe_threads,
     summarize,
 )
-from .graph_sets import INT8_FORM, GraphSet, check_shapes, densified, int8_sets, resolve_graphs
+from .graph_sets import GraphSet, check_shapes, densified, int8_sets, resolve_graphs
 
 DECODE_PROTOCOL = ("one new token per sequence attending to a fixed past of --seqlen tokens; "
                    "--decode-tokens steps per iteration; the cache is not grown between steps")
@@ -180,7 +180,7 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> BenchR
             phases.append("decode")
         elif config.decode_tokens > 0:
             warnings.append("decode not timed: a decode graph is missing (export with losa export --onnx from a model folder)")
-        quantized = int8_sets([sparse, dense], engines, config, scratch, warnings) if "int8" in precisions else {}
+        quantized = int8_sets([sparse, dense], scratch) if "int8" in precisions else {}
         load_before = list(os.getloadavg())
         machine["read_bandwidth_gb_s"] = measure_bandwidth(threads)
         plan = []
@@ -188,9 +188,7 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> BenchR
             for precision in precisions:
                 for phase in phases:
                     for fp32 in (sparse, dense):
-                        graphs = fp32 if precision == "fp32" else quantized.get((fp32.role, INT8_FORM[engine]))
-                        if graphs is not None:
-                            plan.append((engine, phase, graphs))
+                        plan.append((engine, phase, fp32 if precision == "fp32" else quantized[fp32.role]))
         runs, byte_counts = [], {}
         for done, (engine, phase, graphs) in enumerate(plan):
             if progress:

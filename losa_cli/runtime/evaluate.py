@@ -55,21 +55,30 @@ class EvalResult:
         return asdict(self)
 
 
-@torch.inference_mode()
-def window_nll(model: torch.nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 1,
-               progress: ProgressFn | None = None) -> tuple[float, int]:
-    """Summed next-token NLL (fp32) over all windows, and the number of predicted tokens."""
+def summed_nll(logits_of, windows: torch.Tensor, batch_size: int = 1, progress: ProgressFn | None = None) -> tuple[float, int]:
+    """Summed next-token NLL (fp32) over all windows, and the number of predicted tokens.
+
+    ``logits_of(batch)`` returns the logits of a batch of windows: a PyTorch model or an ONNX
+    graph, so both are scored by the same code.
+    """
     total = 0.0
     count = 0
     for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        targets = batch[:, 1:]
+        batch = windows[start : start + batch_size]
+        logits = logits_of(batch)[:, :-1].float()
+        targets = batch[:, 1:].to(logits.device)
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
         count += targets.numel()
         if progress:
             progress("perplexity", min(start + batch_size, windows.shape[0]), windows.shape[0])
     return total, count
+
+
+@torch.inference_mode()
+def window_nll(model: torch.nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 1,
+               progress: ProgressFn | None = None) -> tuple[float, int]:
+    """Summed next-token NLL of a PyTorch model over all windows, and the number of predicted tokens."""
+    return summed_nll(lambda batch: model(input_ids=batch.to(device), use_cache=False).logits, windows, batch_size, progress)
 
 
 def _eval_onnx(config: EvalConfig, graph, progress: ProgressFn | None) -> EvalResult:

@@ -2,8 +2,7 @@
 
 resolve MODEL_DIR_OR_ONNX (a .onnx file, an export folder, or a model folder exported here) ->
 the dense counterpart (``--dense-baseline``, or a densified copy) -> for ``--precisions int8``,
-int8-weight copies of both: the dynamic form for ONNX Runtime, and the static form (activation
-ranges calibrated on ``--calib`` text) for DeepSparse, which crashes on the dynamic one.
+int8 copies of both, made exactly as ``losa export --int8`` makes them (per-token activations).
 """
 
 from __future__ import annotations
@@ -12,12 +11,11 @@ import gc
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from ..core.config import BenchConfig
 from ..core.errors import ConfigError, ModelError
 from ..core.modeling import load_model
-from ..export.int8 import activation_ranges, quantize_graph
+from ..export.int8 import quantize_graph
 from ..export.onnx_graphs import (
     SIDECAR_FILE,
     GraphSpec,
@@ -29,10 +27,8 @@ from ..export.onnx_graphs import (
     verify_export,
 )
 
-#: int8 graph form each engine runs (see export/int8.py)
-INT8_FORM = {"onnxruntime": "token", "deepsparse": "token"}
-CALIB_WINDOWS = 8
-CALIB_SEQLEN = 128
+#: the int8 activation form timed on both engines: the accurate one (export/int8.py, README)
+INT8_FORM = "token"
 
 
 @dataclass
@@ -120,44 +116,18 @@ def check_shapes(graphs: GraphSet, config: BenchConfig) -> None:
 
 
 
-def quantized(fp32: GraphSet, scratch: Path, form: str, ranges: dict | None = None) -> GraphSet:
+def quantized(fp32: GraphSet, scratch: Path, form: str) -> GraphSet:
     """int8-weight copies of a graph set (prefill and decode) in ``scratch``."""
     folder = scratch / f"{fp32.role}-int8-{form}"
     for phase in ("prefill", "decode"):
         path = fp32.path(phase)
         if path is not None:
-            quantize_graph(path, folder / path.name, form, ranges)
+            quantize_graph(path, folder / path.name, form)
     return GraphSet(fp32.role, f"{fp32.source} (int8, {form} activations)", folder, fp32.spec,
                     f"int8 weights per output channel, {form} activations, quantized for this run", precision="int8",
                     form=form, zero_fraction=fp32.zero_fraction)
 
 
-def calibration_feeds(graphs: GraphSet, calib: str) -> list[dict[str, np.ndarray]]:
-    """Prefill inputs for static int8 ranges: consecutive windows of ``calib`` text, tokenized as the model does."""
-    from transformers import AutoTokenizer
-
-    from ..core.data import bos_token_to_prepend, consecutive_windows, read_documents, token_stream
-    from .onnx_eval import tokenizer_folder
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(graphs.path("prefill"), None))
-    windows = consecutive_windows(token_stream(tokenizer, read_documents(calib)), CALIB_SEQLEN, CALIB_WINDOWS,
-                                  bos_token_to_prepend(tokenizer))
-    return [{"input_ids": w[None].numpy().astype(np.int64), "attention_mask": np.ones((1, w.shape[0]), np.int64)}
-            for w in windows]
-
-
-def int8_sets(fp32_sets: list[GraphSet], engines: list[str], config: BenchConfig, scratch: Path,
-              warnings: list[str]) -> dict[tuple[str, str], GraphSet]:
-    """(role, form) -> int8 graph set, for the forms the engines need."""
-    forms = {INT8_FORM[engine] for engine in engines}
-    if "static" in forms and config.calib is None:
-        warnings.append("DeepSparse runs int8 only with static activation ranges: give --calib FILE to time it")
-        forms.discard("static")
-    sets = {}
-    for fp32 in fp32_sets:
-        for form in sorted(forms):
-            ranges = None
-            if form == "static":
-                ranges = activation_ranges(fp32.path("prefill"), calibration_feeds(fp32_sets[0], config.calib))
-            sets[(fp32.role, form)] = quantized(fp32, scratch, form, ranges)
-    return sets
+def int8_sets(fp32_sets: list[GraphSet], scratch: Path) -> dict[str, GraphSet]:
+    """role -> int8 copy of each graph set, in the per-token form both engines run (see export/int8.py)."""
+    return {fp32.role: quantized(fp32, scratch, INT8_FORM) for fp32 in fp32_sets}

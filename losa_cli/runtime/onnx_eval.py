@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..core.errors import ConfigError
 from ..core.sequential import ProgressFn
@@ -51,15 +50,10 @@ def onnx_window_nll(graph: Path, windows: torch.Tensor, threads: int, batch_size
     inputs = {i.name for i in session.get_inputs()}
     if inputs != {"input_ids", "attention_mask"}:
         raise ConfigError(f"{graph} takes {sorted(inputs)}; perplexity needs a prefill graph (input_ids, attention_mask)")
-    total, count = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size]
+    from .evaluate import summed_nll
+
+    def logits_of(batch: torch.Tensor) -> torch.Tensor:
         ids = batch.numpy().astype(np.int64)
-        logits = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
-        logits = torch.from_numpy(logits[:, :-1]).float()
-        targets = batch[:, 1:]
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
-        count += targets.numel()
-        if progress:
-            progress("perplexity", min(start + batch_size, windows.shape[0]), windows.shape[0])
-    return total, count
+        return torch.from_numpy(session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0])
+
+    return summed_nll(logits_of, windows, batch_size, progress)
