@@ -128,7 +128,9 @@ def test_decode_bytes_counts_a_hand_built_graph(tmp_path):
     kv = 2 * 3 * 2 * 4 * 10 * 4
     assert (counted.weight_elements, counted.weight_zeros, counted.kv_cache) == (128, 32, kv)
     assert counted.total("dense") == 128 * 4 + kv
-    assert counted.total("bitmask") == 96 * 4 + 16 + kv
+    assert counted.total("bitmask") == 96 * 4 + 16 + kv and counted.total("auto") == counted.total("bitmask")
+    dense_only = decode_bytes(_matmul_graph(np.ones((16, 8), np.float32), tmp_path / "d.onnx"), 10, 3, 2, 4)
+    assert dense_only.total("bitmask") == 128 * 4 + 16 + kv and dense_only.total("auto") == dense_only.total("dense")
     quantize_graph(path, tmp_path / "q.onnx", "token")
     counted = decode_bytes(tmp_path / "q.onnx", past_tokens=10, num_layers=3, kv_heads=2, head_dim=4)
     assert (counted.weight_elements, counted.weight_zeros, counted.bytes_per_value) == (128, 32, 1)

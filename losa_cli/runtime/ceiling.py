@@ -8,8 +8,9 @@ weights:
 * ``dense``: every weight in its stored type (4 bytes fp32, 1 byte int8), zeros included; this
   is what ONNX Runtime reads, since it does not exploit unstructured zeros;
 * ``bitmask``: the kept values packed, plus one bit per weight saying where they go; the
-  smallest general format for unstructured sparsity and the one assumed for DeepSparse, whose
-  own format is not published.
+  smallest general format for unstructured sparsity;
+* ``auto``: per layer, the smaller of the two: what an engine that stores sparse layers packed
+  and dense layers dense reads.  Assumed for DeepSparse, whose own format is not published.
 
 The ceiling is a lower bound on latency, so ``share = ceiling_ms / measured_ms`` says how much
 of the hardware's limit an engine reaches (1.0 = the limit).
@@ -22,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-FORMATS = ("dense", "bitmask")
+FORMATS = ("dense", "bitmask", "auto")
 #: which weight format each engine reads (see the module docstring)
-ENGINE_FORMAT = {"onnxruntime": "dense", "deepsparse": "bitmask"}
+ENGINE_FORMAT = {"onnxruntime": "dense", "deepsparse": "auto"}
 
 
 @dataclass
@@ -37,10 +38,13 @@ class DecodeBytes:
     bytes_per_value: int
     scale_bytes: int
     kv_cache: int
+    weights_auto: int
 
     def total(self, weight_format: str) -> int:
         """Weights in ``weight_format`` plus scales and the KV cache."""
-        if weight_format == "dense":
+        if weight_format == "auto":
+            weights = self.weights_auto
+        elif weight_format == "dense":
             weights = self.weight_elements * self.bytes_per_value
         elif weight_format == "bitmask":
             kept = self.weight_elements - self.weight_zeros
@@ -79,17 +83,19 @@ def decode_bytes(graph: Path, past_tokens: int, num_layers: int, kv_heads: int, 
     import onnx
 
     proto = onnx.load(str(graph), load_external_data=True)
-    elements = zeros = weight_bytes = scale_bytes = 0
+    elements = zeros = weight_bytes = scale_bytes = auto = 0
     value_bytes = 4
     for weight, zero_point in linear_weights(proto):
+        layer_zeros = int(np.count_nonzero(weight == zero_point))
         elements += weight.size
-        zeros += int(np.count_nonzero(weight == zero_point))
+        zeros += layer_zeros
         weight_bytes += weight.nbytes
         value_bytes = weight.itemsize
+        auto += min(weight.nbytes, (weight.size - layer_zeros) * weight.itemsize + (weight.size + 7) // 8)
         if weight.itemsize == 1:
             scale_bytes += weight.shape[1] * 4  # one fp32 scale per output channel
     kv_cache = 2 * num_layers * kv_heads * head_dim * past_tokens * 4
-    return DecodeBytes(weight_bytes, elements, zeros, value_bytes, scale_bytes, kv_cache)
+    return DecodeBytes(weight_bytes, elements, zeros, value_bytes, scale_bytes, kv_cache, auto)
 
 
 def measure_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 5) -> float:
