@@ -17,7 +17,7 @@ from ..core.atomic import atomic_folder, check_output
 from ..core.config import ExportConfig, to_dict
 from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
 from ..core.modeling import load_model, save_model, sparsity_report
-from .int8 import export_int8
+from .int8 import COMPARISON_TEXT, export_int8
 from .onnx_graphs import DEEPSPARSE_MAX_OPSET, ProgressFn, check_onnx_environment, export_graphs, verify_export
 
 ONNX_FOLDER = "onnx"
@@ -67,6 +67,17 @@ def _onnx_summary(spec, verification, environment: dict) -> dict:
     }
 
 
+def _comparison_ids(tokenizer, config: ExportConfig):
+    """COMPARISON_TEXT as token ids fitting the graphs' fixed shapes; None (random ids) when it cannot."""
+    import numpy as np
+
+    ids = tokenizer(COMPARISON_TEXT)["input_ids"]
+    length = config.seqlen or len(ids)
+    if len(ids) < length:
+        return None
+    return np.array([ids[:length]] * (config.batch or 1), dtype=np.int64)
+
+
 def run_export(config: ExportConfig, progress: ProgressFn | None = None) -> ExportResult:
     """Export a (pruned, possibly recovered) model; see the module docstring for the steps."""
     config.validate()
@@ -94,7 +105,8 @@ def run_export(config: ExportConfig, progress: ProgressFn | None = None) -> Expo
         if config.int8:
             if progress:
                 progress("int8 graphs", 0, 1)
-            int8_summary = {"folder": INT8_FOLDER, **export_int8(staging / ONNX_FOLDER, staging / INT8_FOLDER)}
+            int8_summary = {"folder": INT8_FOLDER, **export_int8(staging / ONNX_FOLDER, staging / INT8_FOLDER,
+                                                                 _comparison_ids(loaded.tokenizer, config))}
             if progress:
                 progress("int8 graphs", 1, 1)
         results = {"global_sparsity": global_sparsity, "per_block_sparsity": per_block, "per_layer_sparsity": per_layer,
