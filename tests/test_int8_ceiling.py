@@ -160,3 +160,13 @@ def test_bench_int8_on_both_engines_leaves_the_export_untouched(int8_export):
                     for p in ("fp32", "int8") for ph in ("prefill", "decode")}
     int8_decode = [r for r in report["runs"] if r["precision"] == "int8" and r["phase"] == "decode"]
     assert all(r["ceiling"]["bytes"]["bytes_per_value"] == 1 for r in int8_decode)
+
+
+def test_recipe_overrides_turn_on_int8(monkeypatch):
+    from losa_cli.run.recipe import load_recipe
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the recipe's data paths are relative to the repository
+    recipe = load_recipe("examples/default.yaml", ["export.int8=true", "bench.precisions=fp32,int8"])
+    assert recipe.section("export")["int8"] is True and recipe.section("bench")["precisions"] == "fp32,int8"
+    with pytest.raises(ConfigError, match="precisions 'int4': choose from fp32, int8"):
+        load_recipe("examples/default.yaml", ["bench.precisions=int4"])

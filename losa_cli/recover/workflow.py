@@ -384,7 +384,7 @@ def _finish(config, out, loaded, accelerator, model, blocks, history, tokens_tra
         except FloatingPointError:
             raise NumericalError(f"the adapter of {name} holds NaN/inf; not saving (lower --lr and start over)") from None
     _check_kept_zeros(final_mask, wrappers, "merging the adapters")
-    if revived(head_pruned, {"lm_head": model.get_output_embeddings()}):  # a pruned head (prune --prune-lm-head) stays frozen
+    if revived(head_pruned, {"lm_head": loaded.model.get_output_embeddings()}):  # a pruned head (prune --prune-lm-head) stays frozen
         raise NumericalError("the pruned output head lost zeros during recovery; not saving -- this is a bug in losa")
     if config.pattern:
         n, m = parse_nm(config.pattern)
