@@ -2,15 +2,17 @@
 
 Weights are quantized per output channel (a MatMul ``B`` is ``[K, N]``: one scale per column),
 symmetrically, so a zero weight is the integer 0 and every pruned weight stays exactly zero;
-kept weights smaller than half a step also become 0, and that count is reported.  Two
-activation forms, because the engines want different graphs:
+kept weights smaller than half a step also become 0, and that count is reported.  Three
+activation forms, compared in benchmarks/cpu_int8.py:
 
-* ``dynamic`` (ONNX Runtime): ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(Mul(sx, sw))``.
-  ONNX Runtime fuses this chain into its int8 GEMM (``DynamicQuantizeMatMul``); the activation
-  scale is computed per call, so no calibration is needed.
-* ``static``: ``QuantizeLinear`` with a calibrated per-tensor scale and uint8 zero point, then
-  ``MatMulInteger -> Cast -> Mul(constant sx * sw)``; the form DeepSparse compiles into its int8
-  kernels.  Ranges come from running the fp32 prefill graph on calibration windows.
+* ``token`` (what ``losa export --int8`` and ``losa bench`` use): one symmetric scale per token,
+  ``max|x| / 127``, computed in the graph; ``MatMulInteger`` then rescales per token and per
+  channel.  No calibration, and a decode step quantizes exactly as a prefill does.  Both
+  engines run it; it costs SmolLM2 3% perplexity.
+* ``dynamic``: ONNX Runtime's form, ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul``,
+  one scale per tensor computed per call (67% perplexity on SmolLM2; DeepSparse crashes on it).
+* ``static``: SparseML's form for DeepSparse, ``QuantizeLinear`` with a calibrated per-tensor
+  scale (``activation_ranges``), then ``MatMulInteger -> Cast -> Mul`` (80% perplexity).
 
 ONNX Runtime's own quantization tool needs onnx >= 1.16 (int4 types), which the DeepSparse pin
 (onnx < 1.15) excludes, so the rewrite is done here with plain onnx helpers.
@@ -19,6 +21,7 @@ ONNX Runtime's own quantization tool needs onnx >= 1.16 (int4 types), which the 
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -109,8 +112,6 @@ def activation_ranges(prefill_path: Path, feeds: list[dict[str, np.ndarray]]) ->
     for name in tensor_to_keys:
         if name not in existing:
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="losa-calib-") as scratch:
         path = Path(scratch) / "calib.onnx"
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
