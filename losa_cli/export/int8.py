@@ -187,7 +187,7 @@ def quantize_graph(source: Path, target: Path, activations: str = "dynamic",
     proto = onnx.load(str(source), load_external_data=True)
     initializers = {init.name: init for init in proto.graph.initializer}
     report = QuantizeReport(str(source), str(target), activations, 0, 0, 0, 0)
-    done: dict[str, tuple[str, str, str]] = {}  # weight initializer -> (q, zero point, scale) names
+    done: dict[str, tuple[str, str, str, np.ndarray]] = {}  # weight initializer -> (q, zero point, scale) names, scale
     new_nodes, new_inits = [], []
     per_token: dict[str, tuple[str, str, str]] = {}  # activation -> its quantized form, shared by q/k/v and gate/up
     matmuls = set(_constant_matmuls(proto))
@@ -208,38 +208,39 @@ def quantize_graph(source: Path, target: Path, activations: str = "dynamic",
             names = (f"{weight_name}_int8", f"{weight_name}_int8_zp", f"{weight_name}_int8_scale")
             new_inits += [numpy_helper.from_array(stored, names[0]), numpy_helper.from_array(zero_point, names[1]),
                           numpy_helper.from_array(scale, names[2])]
-            done[weight_name] = names
+            done[weight_name] = (*names, scale)
             zeros_fp32, zeros_int8 = int(np.count_nonzero(weight == 0)), int(np.count_nonzero(quantized == 0))
             report.layers.append(QuantizedLayer(weight_name, list(weight.shape), zeros_fp32, zeros_int8,
                                                 bool(np.all(quantized[weight == 0] == 0))))
             report.weights_quantized += 1
             report.weight_bytes_fp32 += weight.nbytes
             report.weight_bytes_int8 += quantized.nbytes + scale.nbytes
-        q_name, zp_name, scale_name = done[weight_name]
+        q_name, zp_name, scale_name, scale = done[weight_name]
         out, tag = node.output[0], node.name or f"matmul{report.matmuls_quantized}"
+        # each form gives the quantized activation, its zero point, and the scales that turn int32 back into floats
         if activations == "token":
             if x not in per_token:
                 per_token[x] = _per_token_quantize(x, f"{tag}_x", new_nodes, new_inits)
             xq, xs, xzp = per_token[x]
-            new_nodes.append(helper.make_node("MatMulInteger", [xq, q_name, xzp, zp_name], [f"{tag}_i32"]))
-            new_nodes.append(helper.make_node("Cast", [f"{tag}_i32"], [f"{tag}_f32"], to=TensorProto.FLOAT))
-            new_nodes.append(helper.make_node("Mul", [f"{tag}_f32", xs], [f"{tag}_rows"]))
-            new_nodes.append(helper.make_node("Mul", [f"{tag}_rows", scale_name], [out]))
-            report.matmuls_quantized += 1
-            continue
-        if activations == "dynamic":
-            new_nodes.append(helper.make_node("DynamicQuantizeLinear", [x], [f"{tag}_xq", f"{tag}_xs", f"{tag}_xzp"]))
+            rescale = [xs, scale_name]  # per token, then per channel
+        elif activations == "dynamic":
+            xq, xzp, rescale = f"{tag}_xq", f"{tag}_xzp", [f"{tag}_scale"]
+            new_nodes.append(helper.make_node("DynamicQuantizeLinear", [x], [xq, f"{tag}_xs", xzp]))
             new_nodes.append(helper.make_node("Mul", [f"{tag}_xs", scale_name], [f"{tag}_scale"]))
         else:
+            xq, xzp, rescale = f"{tag}_xq", f"{tag}_xzp", [f"{tag}_scale"]
             x_scale, x_zero = _uint8_params(*ranges[key])
             new_inits += [numpy_helper.from_array(np.array(x_scale, np.float32), f"{tag}_xs"),
-                          numpy_helper.from_array(np.array(x_zero, np.uint8), f"{tag}_xzp"),
-                          numpy_helper.from_array((x_scale * numpy_helper.to_array(
-                              next(i for i in new_inits if i.name == scale_name))).astype(np.float32), f"{tag}_scale")]
-            new_nodes.append(helper.make_node("QuantizeLinear", [x, f"{tag}_xs", f"{tag}_xzp"], [f"{tag}_xq"]))
-        new_nodes.append(helper.make_node("MatMulInteger", [f"{tag}_xq", q_name, f"{tag}_xzp", zp_name], [f"{tag}_i32"]))
+                          numpy_helper.from_array(np.array(x_zero, np.uint8), xzp),
+                          numpy_helper.from_array((x_scale * scale).astype(np.float32), f"{tag}_scale")]
+            new_nodes.append(helper.make_node("QuantizeLinear", [x, f"{tag}_xs", xzp], [xq]))
+        new_nodes.append(helper.make_node("MatMulInteger", [xq, q_name, xzp, zp_name], [f"{tag}_i32"]))
         new_nodes.append(helper.make_node("Cast", [f"{tag}_i32"], [f"{tag}_f32"], to=TensorProto.FLOAT))
-        new_nodes.append(helper.make_node("Mul", [f"{tag}_f32", f"{tag}_scale"], [out]))
+        current = f"{tag}_f32"
+        for position, factor in enumerate(rescale):
+            product = out if position == len(rescale) - 1 else f"{tag}_rows"
+            new_nodes.append(helper.make_node("Mul", [current, factor], [product]))
+            current = product
         report.matmuls_quantized += 1
     used = {name for node in new_nodes for name in node.input}
     kept = [init for init in proto.graph.initializer if init.name in used]
