@@ -117,6 +117,20 @@ def test_onnx_perplexity_equals_pytorch_and_int8_is_close(int8_export, eval_file
     assert int8_ppl != onnx_ppl.perplexity and abs(int8_ppl / torch_ppl - 1) < 0.05
     with pytest.raises(ConfigError, match="perplexity only"):
         run_eval(EvalConfig(model=str(out / "onnx"), sparsity=True))
+    with pytest.raises(ConfigError, match="drop --dtype and --device"):
+        run_eval(EvalConfig(model=str(out / "onnx"), dtype="bfloat16", **settings))
+
+
+def test_onnx_eval_without_a_tokenizer_says_what_to_give(int8_export, eval_file, tmp_path):
+    out, _ = int8_export
+    lonely = tmp_path / "graphs" / "prefill.onnx"
+    lonely.parent.mkdir()
+    lonely.write_bytes((out / "onnx" / "prefill.onnx").read_bytes())
+    result = runner.invoke(app, ["eval", "--model", str(lonely), "--data", str(eval_file), "--seqlen", "32"])
+    assert result.exit_code != 0 and "give --tokenizer MODEL_DIR" in result.output
+    assert "Traceback" not in result.output
+    ppl = run_eval(EvalConfig(model=str(lonely), tokenizer=str(out), data=str(eval_file), seqlen=32, max_windows=2))
+    assert ppl.perplexity.windows == 2
 
 
 def test_decode_bytes_counts_a_hand_built_graph(tmp_path):

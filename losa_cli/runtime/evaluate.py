@@ -81,6 +81,21 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, device: torch.devi
     return summed_nll(lambda batch: model(input_ids=batch.to(device), use_cache=False).logits, windows, batch_size, progress)
 
 
+def _perplexity(config: EvalConfig, tokenizer, seqlen: int, nll_of, dtype: str, device: str) -> PerplexityResult:
+    """Cut ``--data`` into the protocol's windows and score them with ``nll_of(windows) -> (total, count)``.
+
+    One place for the windows and the result, whether a PyTorch model or an ONNX graph is scored.
+    """
+    bos = bos_token_to_prepend(tokenizer)
+    windows = consecutive_windows(token_stream(tokenizer, read_documents(config.data)), seqlen, config.max_windows, bos)
+    started = time.perf_counter()
+    total, count = nll_of(windows)
+    mean = total / count
+    return PerplexityResult(data=config.data, perplexity=math.exp(mean), mean_nll=mean, seqlen=seqlen,
+                            windows=int(windows.shape[0]), predicted_tokens=count, bos_per_window=bos is not None,
+                            dtype=dtype, device=device, wall_time_s=time.perf_counter() - started)
+
+
 def _eval_onnx(config: EvalConfig, graph, progress: ProgressFn | None) -> EvalResult:
     """Perplexity of an exported prefill graph through ONNX Runtime (same windows as a PyTorch model)."""
     from transformers import AutoTokenizer
@@ -92,14 +107,9 @@ def _eval_onnx(config: EvalConfig, graph, progress: ProgressFn | None) -> EvalRe
     if config.dtype != "float32" or config.device not in ("auto", "cpu"):
         raise ConfigError("ONNX graphs run on ONNX Runtime's CPU in their own precision: drop --dtype and --device")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(graph, config.tokenizer))
-    bos = bos_token_to_prepend(tokenizer)
-    windows = consecutive_windows(token_stream(tokenizer, read_documents(config.data)), config.seqlen, config.max_windows, bos)
-    started = time.perf_counter()
-    total, count = onnx_window_nll(graph, windows, torch.get_num_threads(), config.batch_size, progress)
-    mean = total / count
-    ppl = PerplexityResult(data=config.data, perplexity=math.exp(mean), mean_nll=mean, seqlen=config.seqlen,
-                           windows=int(windows.shape[0]), predicted_tokens=count, bos_per_window=bos is not None,
-                           dtype="graph's own (ONNX)", device="cpu (onnxruntime)", wall_time_s=time.perf_counter() - started)
+    ppl = _perplexity(config, tokenizer, config.seqlen,
+                      lambda windows: onnx_window_nll(graph, windows, torch.get_num_threads(), config.batch_size, progress),
+                      "graph's own (ONNX)", "cpu (onnxruntime)")
     return EvalResult(model=config.model, perplexity=ppl, sparsity=None, warnings=[])
 
 
@@ -121,22 +131,7 @@ def run_eval(config: EvalConfig, progress: ProgressFn | None = None) -> EvalResu
     ppl = None
     if config.data is not None:
         seqlen = clip_seqlen(loaded.model, config.seqlen, warnings)
-        bos = bos_token_to_prepend(loaded.tokenizer)
-        windows = consecutive_windows(token_stream(loaded.tokenizer, read_documents(config.data)), seqlen, config.max_windows, bos)
-        started = time.perf_counter()
-        model = loaded.model.to(device)
-        total, count = window_nll(model, windows, device, config.batch_size, progress)
-        mean = total / count
-        ppl = PerplexityResult(
-            data=config.data,
-            perplexity=math.exp(mean),
-            mean_nll=mean,
-            seqlen=seqlen,
-            windows=int(windows.shape[0]),
-            predicted_tokens=count,
-            bos_per_window=bos is not None,
-            dtype=config.dtype,
-            device=str(device),
-            wall_time_s=time.perf_counter() - started,
-        )
+        ppl = _perplexity(config, loaded.tokenizer, seqlen,  # moving the model to the device is timed, as before
+                          lambda windows: window_nll(loaded.model.to(device), windows, device, config.batch_size, progress),
+                          config.dtype, str(device))
     return EvalResult(model=config.model, perplexity=ppl, sparsity=sparsity, warnings=warnings)
