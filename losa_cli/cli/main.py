@@ -178,6 +178,7 @@ def prune(
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 (statistics are fp32 always).")] = PruneConfig.dtype,
     damp: Annotated[float, typer.Option(help="SparseGPT damping, fraction of mean(diag H).")] = PruneConfig.damp,
     blocksize: Annotated[int, typer.Option(help="SparseGPT column block size.")] = PruneConfig.blocksize,
+    low_memory: Annotated[Optional[bool], typer.Option("--low-memory/--in-memory", help="Read one block at a time from the memory-mapped safetensors and write the output block by block (default: when the model would take over half the free memory).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
     as_json: JsonOpt = False,
@@ -189,7 +190,8 @@ def prune(
         model=model, out=out, method=method, sparsity=sparsity, pattern=pattern, prune_lm_head=prune_lm_head, per_layer=per_layer,
         allocation=allocation, delta=delta, beta=beta, rmi_samples=rmi_samples, owl_lambda=owl_lambda, owl_m=owl_m,
         calibration=CalibrationConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling),
-        device=device, dtype=dtype, damp=damp, blocksize=blocksize, force=force, trust_remote_code=trust_remote_code,
+        device=device, dtype=dtype, damp=damp, blocksize=blocksize, low_memory=low_memory, force=force,
+        trust_remote_code=trust_remote_code,
     )
     result = _execute(run_prune, config, as_json)
     if result is None:
@@ -210,7 +212,8 @@ def prune(
                      highlight=False)
     stdout.print(
         f"calibration {result.nsamples} x {result.seqlen} tokens on {result.device}; "
-        f"{result.wall_time_s:.1f} s, peak memory {result.peak_memory_mib:.0f} MiB; mask sha256 {result.mask_checksum[:16]}",
+        f"{result.wall_time_s:.1f} s, peak memory {result.peak_memory_mib:.0f} MiB"
+        f"{' (one block at a time)' if result.low_memory else ''}; mask sha256 {result.mask_checksum[:16]}",
         highlight=False,
     )
 

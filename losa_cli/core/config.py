@@ -107,6 +107,8 @@ class PruneConfig:
     dtype: str = "float32"
     damp: float = 0.01
     blocksize: int = 128
+    #: stream the blocks from the memory-mapped checkpoint; None: when the model would not fit
+    low_memory: bool | None = None
     force: bool = False
     trust_remote_code: bool = False
 
@@ -131,6 +133,8 @@ class PruneConfig:
             if self.allocation != "uniform":
                 found.append(f"--pattern and --allocation {self.allocation} cannot be combined: N:M fixes every layer's rate")
         found += _check_choice("--allocation", self.allocation, ALLOCATIONS)
+        if self.low_memory and self.prune_lm_head:
+            found.append("--prune-lm-head needs the whole model in memory: drop --low-memory or --prune-lm-head")
         if self.per_layer and self.allocation != "uniform":
             found.append("--per-layer gives the rates itself; drop --allocation")
         if self.per_layer:

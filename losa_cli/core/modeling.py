@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch import nn
 from .errors import ModelError
 from .hub import hub_unreachable
 from .manifest import read_manifest
+from .offload import Checkpoint, empty_model, load_outside_blocks, module_name
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,6 +49,8 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     source: ModelSource
+    #: set when the decoder blocks are not in memory but read from this checkpoint one at a time
+    checkpoint: Checkpoint | None = None
 
 
 def resolve_source(spec: str) -> ModelSource:
@@ -116,7 +118,7 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
     GGUF models are dequantised by transformers on load and saved as plain safetensors.  A Hub
     id is looked up only in the local cache when the Hub cannot be reached (``hub.py``).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = resolve_source(spec)
     if source.is_local:
@@ -148,17 +150,48 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
     if source.gguf_file:
         model = _drop_gguf_quantization(model)
     model.eval()
+    tokenizer = _load_tokenizer(source, trust_remote_code, hub)
+    _check_decoder(model, config)
+    return LoadedModel(model, tokenizer, source)
+
+
+def load_model_skeleton(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
+    """The model with only its tensors outside the decoder blocks in memory (``--low-memory``).
+
+    The blocks stay on the meta device; ``offload.MappedBlocks`` reads each from the memory-mapped
+    checkpoint when the sequential pass needs it.  Local safetensors folders only.
+    """
+    source = resolve_source(spec)
+    if not source.is_local or source.gguf_file or not any(Path(source.location).glob("*.safetensors")):
+        raise ModelError(f"--low-memory reads a local folder of .safetensors weights, and {spec} is not one: "
+                         "convert or download it first, or drop --low-memory")
+    read_manifest(Path(source.location))
+    config = _load_config(source, trust_remote_code, {}, None)
+    torch_dtype = DTYPES[dtype]
+    model = empty_model(config, torch_dtype, trust_remote_code)
+    _check_decoder(model, config)
+    checkpoint = Checkpoint.open(source.location)
+    load_outside_blocks(model, checkpoint, module_name(model, find_blocks(model)), torch_dtype)
+    return LoadedModel(model, _load_tokenizer(source, trust_remote_code, {}), source, checkpoint)
+
+
+def _load_tokenizer(source: ModelSource, trust_remote_code: bool, hub: dict):
+    from transformers import AutoTokenizer
+
     try:
-        tok_kwargs = {"trust_remote_code": trust_remote_code, **hub}
+        kwargs = {"trust_remote_code": trust_remote_code, **hub}
         if source.gguf_file:
-            tok_kwargs["gguf_file"] = source.gguf_file
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **tok_kwargs)
+            kwargs["gguf_file"] = source.gguf_file
+        return AutoTokenizer.from_pretrained(source.location, **kwargs)
     except Exception as exc:  # noqa: BLE001 - as above
         raise ModelError(f"cannot load the tokenizer from {source.location}: {_first_line(exc)}") from exc
-    blocks = find_blocks(model)  # fail early, before any work, on an unsupported structure
+
+
+def _check_decoder(model: nn.Module, config) -> None:
+    """Fail early, before any work, on an unsupported structure or bidirectional attention."""
+    blocks = find_blocks(model)
     if any(getattr(module, "is_causal", True) is False for module in blocks.modules()):
-        raise ModelError(_unsupported_message(getattr(config, "model_type", "?")))  # bidirectional attention
-    return LoadedModel(model, tokenizer, source)
+        raise ModelError(_unsupported_message(getattr(config, "model_type", "?")))
 
 
 def _drop_gguf_quantization(model: nn.Module) -> nn.Module:
@@ -238,37 +271,50 @@ def save_model(loaded: LoadedModel, folder: Path) -> None:
     loaded.tokenizer.save_pretrained(folder)
 
 
-def sparsity_report(model: nn.Module) -> tuple[dict[str, float], list[float], float, str]:
-    """Per-layer and per-block zero fractions, the global one and the mask checksum."""
-    per_layer: dict[str, float] = {}
-    per_block: list[float] = []
-    masks = []
-    total = zeros = 0
-    for index, block in enumerate(find_blocks(model)):
+class SparsityTally:
+    """Zero fractions and the mask checksum, built one block at a time.
+
+    Streaming needs this: with ``--low-memory`` a block's weights exist only while the pass holds
+    it, so its zeros are counted then, in block order (the order the checksum is defined in).
+    """
+
+    def __init__(self) -> None:
+        self.per_layer: dict[str, float] = {}
+        self.per_block: list[float] = []
+        self.total = self.zeros = 0
+        self.digest = hashlib.sha256()
+
+    def add_block(self, index: int, block: nn.Module) -> None:
         block_total = block_zeros = 0
         for name, linear in find_linears(block).items():
             mask = linear.weight.detach() == 0
             count = int(mask.sum())
-            per_layer[f"{index}.{name}"] = count / mask.numel()
+            self.per_layer[f"{index}.{name}"] = count / mask.numel()
             block_total += mask.numel()
             block_zeros += count
-            masks.append((f"{index}.{name}", mask))
-        per_block.append(block_zeros / block_total)
-        total += block_total
-        zeros += block_zeros
-    return per_layer, per_block, zeros / total, mask_checksum(masks)
+            _digest_mask(self.digest, f"{index}.{name}", mask)
+        self.per_block.append(block_zeros / block_total)
+        self.total += block_total
+        self.zeros += block_zeros
+
+    def report(self) -> tuple[dict[str, float], list[float], float, str]:
+        """Per-layer and per-block zero fractions, the global one and the mask checksum."""
+        return self.per_layer, self.per_block, self.zeros / self.total, self.digest.hexdigest()
 
 
-def mask_checksum(masks: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """SHA-256 over the names and packed bits of the masks, in the given order.
+def sparsity_report(model: nn.Module) -> tuple[dict[str, float], list[float], float, str]:
+    """Per-layer and per-block zero fractions, the global one and the mask checksum."""
+    tally = SparsityTally()
+    for index, block in enumerate(find_blocks(model)):
+        tally.add_block(index, block)
+    return tally.report()
 
-    Two models share this checksum exactly when the same weights are zero, so a user can check
-    that merging or exporting kept the pattern.
-    """
-    digest = hashlib.sha256()
-    for name, mask in masks:
-        digest.update(name.encode())
-        bits = mask.detach().to("cpu", torch.bool).flatten()
-        digest.update(str(tuple(mask.shape)).encode())
-        digest.update(bits.numpy().tobytes())
-    return digest.hexdigest()
+
+def _digest_mask(digest, name: str, mask: torch.Tensor) -> None:
+    """Feed one layer's name, shape and packed zero bits to the mask checksum: two models share
+    the checksum exactly when the same weights are zero, so a user can check that merging or
+    exporting kept the pattern."""
+    digest.update(name.encode())
+    bits = mask.detach().to("cpu", torch.bool).flatten()
+    digest.update(str(tuple(mask.shape)).encode())
+    digest.update(bits.numpy().tobytes())

@@ -18,6 +18,9 @@ import torch
 from torch import nn
 
 from .modeling import find_blocks, find_linears
+from .offload import MappedBlocks, ResidentBlocks
+
+BlockLoader = ResidentBlocks | MappedBlocks
 
 #: progress(description, done, total[, info]) -- the CLI draws it; workflows never print
 ProgressFn = Callable[..., None]
@@ -160,22 +163,27 @@ def sequential_blocks(
     device: torch.device,
     progress: ProgressFn | None = None,
     on_outputs: Callable[[int, list[torch.Tensor]], None] | None = None,
+    loader: BlockLoader | None = None,
 ) -> Iterator[BlockStep]:
     """Yield each block on ``device`` with the outputs of the (already modified) blocks before it.
 
     The caller may change the block while holding the step; its outputs are computed after the
     caller resumes the iteration, so block l+1 sees what the modified block l produces.
+    ``loader`` materialises each block for its step and releases it after (default: the blocks
+    are in memory and only move to ``device`` and back; ``offload.MappedBlocks`` reads them from
+    a memory-mapped checkpoint, for models larger than memory).
     """
     blocks = find_blocks(model)
-    home = next(blocks[0].parameters()).device
+    if loader is None:
+        loader = ResidentBlocks(next(blocks[0].parameters()).device)
     hidden, calls = capture_block_inputs(model, windows, device)
     for index, block in enumerate(blocks):
-        block.to(device)
+        loader.load(index, block, device)
         step = BlockStep(index, block, hidden, calls[index])
         yield step
         hidden = step.run()
         if on_outputs is not None:
             on_outputs(index, hidden)
-        block.to(home)
+        loader.release(index, block)
         if progress:
             progress("blocks", index + 1, len(blocks))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.sequential import ProgressFn, sequential_blocks
+from ..core.sequential import BlockLoader, ProgressFn, sequential_blocks
 from ..core.modeling import find_linears
 from .rmi import gram_matrix, outlier_ratio, owl_rates, rmi_rates, similarity_matrix
 from .wanda import InputNormAccumulator, wanda_scores
@@ -31,11 +31,12 @@ class Allocation:
 
 
 def rmi_allocation(model: nn.Module, windows: torch.Tensor, device: torch.device, sparsity: float, delta: float,
-                   beta: float, progress: ProgressFn | None = None, floor: list[float] | None = None) -> Allocation:
+                   beta: float, progress: ProgressFn | None = None, floor: list[float] | None = None,
+                   loader: BlockLoader | None = None) -> Allocation:
     """Block similarity on ``windows`` (the paper uses 64), then the exact rate assignment
     (each block at least at its ``floor`` sparsity when given)."""
     grams = []
-    for step in sequential_blocks(model, windows, device, _relabel(progress, "similarity pass")):
+    for step in sequential_blocks(model, windows, device, _relabel(progress, "similarity pass"), loader=loader):
         grams.append(gram_matrix(step.inputs))
     similarity = similarity_matrix(grams)
     rates, weights = rmi_rates(similarity, sparsity, delta, beta, floor)
@@ -44,10 +45,10 @@ def rmi_allocation(model: nn.Module, windows: torch.Tensor, device: torch.device
 
 
 def owl_allocation(model: nn.Module, windows: torch.Tensor, device: torch.device, sparsity: float, lam: float,
-                   multiple: float, progress: ProgressFn | None = None) -> Allocation:
+                   multiple: float, progress: ProgressFn | None = None, loader: BlockLoader | None = None) -> Allocation:
     """OWL outlier ratios from the dense model's Wanda scores, then the OWL rates."""
     ratios = []
-    for step in sequential_blocks(model, windows, device, _relabel(progress, "outlier pass")):
+    for step in sequential_blocks(model, windows, device, _relabel(progress, "outlier pass"), loader=loader):
         norms: dict[str, InputNormAccumulator] = {}
 
         def observer(name: str, linear: nn.Linear):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..core.config import CalibrationConfig
-from ..core.sequential import ProgressFn, move_all_but_blocks, sequential_blocks
+from ..core.sequential import BlockLoader, ProgressFn, move_all_but_blocks, sequential_blocks
 from ..core.data import bos_token_to_prepend, document_windows, read_documents, sample_windows, token_stream
 from ..core.errors import ConfigError, NumericalError
 from .masks import layerwise_mask, nm_mask, parse_nm, rowwise_mask, satisfies_nm
@@ -95,11 +95,13 @@ def prune_linear(linear: nn.Linear, criterion: Criterion, rate: float, stats, wh
 
 
 def prune_blocks(model: nn.Module, criterion: Criterion, rates: list[float], windows: torch.Tensor | None,
-                 device: torch.device, progress: ProgressFn | None = None, on_outputs: OutputsFn | None = None) -> list[str]:
+                 device: torch.device, progress: ProgressFn | None = None, on_outputs: OutputsFn | None = None,
+                 loader: BlockLoader | None = None) -> list[str]:
     """Prune every block's linear layers in place, sequentially; returns warnings.
 
     ``windows`` may be None for magnitude pruning, which needs no activations.  ``on_outputs``
     receives each pruned block's outputs (LoSA measures reconstruction error with them).
+    ``loader`` brings each block into memory and takes it out again (``--low-memory``).
     """
     warnings: list[str] = []
     blocks = find_blocks(model)
@@ -107,13 +109,17 @@ def prune_blocks(model: nn.Module, criterion: Criterion, rates: list[float], win
         if criterion.method != "magnitude":
             raise ValueError(f"{criterion.method} needs calibration windows")
         for index, block in enumerate(blocks):
+            if loader is not None:
+                loader.load(index, block, device)
             for name, linear in find_linears(block).items():
                 warnings += prune_linear(linear, criterion, rates[index], None, f"block {index} {name}")
+            if loader is not None:
+                loader.release(index, block)
             if progress:
                 progress("blocks", index + 1, len(blocks))
         return warnings
     accumulator = HessianAccumulator if criterion.method == "sparsegpt" else InputNormAccumulator
-    for step in sequential_blocks(model, windows, device, progress, on_outputs):
+    for step in sequential_blocks(model, windows, device, progress, on_outputs, loader):
         stats: dict[str, object] = {}
         if criterion.method != "magnitude":
 

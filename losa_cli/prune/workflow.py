@@ -15,11 +15,13 @@ import torch
 
 from .allocation import Allocation, owl_allocation, rmi_allocation
 from ..core.atomic import atomic_folder, check_output
-from ..core.sequential import ProgressFn
+from ..core.sequential import BlockLoader, ProgressFn
 from ..core.config import PruneConfig, load_per_layer, to_dict
 from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
 from .masks import parse_nm
-from ..core.modeling import LoadedModel, find_blocks, load_model, resolve_device, save_model, sparsity_report
+from ..core.modeling import (DTYPES, LoadedModel, SparsityTally, find_blocks, load_model, load_model_skeleton,
+                             resolve_device, save_model, sparsity_report)
+from ..core.offload import MappedBlocks, ShardWriter, module_name, should_stream
 from .pruning import Criterion, calibration_windows, check_nm_widths, prune_blocks, prune_lm_head, untie_lm_head
 from .rmi import DEFAULT_BETA, default_delta
 
@@ -43,13 +45,14 @@ class PruneResult:
     wall_time_s: float
     peak_memory_mib: float
     device: str
+    low_memory: bool = False
     allocation: dict = field(default_factory=dict)
     lm_head: dict | None = None
     warnings: list[str] = field(default_factory=list)
 
 
 def block_rates(config: PruneConfig, loaded: LoadedModel, windows: torch.Tensor | None, device: torch.device,
-                progress: ProgressFn | None = None) -> Allocation:
+                progress: ProgressFn | None = None, loader: BlockLoader | None = None) -> Allocation:
     """Per-block target rates: N:M's n/m, an explicit file, RMI, OWL, or uniform ``--sparsity``."""
     num_blocks = len(find_blocks(loaded.model))
     if config.pattern:
@@ -60,9 +63,11 @@ def block_rates(config: PruneConfig, loaded: LoadedModel, windows: torch.Tensor 
     if config.allocation == "rmi":
         delta = config.delta if config.delta is not None else default_delta(config.sparsity)
         beta = config.beta if config.beta is not None else DEFAULT_BETA[config.method]
-        return rmi_allocation(loaded.model, windows[: config.rmi_samples], device, config.sparsity, delta, beta, progress)
+        return rmi_allocation(loaded.model, windows[: config.rmi_samples], device, config.sparsity, delta, beta, progress,
+                              loader=loader)
     if config.allocation == "owl":
-        return owl_allocation(loaded.model, windows, device, config.sparsity, config.owl_lambda, config.owl_m, progress)
+        return owl_allocation(loaded.model, windows, device, config.sparsity, config.owl_lambda, config.owl_m, progress,
+                              loader=loader)
     return Allocation("uniform", [config.sparsity] * num_blocks)
 
 
@@ -76,6 +81,46 @@ def _prune_head(model: torch.nn.Module, criterion: Criterion, rate: float, windo
             "note": "the head is a separate copy of the embedding matrix, saved beside it" if untied else "already untied"}
 
 
+def _low_memory(config: PruneConfig) -> bool:
+    """``--low-memory`` as asked, or (unset) when the model would take over half the free memory."""
+    if config.low_memory is not None:
+        return config.low_memory
+    if config.prune_lm_head:
+        return False  # the head's inputs come from a whole-model forward pass
+    folder = Path(config.model).expanduser()
+    return folder.is_dir() and should_stream(folder, DTYPES[config.dtype])
+
+
+@dataclass
+class _Streamed:
+    """``--low-memory``: each pruned block is counted and written to its shard as the pass leaves it."""
+
+    loaded: LoadedModel
+    staging: Path
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        model = self.loaded.model
+        self.prefix = module_name(model, find_blocks(model))
+        self.tally = SparsityTally()
+        self.writer = ShardWriter(self.staging, self.prefix, len(find_blocks(model)))
+
+    def reader(self, keep: bool) -> MappedBlocks:
+        return MappedBlocks(self.loaded.checkpoint, self.prefix, self.dtype, self._keep if keep else None)
+
+    def _keep(self, index: int, block: torch.nn.Module) -> None:
+        self.tally.add_block(index, block)
+        self.writer.write_block(index, block)
+
+    def save(self) -> None:
+        self.writer.write_outside_blocks(self.loaded.model)
+        self.writer.finish()
+        self.loaded.model.config.save_pretrained(self.staging)
+        if self.loaded.model.can_generate():
+            self.loaded.model.generation_config.save_pretrained(self.staging)
+        self.loaded.tokenizer.save_pretrained(self.staging)
+
+
 def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneResult:
     """``losa prune``: validate, load, prune, save atomically; never touches the input model."""
     config.validate()
@@ -84,42 +129,49 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
     device = resolve_device(config.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    loaded = load_model(config.model, config.dtype, config.trust_remote_code)
+    low_memory = _low_memory(config)
+    loaded = (load_model_skeleton if low_memory else load_model)(config.model, config.dtype, config.trust_remote_code)
     if config.pattern:
         check_nm_widths(loaded.model, config.pattern)
     warnings: list[str] = []
     windows = calibration_windows(loaded.model, loaded.tokenizer, config.calibration, warnings) if config.needs_calibration else None
-    allocation = block_rates(config, loaded, windows, device, progress)
-    rates = allocation.rates
     activations = None if config.method == "magnitude" else windows  # magnitude needs no activations
     criterion = Criterion(config.method, parse_nm(config.pattern) if config.pattern else None, config.damp, config.blocksize)
-    warnings += prune_blocks(loaded.model, criterion, rates, activations, device, progress)
-    head = _prune_head(loaded.model, criterion, sum(rates) / len(rates), activations, device, warnings) \
-        if config.prune_lm_head else None
-    per_layer, per_block, global_sparsity, checksum = sparsity_report(loaded.model)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
-    result = PruneResult(
-        out=str(out),
-        method=config.method,
-        pattern=config.pattern,
-        target_sparsity=sum(rates) / len(rates),
-        per_block_rates=rates,
-        per_block_sparsity=per_block,
-        per_layer_sparsity=per_layer,
-        global_sparsity=global_sparsity,
-        mask_checksum=checksum,
-        nsamples=0 if windows is None else int(windows.shape[0]),
-        seqlen=0 if windows is None else int(windows.shape[1]),
-        calibration_tokens=0 if windows is None else int(windows.numel()),
-        wall_time_s=0.0,
-        peak_memory_mib=peak,
-        device=str(device),
-        allocation={k: v for k, v in asdict(allocation).items() if k != "rates"},
-        lm_head=head,
-        warnings=warnings,
-    )
     with atomic_folder(out) as staging:
-        save_model(loaded, staging)
+        streamed = _Streamed(loaded, staging, DTYPES[config.dtype]) if low_memory else None
+        allocation = block_rates(config, loaded, windows, device, progress, streamed and streamed.reader(keep=False))
+        rates = allocation.rates
+        warnings += prune_blocks(loaded.model, criterion, rates, activations, device, progress,
+                                 loader=streamed and streamed.reader(keep=True))
+        head = _prune_head(loaded.model, criterion, sum(rates) / len(rates), activations, device, warnings) \
+            if config.prune_lm_head else None
+        per_layer, per_block, global_sparsity, checksum = streamed.tally.report() if streamed else sparsity_report(loaded.model)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
+        result = PruneResult(
+            out=str(out),
+            method=config.method,
+            pattern=config.pattern,
+            target_sparsity=sum(rates) / len(rates),
+            per_block_rates=rates,
+            per_block_sparsity=per_block,
+            per_layer_sparsity=per_layer,
+            global_sparsity=global_sparsity,
+            mask_checksum=checksum,
+            nsamples=0 if windows is None else int(windows.shape[0]),
+            seqlen=0 if windows is None else int(windows.shape[1]),
+            calibration_tokens=0 if windows is None else int(windows.numel()),
+            wall_time_s=0.0,
+            peak_memory_mib=peak,
+            device=str(device),
+            low_memory=low_memory,
+            allocation={k: v for k, v in asdict(allocation).items() if k != "rates"},
+            lm_head=head,
+            warnings=warnings,
+        )
+        if streamed:
+            streamed.save()
+        else:
+            save_model(loaded, staging)
         result.wall_time_s = time.perf_counter() - started
         manifest = build_manifest(
             "prune",
