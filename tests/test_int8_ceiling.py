@@ -126,6 +126,7 @@ def test_onnx_eval_without_a_tokenizer_says_what_to_give(int8_export, eval_file,
     lonely = tmp_path / "graphs" / "prefill.onnx"
     lonely.parent.mkdir()
     lonely.write_bytes((out / "onnx" / "prefill.onnx").read_bytes())
+    (lonely.parent / "weights.data").write_bytes((out / "onnx" / "weights.data").read_bytes())
     result = runner.invoke(app, ["eval", "--model", str(lonely), "--data", str(eval_file), "--seqlen", "32"])
     assert result.exit_code != 0 and "give --tokenizer MODEL_DIR" in result.output
     assert "Traceback" not in result.output

@@ -276,6 +276,7 @@ def export_int8(fp32_folder: Path, int8_folder: Path, prompt_ids: np.ndarray | N
 
     from ..core.errors import NumericalError
     from .onnx_graphs import SIDECAR_FILE, onnx_greedy, ort_session, read_graph_spec
+    from .onnx_weights import share_weights
 
     spec = read_graph_spec(fp32_folder)
     int8_folder.mkdir(parents=True, exist_ok=True)
@@ -285,6 +286,7 @@ def export_int8(fp32_folder: Path, int8_folder: Path, prompt_ids: np.ndarray | N
         if not report.zeros_kept:
             raise NumericalError(f"int8 {graph}: a pruned weight became non-zero; nothing was written")
         reports[graph] = {k: v for k, v in report.to_dict().items() if k != "layers"}
+    shared = share_weights(int8_folder, list(reports))
     (int8_folder / SIDECAR_FILE).write_text(json.dumps({**spec.to_dict(), "precision": "int8"}, indent=2) + "\n")
     ids = prompt_ids
     if ids is None:
@@ -301,5 +303,5 @@ def export_int8(fp32_folder: Path, int8_folder: Path, prompt_ids: np.ndarray | N
         comparison["greedy_agreement"] = float((tokens[0] == tokens[1]).mean())
         comparison["greedy_steps"] = greedy_steps
     comparison["inputs"] = "random token ids" if prompt_ids is None else f"COMPARISON_TEXT ({ids.shape[1]} tokens)"
-    return {"graphs": reports, "comparison": comparison, "activations": "per token, symmetric (computed in the graph)",
+    return {"graphs": reports, "shared_weights": shared, "comparison": comparison, "activations": "per token, symmetric (computed in the graph)",
             "weights": "per output channel, symmetric, stored as uint8 with zero point 128"}

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .onnx_weights import share_weights
 from ..core.errors import ConfigError, ModelError, NumericalError
 from ..core.modeling import find_blocks, find_linears
 
@@ -324,6 +325,8 @@ def export_graphs(model: nn.Module, folder: Path, batch: int | None = None, seql
     finally:
         if original_attention is not None:
             model.set_attn_implementation(original_attention)
+    share_weights(folder, [PREFILL_FILE] + ([DECODE_FILE] if with_cache else []))
+    external = True
     spec = GraphSpec(prefill=PREFILL_FILE, decode=DECODE_FILE if with_cache else None, num_layers=num_layers,
                      kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, batch=batch, seqlen=seqlen, opset=opset,
                      external_data=external, model_type=str(getattr(config, "model_type", "?")))

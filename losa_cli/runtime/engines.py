@@ -189,13 +189,17 @@ def _feeds(job: dict, phase: str, names: list[str]):
 
 
 def _private_copy(graph: Path, scratch: Path) -> Path:
-    """A copy of ``graph`` in ``scratch`` that an engine may rewrite; its external data file is linked, not copied."""
+    """A copy of ``graph`` in ``scratch`` that an engine may rewrite; its external data files are linked, not copied."""
     import shutil
+
+    from ..export.onnx_weights import external_files
 
     copy = scratch / graph.name
     shutil.copyfile(graph, copy)
-    for data in graph.parent.glob(graph.name + ".data"):
-        (scratch / data.name).symlink_to(data.resolve())
+    for name in external_files(graph):
+        link = scratch / name
+        if not link.exists():
+            link.symlink_to((graph.parent / name).resolve())
     return copy
 
 
