@@ -119,8 +119,10 @@ def test_limit_scores_the_first_questions(models, tmp_path):
     assert (result.tasks[0].acc, result.tasks[0].acc_norm) == (pytest.approx(acc), pytest.approx(acc_norm))
 
 
-def test_cli_table_json_and_recorded_settings(models, tmp_path, connections):
+def test_cli_table_json_and_recorded_settings(models, tmp_path, connections, monkeypatch):
     task = write_task(tmp_path / "my_task.jsonl", questions(seed=2))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # lm-eval and datasets must leave nothing behind here
     (tmp_path / "other").mkdir()
     twin = write_task(tmp_path / "other" / "my_task.jsonl", questions(count=4, seed=3))  # same stem: a second task
     args = ["eval", "--model", str(models["llama"]), "--tasks", f"{task},{twin}", "--num-fewshot", "2"]
@@ -139,7 +141,7 @@ def test_cli_table_json_and_recorded_settings(models, tmp_path, connections):
     assert (first["target_delimiter"], first["fewshot_delimiter"]) == (" ", "\n\n")
     assert zeroshot["fewshot_seed"] == 1234 and zeroshot["lm_eval_version"] == "0.4.13"
     assert report["perplexity"] is None and report["sparsity"] is None
-    assert connections == []
+    assert connections == [] and list((tmp_path / "cwd").iterdir()) == []
 
 
 def test_read_local_task_accepts_the_alternative_keys(tmp_path):
@@ -195,3 +197,18 @@ def test_eval_options_checked_together(models):
     assert "--limit must be at least 1" in result.stderr and "--num-fewshot must be at least 0" in result.stderr
     with pytest.raises(ConfigError, match="--tasks needs comma-separated"):
         EvalConfig(tasks=["a.jsonl", " "]).validate()
+
+
+def test_losa_run_records_accuracy_in_the_eval_manifest_and_report(models, tmp_path, eval_file):
+    task = write_task(tmp_path / "my_task.jsonl", questions(count=4))
+    recipe = {"model": str(models["llama"]), "device": "cpu", "recover": None, "export": None, "bench": None,
+              "eval": {"data": str(eval_file), "seqlen": 16, "max_windows": 2, "tasks": [str(task)], "num_fewshot": 1}}
+    (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    result = runner.invoke(app, ["run", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "run" / "eval" / "losa_manifest.json").read_text())
+    assert manifest["settings"]["tasks"] == [str(task)] and manifest["settings"]["num_fewshot"] == 1
+    for model in ("input", "final"):
+        (recorded,) = manifest["results"][model]["zeroshot"]["tasks"]
+        assert (recorded["task"], recorded["version"], recorded["num_fewshot"], recorded["samples"]) == ("my_task", "1.0", 1, 4)
+    assert "| my_task | 1.0 | 1 | 4 |" in (tmp_path / "run" / "report.md").read_text()
