@@ -1,11 +1,11 @@
 """Zero-shot (and few-shot) multiple-choice accuracy through lm-eval, for ``losa eval --tasks``.
 
 lm-eval is the harness pruning papers report accuracy with, so its prompts and scoring are used
-as they are: each choice is scored as the continuation ``" " + choice`` after the query (the
-context and context + continuation are tokenised together and the context's tokens cut off),
+as they are: each choice is scored as the continuation ``" " + choice`` after the query (context
+and context + continuation each tokenised, the continuation being the tokens past the context's),
 ``acc`` picks the choice with the highest summed log-likelihood, and ``acc_norm`` the highest
-log-likelihood per character of the choice.  The model is the object losa already loaded,
-wrapped in lm-eval's ``HFLM``, so what is scored is exactly what ``losa eval`` measures otherwise.
+log-likelihood per character of the choice.  lm-eval's ``HFLM`` wraps the model object losa
+loaded, so the weights scored are the ones the other measurements see, in the same dtype.
 
 A task is either an lm-eval task name (``hellaswag``, ``arc_easy``: data from the Hugging Face
 Hub, refused at once when the Hub cannot be reached) or a local JSONL file, one question a line::
@@ -21,16 +21,17 @@ come from the same file, never the question itself.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import re
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -70,7 +71,7 @@ class TaskAccuracy:
     fewshot_delimiter: str
     target_delimiter: str
     samples: int
-    acc: float
+    acc: float | None
     acc_stderr: float | None
     acc_norm: float | None
     acc_norm_stderr: float | None
@@ -78,6 +79,8 @@ class TaskAccuracy:
 
 @dataclass
 class ZeroShotResult:
+    """Every task's accuracy and the run's settings (recorded with ``--json`` and in ``losa run``'s manifest)."""
+
     tasks: list[TaskAccuracy]
     lm_eval_version: str
     fewshot_seed: int
@@ -97,14 +100,14 @@ def _check_row(row: Any, where: str) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object with query, choices and gold")
     query, choices, gold = _first_of(row, QUERY_KEYS), row.get("choices"), _first_of(row, GOLD_KEYS)
-    if not isinstance(query, str):
-        raise DataError(f"{where}: needs a text field {' / '.join(QUERY_KEYS)}")
+    if not isinstance(query, str) or not query.strip():  # lm-eval cannot score a choice after a blank context
+        raise DataError(f"{where}: needs a non-blank text field {' / '.join(QUERY_KEYS)}")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise DataError(f"{where}: choices must be a list of at least two non-empty strings")
     if isinstance(gold, bool) or not isinstance(gold, int):
         raise DataError(f"{where}: needs an integer {' / '.join(GOLD_KEYS)}, the index of the right choice")
     if not 0 <= gold < len(choices):
-        raise DataError(f"{where}: gold {gold} is out of range for {len(choices)} choices")
+        raise DataError(f"{where}: gold index {gold} is out of range for {len(choices)} choices")
     return {"query": query, "choices": choices, "gold": gold}
 
 
@@ -112,9 +115,11 @@ def read_local_task(path: Path, name: str) -> LocalTask:
     """Read and check a JSONL task file completely, so a bad line fails before the model loads."""
     if not path.is_file():
         raise DataError(f"task file {path} does not exist (or is not a file)")
-    raw = path.read_bytes()
     try:
+        raw = path.read_bytes()
         text = raw.decode("utf-8")
+    except OSError as exc:
+        raise DataError(f"cannot read task file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise DataError(f"task file {path} is not UTF-8 text") from None
     rows = []
@@ -188,26 +193,31 @@ def _write_task_folder(tasks: list[LocalTask], folder: Path) -> None:
 
 
 @contextmanager
-def _quiet_lm_eval() -> Iterator[Callable[..., None]]:
-    """Keep lm-eval's logging, tqdm bars and prints off losa's stdout/stderr (``--json`` stays clean).
+def _quiet_lm_eval() -> Iterator[None]:
+    """Keep lm-eval's logging, bars and prints off losa's output, so stderr shows losa's progress only
+    and ``--json`` stdout stays parseable.
 
-    lm-eval offers no switch for all of its bars, so the streams are captured while it runs; the
-    yielded function calls losa's own progress callback with the real streams restored.
+    lm-eval has no switch for this: its logger is raised to ERROR, ``datasets`` bars are turned off,
+    the one bar lm-eval draws without a ``disable`` argument (building each task's requests) gets
+    one, and stdout is captured.  stderr itself is not captured: losa's progress bars live there.
     """
-    real_out, real_err = sys.stdout, sys.stderr
+    import datasets
+    import lm_eval.api.task
+
     logger = logging.getLogger("lm_eval")
-    level = logger.level
+    level, bars_on, task_bar = logger.level, datasets.is_progress_bar_enabled(), lm_eval.api.task.tqdm
     logger.setLevel(logging.ERROR)
-
-    def outside(report: Callable[..., None], *args: Any) -> None:
-        with redirect_stdout(real_out), redirect_stderr(real_err):
-            report(*args)
-
+    datasets.disable_progress_bars()
+    lm_eval.api.task.tqdm = functools.partial(task_bar, disable=True)
     try:
-        with redirect_stdout(StringIO()), redirect_stderr(StringIO()):
-            yield outside
+        with warnings.catch_warnings(), redirect_stdout(StringIO()):
+            warnings.simplefilter("ignore")
+            yield
     finally:
         logger.setLevel(level)
+        lm_eval.api.task.tqdm = task_bar
+        if bars_on:
+            datasets.enable_progress_bars()
 
 
 @contextmanager
@@ -225,15 +235,16 @@ def _datasets_network(allowed: bool) -> Iterator[None]:
         datasets.config.HF_UPDATE_DOWNLOAD_COUNTS, datasets.config.HF_HUB_OFFLINE = saved
 
 
-def _report_progress(lm: Any, progress: ProgressFn, outside: Callable[..., None]) -> None:
-    """Score log-likelihood requests in steps, reporting each step through losa's progress callback."""
+def _scored_in_steps(lm: Any, progress: ProgressFn | None) -> None:
+    """Score log-likelihood requests in steps without lm-eval's bars, reporting each step to losa's progress."""
     score = lm.loglikelihood
 
     def loglikelihood(requests: list, disable_tqdm: bool = True) -> list:
         scores: list = []
         for start in range(0, len(requests), REQUESTS_PER_PROGRESS_STEP):
             scores += score(requests[start : start + REQUESTS_PER_PROGRESS_STEP], disable_tqdm=True)
-            outside(progress, "zero-shot requests", len(scores), len(requests))
+            if progress:
+                progress("zero-shot requests", len(scores), len(requests))
         return scores
 
     lm.loglikelihood = loglikelihood
@@ -273,7 +284,7 @@ def _task_accuracy(name: str, results: dict, local: LocalTask | None) -> TaskAcc
         task=name, source=str(local.path) if local else "lm-eval", sha256=local.sha256 if local else None,
         version=str(results["versions"][name]), num_fewshot=int(results["n-shot"][name]),
         fewshot_delimiter=config.get("fewshot_delimiter", "\n\n"), target_delimiter=config.get("target_delimiter", " "),
-        samples=int(results["n-samples"][name]["effective"]), acc=float(scores["acc,none"]),
+        samples=int(results["n-samples"][name]["effective"]), acc=metric("acc"),
         acc_stderr=metric("acc_stderr"), acc_norm=metric("acc_norm"), acc_norm_stderr=metric("acc_norm_stderr"),
     )
 
@@ -297,7 +308,7 @@ def run_zeroshot(model: torch.nn.Module, tokenizer: Any, tasks: list[LocalTask |
     started = time.perf_counter()
     hub_tasks = any(isinstance(spec, str) for spec in tasks)
     with (tempfile.TemporaryDirectory(prefix="losa-tasks-") as folder, _datasets_network(allowed=hub_tasks),
-          _quiet_lm_eval() as outside):
+          _quiet_lm_eval()):
         _write_task_folder(list(local.values()), Path(folder))
         loaded = _load_tasks(tasks, Path(folder))
         for task in loaded["tasks"].values():
@@ -305,8 +316,7 @@ def run_zeroshot(model: torch.nn.Module, tokenizer: Any, tasks: list[LocalTask |
                 task.set_config(key="num_fewshot", value=num_fewshot)
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        if progress:
-            _report_progress(lm, progress, outside)
+        _scored_in_steps(lm, progress)
         results = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=False)
     accuracies = [_task_accuracy(name, results, local.get(name)) for name in loaded["tasks"]]
     return ZeroShotResult(tasks=accuracies, lm_eval_version=lm_eval.__version__, fewshot_seed=FEWSHOT_SEED, limit=limit,
