@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -27,6 +27,9 @@ from rich.table import Table
 from ..core.config import DEFAULT_MODEL, BenchConfig, CalibrationConfig, EvalConfig, ExportConfig, PruneConfig, RecoverConfig
 from ..core.errors import ConfigError, LosaError
 from ..run.recipe import RunConfig
+
+if TYPE_CHECKING:
+    from ..runtime.zeroshot import ZeroShotResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make LLMs sparse and keep them accurate.")
 stdout = Console()
@@ -225,23 +228,28 @@ def eval_(
     data: Annotated[Optional[str], typer.Option(help="Evaluation text (.txt/.jsonl/saved dataset, or wikitext2).")] = None,
     seqlen: Annotated[int, typer.Option(help="Tokens per window (clipped to the model's context).")] = EvalConfig.seqlen,
     max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Use at most this many windows.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = EvalConfig.batch_size,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows (or --tasks choices) per forward pass.")] = EvalConfig.batch_size,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = EvalConfig.dtype,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = EvalConfig.device,
     sparsity: Annotated[bool, typer.Option("--sparsity", help="Report per-layer and global zero fractions.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
     tokenizer: Annotated[Optional[str], typer.Option(help="ONNX --model only: tokenizer folder, when none is beside the graphs.")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Multiple-choice accuracy through lm-eval: comma-separated task names (hellaswag, arc_easy: from the Hub) or local .jsonl files.")] = None,
+    num_fewshot: Annotated[int, typer.Option("--num-fewshot", help="--tasks: solved examples before each question.")] = EvalConfig.num_fewshot,
+    limit: Annotated[Optional[int], typer.Option(help="--tasks: score only the first N questions of each task.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Perplexity over non-overlapping windows, and/or the zero fractions of any model.
+    """Perplexity over non-overlapping windows, multiple-choice accuracy (lm-eval), and/or the zero fractions of any model.
 
     --model may also be an ONNX export (folder or .onnx file): its prefill graph then runs on
     ONNX Runtime, so an int8 export is measured on the same windows as the PyTorch model.
     """
     from ..runtime.evaluate import run_eval
 
+    task_list = None if tasks is None else [name.strip() for name in tasks.split(",")]
     config = EvalConfig(model=model, data=data, seqlen=seqlen, max_windows=max_windows, dtype=dtype, device=device,
-                        batch_size=batch_size, sparsity=sparsity, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+                        batch_size=batch_size, sparsity=sparsity, trust_remote_code=trust_remote_code, tokenizer=tokenizer,
+                        tasks=task_list, num_fewshot=num_fewshot, limit=limit)
     result = _execute(run_eval, config, as_json)
     if result is None:
         return
@@ -261,6 +269,27 @@ def eval_(
             f"{p.dtype} on {p.device}, {p.wall_time_s:.1f} s",
             highlight=False,
         )
+    if result.zeroshot is not None:
+        _print_accuracy(result.zeroshot)
+
+
+def _print_accuracy(zeroshot: ZeroShotResult) -> None:
+    """One row per task: what was run (version, shots, questions) and the two accuracies with their stderr."""
+    def with_stderr(value: float | None, stderr: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+    table = Table(title=f"multiple-choice accuracy (lm-eval {zeroshot.lm_eval_version})")
+    for name, justify in (("task", "left"), ("version", "right"), ("shots", "right"), ("n", "right"), ("acc", "right"),
+                          ("acc_norm", "right")):
+        table.add_column(name, justify=justify)
+    for task in zeroshot.tasks:
+        table.add_row(task.task, task.version, str(task.num_fewshot), str(task.samples), with_stderr(task.acc, task.acc_stderr),
+                      with_stderr(task.acc_norm, task.acc_norm_stderr))
+    stdout.print(table)
+    stdout.print(f"{zeroshot.dtype} on {zeroshot.device}, batch size {zeroshot.batch_size}, {zeroshot.wall_time_s:.1f} s",
+                 highlight=False)
 
 
 @app.command()

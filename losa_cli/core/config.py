@@ -174,11 +174,22 @@ class EvalConfig:
     sparsity: bool = False
     trust_remote_code: bool = False
     tokenizer: str | None = None
+    tasks: list[str] | None = None  # lm-eval task names or local .jsonl files (runtime/zeroshot.py)
+    num_fewshot: int = 0
+    limit: int | None = None
 
     def validate(self) -> None:
         found = []
-        if self.data is None and not self.sparsity:
-            found.append("give --data FILE for perplexity, or --sparsity to count zeros")
+        if self.data is None and not self.sparsity and self.tasks is None:
+            found.append("give --data FILE for perplexity, --tasks for multiple-choice accuracy, or --sparsity to count zeros")
+        if self.tasks is not None and (not self.tasks or not all(name.strip() for name in self.tasks)):
+            found.append("--tasks needs comma-separated lm-eval task names or .jsonl files, e.g. --tasks arc_easy,my_task.jsonl")
+        if self.num_fewshot < 0:
+            found.append(f"--num-fewshot must be at least 0, got {self.num_fewshot}")
+        if self.limit is not None and self.limit < 1:
+            found.append(f"--limit must be at least 1, got {self.limit}")
+        if self.tasks is None and (self.num_fewshot or self.limit is not None):
+            found.append("--num-fewshot and --limit apply to --tasks only")
         if self.seqlen < 2:
             found.append(f"--seqlen must be at least 2, got {self.seqlen}")
         if self.max_windows is not None and self.max_windows < 1:

@@ -128,6 +128,18 @@ def _perplexity_section(manifests: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _accuracy_section(manifests: dict[str, dict]) -> list[str]:
+    """Multiple-choice accuracy of the input and final models, when the eval stage ran ``tasks``."""
+    results = manifests.get("eval", {}).get("results", {})
+    before, after = ((results.get(key) or {}).get("zeroshot") for key in ("input", "final"))
+    if not before or not after:
+        return []
+    rows = [[b["task"], b["version"], str(b["num_fewshot"]), str(b["samples"]), _fmt(b["acc"]), _fmt(a["acc"]),
+             _fmt(b["acc_norm"]), _fmt(a["acc_norm"])] for b, a in zip(before["tasks"], after["tasks"])]
+    lines = [f"## Accuracy before and after (lm-eval {after['lm_eval_version']})", ""]
+    return lines + _table(["task", "version", "shots", "n", "acc input", "acc final", "acc_norm input", "acc_norm final"], rows)
+
+
 def _sparsity_section(manifests: dict[str, dict], final_stage: str | None) -> list[str]:
     lines = ["## Sparsity verified", ""]
     items = []
@@ -237,6 +249,7 @@ def write_report(out: Path, recipe: dict, stages: list[dict], final_model: str, 
     lines += _stages_section(out, stages)
     lines += _blocks_section(out, manifests, plots)
     lines += _perplexity_section(manifests)
+    lines += _accuracy_section(manifests)
     lines += _sparsity_section(manifests, final_stage)
     lines += _speed_section(out, manifests, plots)
     lines += _lineage_section(final_model)

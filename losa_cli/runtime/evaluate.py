@@ -1,4 +1,4 @@
-"""Workflow of ``losa eval``: perplexity, and zero fractions of any model.
+"""Workflow of ``losa eval``: perplexity, multiple-choice accuracy (``zeroshot.py``), and zero fractions of any model.
 
 Perplexity follows the protocol in docs/losa-method.md §6: the evaluation text joined with a
 blank line, tokenised once, cut into non-overlapping windows of ``seqlen`` tokens; the mean
@@ -20,6 +20,7 @@ from ..core.config import EvalConfig
 from ..core.errors import ConfigError
 from ..core.data import bos_token_to_prepend, consecutive_windows, read_documents, token_stream
 from ..core.modeling import clip_seqlen, load_model, resolve_device, sparsity_report
+from .zeroshot import ZeroShotResult, resolve_tasks, run_zeroshot
 
 
 @dataclass
@@ -49,6 +50,7 @@ class EvalResult:
     model: str
     perplexity: PerplexityResult | None
     sparsity: SparsityResult | None
+    zeroshot: ZeroShotResult | None
     warnings: list[str]
 
     def to_dict(self) -> dict:
@@ -102,25 +104,27 @@ def _eval_onnx(config: EvalConfig, graph, progress: ProgressFn | None) -> EvalRe
 
     from .onnx_eval import onnx_window_nll, tokenizer_folder
 
-    if config.sparsity or config.data is None:
-        raise ConfigError("an ONNX graph gets perplexity only: give --data, and count zeros on the model folder")
+    if config.sparsity or config.tasks is not None or config.data is None:
+        raise ConfigError("an ONNX graph gets perplexity only: give --data, and count zeros or run --tasks on the model folder")
     if config.dtype != "float32" or config.device not in ("auto", "cpu"):
         raise ConfigError("ONNX graphs run on ONNX Runtime's CPU in their own precision: drop --dtype and --device")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(graph, config.tokenizer))
     ppl = _perplexity(config, tokenizer, config.seqlen,
                       lambda windows: onnx_window_nll(graph, windows, torch.get_num_threads(), config.batch_size, progress),
                       "graph's own (ONNX)", "cpu (onnxruntime)")
-    return EvalResult(model=config.model, perplexity=ppl, sparsity=None, warnings=[])
+    return EvalResult(model=config.model, perplexity=ppl, sparsity=None, zeroshot=None, warnings=[])
 
 
 def run_eval(config: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
-    """``losa eval``: perplexity on ``--data`` and/or the zero fractions of the model (or of ONNX graphs)."""
+    """``losa eval``: perplexity on ``--data``, accuracy on ``--tasks`` and/or the zero fractions of the model
+    (perplexity only for ONNX graphs)."""
     from .onnx_eval import onnx_prefill_graph
 
     config.validate()
     graph = onnx_prefill_graph(config.model)
     if graph is not None:
         return _eval_onnx(config, graph, progress)
+    tasks = resolve_tasks(config.tasks) if config.tasks is not None else None  # bad task files fail before the model loads
     device = resolve_device(config.device)
     loaded = load_model(config.model, config.dtype, config.trust_remote_code)
     warnings: list[str] = []
@@ -134,4 +138,8 @@ def run_eval(config: EvalConfig, progress: ProgressFn | None = None) -> EvalResu
         ppl = _perplexity(config, loaded.tokenizer, seqlen,  # moving the model to the device is timed, as before
                           lambda windows: window_nll(loaded.model.to(device), windows, device, config.batch_size, progress),
                           config.dtype, str(device))
-    return EvalResult(model=config.model, perplexity=ppl, sparsity=sparsity, warnings=warnings)
+    zeroshot = None
+    if tasks is not None:
+        zeroshot = run_zeroshot(loaded.model, loaded.tokenizer, tasks, config.num_fewshot, config.limit, config.batch_size,
+                                device, progress)
+    return EvalResult(model=config.model, perplexity=ppl, sparsity=sparsity, zeroshot=zeroshot, warnings=warnings)
