@@ -112,13 +112,56 @@ def test_export_static_shapes_and_external_data(pruned_llama, tmp_path, monkeypa
     result = run_export(config)
     folder = tmp_path / "static" / "onnx"
     assert result.onnx["graphs"]["external_data"] is True
-    assert (folder / "prefill.onnx.data").is_file() and (folder / "decode.onnx.data").is_file()
+    assert (folder / "weights.data").is_file() and not list(folder.glob("*.onnx.data"))
     assert result.onnx["verification"]["zero_mismatches"] == [] and result.onnx["verification"]["greedy_match"]
     import onnx
 
     graph = onnx.load(str(folder / "prefill.onnx"), load_external_data=False).graph
     dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 8]
+
+
+def test_graphs_share_one_weight_file_and_weights_are_linked(pruned_llama, exported):
+    """Lean exports: both graphs read one deduplicated weights.data (not a copy each), and the
+    safetensors identical to the input's is a hard link to it, not a second copy."""
+    import onnx
+
+    out, _ = exported
+    folder = out / "onnx"
+    assert sorted(p.name for p in folder.iterdir()) == ["decode.onnx", "losa_onnx.json", "prefill.onnx", "weights.data"]
+    for graph in ("prefill.onnx", "decode.onnx"):
+        proto = onnx.load(str(folder / graph), load_external_data=False)
+        locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {"weights.data"}
+        assert max(len(t.raw_data) for t in proto.graph.initializer) < 1024  # every weight is in weights.data
+    weights = (out / "model.safetensors").stat().st_size
+    assert (folder / "weights.data").stat().st_size < 1.15 * weights  # one copy of the weights, not two
+    assert (out / "model.safetensors").stat().st_ino == (pruned_llama / "model.safetensors").stat().st_ino
+
+
+def test_share_weights_deduplicates_by_content_and_keeps_values(tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from losa_cli.export.onnx_weights import share_weights
+
+    rng = np.random.default_rng(0)
+    weight, other = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal((32, 8)).astype(np.float32)
+    for name, inits in (("a.onnx", [("w", weight), ("v", other)]), ("b.onnx", [("renamed", weight), ("v2", other)])):
+        (w_name, w), (v_name, v) = inits
+        nodes = [helper.make_node("MatMul", ["x", w_name], ["h"]), helper.make_node("MatMul", ["h", v_name], ["y"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                                  [numpy_helper.from_array(w, w_name), numpy_helper.from_array(v, v_name)])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / name))
+    report = share_weights(tmp_path, ["a.onnx", "b.onnx"])
+    assert (report["tensors"], report["references"]) == (2, 4)
+    assert report["bytes"] < weight.nbytes + other.nbytes + 2 * 4096
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    for name in ("a.onnx", "b.onnx"):
+        got = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, x @ weight @ other, rtol=1e-5, atol=1e-5)
 
 
 def test_export_sliding_window_model_has_prefill_only(tiny_models, tmp_path):

@@ -76,6 +76,10 @@ def test_run_end_to_end_through_the_cli(tiny_llama_6, calib_file, eval_file, tmp
                     "## Speed", "## Lineage", "## Settings"):
         assert heading in text
     assert "total_steps: 4" in text and "speed-up" in text and "identical zeros" in text
+    # lean outputs: the dense baseline is graphs only; the export links the recovered weights; bytes per stage
+    assert not (out / "dense-export" / "model.safetensors").exists() and (out / "dense-export" / "onnx" / "weights.data").is_file()
+    assert (out / "export" / "model.safetensors").stat().st_ino == (out / "recover" / "model.safetensors").stat().st_ino
+    assert "on disk" in text and "linked)" in text and "**all stages**" not in text and "all stages" in text
     for png in ("allocation.png", "loss.png", "bench/speed.png"):
         assert (out / png).stat().st_size > 1000, png
     # the resolved recipe reproduces the run: everything is skipped

@@ -432,6 +432,7 @@ def export(
     out: Annotated[str, typer.Option("--out", "-o", help="Folder to write the model (and onnx/) to.")],
     onnx: Annotated[bool, typer.Option("--onnx", help="Also export ONNX prefill and KV-cache decode graphs, verified.")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="With --onnx: also int8-weight graphs in onnx-int8/ (ONNX Runtime form).")] = False,
+    safetensors: Annotated[bool, typer.Option("--safetensors/--no-safetensors", help="Write the model's safetensors (--no-safetensors with --onnx: graphs, config and tokenizer only).")] = True,
     batch: Annotated[Optional[int], typer.Option(help="Fix the ONNX batch size (default: dynamic).")] = None,
     seqlen: Annotated[Optional[int], typer.Option(help="Fix the ONNX prompt length (default: dynamic).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset; DeepSparse 1.8 needs 17 or lower.")] = ExportConfig.opset,
@@ -444,7 +445,7 @@ def export(
     """Save safetensors and, with --onnx, export and verify ONNX graphs."""
     from ..export.workflow import run_export
 
-    config = ExportConfig(model=model, out=out, onnx=onnx, int8=int8, batch=batch, seqlen=seqlen, opset=opset,
+    config = ExportConfig(model=model, out=out, onnx=onnx, int8=int8, safetensors=safetensors, batch=batch, seqlen=seqlen, opset=opset,
                           decode=decode, tolerance=tolerance, force=force, trust_remote_code=trust_remote_code)
     result = _execute(run_export, config, as_json)
     if result is None:

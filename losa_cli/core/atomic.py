@@ -6,6 +6,7 @@ destination is either absent or the previous complete one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -81,3 +82,36 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     staging.rename(path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def link_identical(source_folder: Path, staging: Path, pattern: str = "*.safetensors") -> list[str]:
+    """Replace staged files byte-identical to the same-named file in ``source_folder`` by hard links.
+
+    ``losa export`` of a recovered model writes the very weights the recover stage wrote; linking
+    keeps one copy on disk.  Safe because losa never writes a file in place (every output is
+    a new file renamed over the old), so neither folder can change the other's file.  Files on
+    another file system, or where links are not allowed, stay copies.
+    """
+    linked = []
+    for staged in sorted(staging.glob(pattern)):
+        original = source_folder / staged.name
+        if not original.is_file() or original.stat().st_size != staged.stat().st_size:
+            continue
+        if _sha256(original) != _sha256(staged):
+            continue
+        temporary = staged.with_name(staged.name + ".link")
+        try:
+            os.link(original, temporary)
+        except OSError:
+            continue
+        os.replace(temporary, staged)
+        linked.append(staged.name)
+    return linked
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -364,6 +364,8 @@ class ExportConfig:
     out: str = ""
     onnx: bool = False
     int8: bool = False
+    #: False: graphs only (``losa run``'s dense baseline, whose weights are the input model's)
+    safetensors: bool = True
     batch: int | None = None
     seqlen: int | None = None
     opset: int = EXPORT_DEFAULT_OPSET
@@ -386,6 +388,8 @@ class ExportConfig:
             found.append(f"--opset must be at least {EXPORT_MIN_OPSET}, got {self.opset}")
         if not 0.0 < self.tolerance < 1.0:
             found.append(f"--tolerance must be in (0, 1), got {self.tolerance}")
+        if not self.safetensors and not self.onnx:
+            found.append("--no-safetensors leaves nothing to write: add --onnx")
         if not self.onnx and (self.batch is not None or self.seqlen is not None):
             found.append("--batch and --seqlen shape the ONNX graphs; add --onnx or drop them")
         if self.int8 and not self.onnx:

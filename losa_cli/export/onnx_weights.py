@@ -30,9 +30,8 @@ def share_weights(folder: Path, graphs: list[str]) -> dict:
     import onnx
     from onnx import TensorProto
 
+    old_data = {folder / file for name in graphs for file in external_files(folder / name)}
     protos = {name: onnx.load(str(folder / name), load_external_data=True) for name in graphs}
-    old_data = {folder / entry.value for proto in protos.values() for tensor in proto.graph.initializer
-                for entry in tensor.external_data if entry.key == "location"}
     stored: dict[bytes, tuple[int, int]] = {}
     references = 0
     staging = folder / (SHARED_WEIGHTS + ".tmp")
@@ -72,11 +71,3 @@ def external_files(graph: Path) -> set[str]:
     proto = onnx.load(str(graph), load_external_data=False)
     return {entry.value for tensor in proto.graph.initializer for entry in tensor.external_data if entry.key == "location"}
 
-
-def sha256_of(path: Path) -> str:
-    """Content hash of a file, read in chunks (weight files are large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

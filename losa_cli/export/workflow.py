@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..core.atomic import atomic_folder, check_output
+from ..core.atomic import atomic_folder, check_output, link_identical
 from ..core.config import ExportConfig, to_dict
 from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
 from ..core.modeling import load_model, save_model, sparsity_report
@@ -78,6 +78,22 @@ def _comparison_ids(tokenizer, config: ExportConfig):
     return np.array([ids[:length]] * (config.batch or 1), dtype=np.int64)
 
 
+def _save_weights(loaded, staging: Path, safetensors: bool, progress: ProgressFn | None) -> list[str]:
+    """The config and tokenizer always (an ONNX folder is evaluated with them); the safetensors
+    unless graphs only were asked for, hard-linked to the input's when byte-identical."""
+    if not safetensors:
+        loaded.model.config.save_pretrained(staging)
+        loaded.tokenizer.save_pretrained(staging)
+        return []
+    if progress:
+        progress("save safetensors", 0, 1)
+    save_model(loaded, staging)
+    linked = link_identical(Path(loaded.source.location), staging) if loaded.source.is_local else []
+    if progress:
+        progress("save safetensors", 1, 1)
+    return linked
+
+
 def run_export(config: ExportConfig, progress: ProgressFn | None = None) -> ExportResult:
     """Export a (pruned, possibly recovered) model; see the module docstring for the steps."""
     config.validate()
@@ -91,11 +107,7 @@ def run_export(config: ExportConfig, progress: ProgressFn | None = None) -> Expo
     per_layer, per_block, global_sparsity, checksum = sparsity_report(loaded.model)
     onnx_summary = int8_summary = None
     with atomic_folder(out) as staging:
-        if progress:
-            progress("save safetensors", 0, 1)
-        save_model(loaded, staging)
-        if progress:
-            progress("save safetensors", 1, 1)
+        linked = _save_weights(loaded, staging, config.safetensors, progress)
         if config.onnx:
             spec, export_warnings = export_graphs(loaded.model, staging / ONNX_FOLDER, config.batch, config.seqlen,
                                                   config.opset, config.decode, progress)
@@ -110,7 +122,9 @@ def run_export(config: ExportConfig, progress: ProgressFn | None = None) -> Expo
             if progress:
                 progress("int8 graphs", 1, 1)
         results = {"global_sparsity": global_sparsity, "per_block_sparsity": per_block, "per_layer_sparsity": per_layer,
-                   "mask_checksum": checksum, "onnx": onnx_summary, "onnx_int8": int8_summary, "warnings": warnings}
+                   "mask_checksum": checksum, "onnx": onnx_summary, "onnx_int8": int8_summary,
+                   "safetensors": "hard link to the input's identical file" if linked else config.safetensors,
+                   "warnings": warnings}
         parent = Path(loaded.source.location) if loaded.source.is_local else None
         manifest = build_manifest("export", {"model": config.model}, to_dict(config),
                                   results, parent_folder=parent)

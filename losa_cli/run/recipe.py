@@ -367,7 +367,7 @@ def plan_stages(recipe: Recipe, out: str | Path) -> list[StagePlan]:
         current, current_stage = str(out / "export"), "export"
     bench = recipe.section("bench")
     if bench is not None:
-        dense_settings = {**(export or {}), "onnx": True}
+        dense_settings = {**(export or {}), "onnx": True, "safetensors": False}  # the input model holds its weights
         plans.append(StagePlan("dense-export", "dense-export",
                                ExportConfig(model=recipe.model, out=str(out / "dense-export"), **common, **dense_settings),
                                ["input"]))

@@ -63,10 +63,42 @@ def _plot_losses(path: Path, stages: list[dict]) -> Path | None:
     return save_figure(fig, path)
 
 
+def disk_usage(folders: list[Path]) -> list[tuple[int, int]]:
+    """(bytes first stored in each folder, bytes hard-linked to an earlier folder's files), in order.
+
+    A file linked into several stages (``losa export`` links weights identical to its input's)
+    is counted once, in the first folder that holds it."""
+    seen: set[tuple[int, int]] = set()
+    usage = []
+    for folder in folders:
+        new = shared = 0
+        for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            if not path.is_file() or path.is_symlink():
+                continue
+            stat = path.stat()
+            key = (stat.st_dev, stat.st_ino)
+            if key in seen:
+                shared += stat.st_size
+            else:
+                seen.add(key)
+                new += stat.st_size
+        usage.append((new, shared))
+    return usage
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:,.1f} MiB"
+
+
 def _stages_section(out: Path, stages: list[dict]) -> list[str]:
+    usage = disk_usage([Path(s["folder"]) for s in stages])
     rows = [[s["name"], s["status"], f"`{os.path.relpath(s['folder'], out)}/`", f"{s['wall_time_s']:.1f} s",
-             f"`{s['manifest_sha256'][:12]}`"] for s in stages]
-    return ["## Stages", "", *_table(["stage", "this run", "folder", "time", "manifest sha256"], rows)]
+             _size(new) + (f" (+{_size(shared)} linked)" if shared else ""), f"`{s['manifest_sha256'][:12]}`"]
+            for s, (new, shared) in zip(stages, usage)]
+    rows.append(["all stages", "", "", "", f"**{_size(sum(new for new, _ in usage))}**", ""])
+    return ["## Stages", "", *_table(["stage", "this run", "folder", "time", "on disk", "manifest sha256"], rows),
+            "On disk: bytes of the stage folder's files; a file hard-linked to an earlier stage's identical file "
+            "(the export's weights when they equal the recovered model's) is counted once, where it first appears.", ""]
 
 
 def _blocks_section(out: Path, manifests: dict[str, dict], plots: list[Path]) -> list[str]:
