@@ -27,6 +27,18 @@ def synthetic_text(documents: int, words_per_doc: int, seed: int = 0) -> str:
     return "\n\n".join(docs) + "\n"
 
 
+#: news text with pound signs: saved as Latin-1 it is not UTF-8 (0xA3), the case of a user's old corpus
+NEWS = ("The pound rose to $1.27 after the Bank of England held rates; a pint now costs £4.80 in London.\n\n"
+        "Shoppers in Leeds paid £2.15 for bread, up from £1.99 last year, the survey of prices found.\n\n"
+        "Fares on the morning trains will rise by £3 in March, the operator said on Monday.\n")
+
+
+def latin1_news(path: Path, copies: int = 1) -> Path:
+    """``NEWS`` (``copies`` times) saved as Latin-1."""
+    path.write_bytes((NEWS * copies).encode("latin-1"))
+    return path
+
+
 def tiny_tokenizer(add_bos: bool):
     """A byte-level BPE tokenizer trained on the synthetic text; adds BOS when asked (like Gemma)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
