@@ -1,7 +1,8 @@
 """The ``losa`` command line: one thin function per command.
 
 Each command parses its options into a config, calls one workflow, and renders the result:
-a table on stdout (or JSON with ``--json``), progress bars on stderr.  This is the one place
+a table on stdout (or JSON with ``--json``), progress bars on stderr (the libraries' own bars, logs and
+warnings only with ``--verbose``: ``core/quiet.py``).  This is the one place
 that maps exceptions to one-line messages and exit codes; ``--debug`` or ``LOSA_DEBUG=1``
 shows the traceback instead.
 """
@@ -26,6 +27,7 @@ from rich.table import Table
 
 from ..core.config import DEFAULT_MODEL, BenchConfig, CalibrationConfig, EvalConfig, ExportConfig, PruneConfig, RecoverConfig
 from ..core.errors import ConfigError, LosaError
+from ..core.quiet import quiet_third_party
 from ..run.recipe import RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make LLMs sparse and keep them accurate.")
@@ -35,15 +37,17 @@ _debug = {"on": os.environ.get("LOSA_DEBUG", "") not in ("", "0")}
 
 
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", envvar="LOSA_VERBOSE",
+                                          help="Also show the libraries' own progress bars, log messages and warnings.")] = False,
+) -> None:
     """losa: prune, recover, export, benchmark and evaluate sparse LLMs."""
     if debug:
         _debug["on"] = True
     # Spin-waiting OpenMP threads slow torch ~5x on a busy 2-core machine; must precede torch's import.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # losa draws its own progress; keep stderr readable
+    quiet_third_party(verbose)  # before any library is imported: losa draws its own progress
 
 
 def _fail(message: str, code: int) -> typer.Exit:
