@@ -90,6 +90,62 @@ def build_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0, lay
     return folder
 
 
+#: Hugging Face Llama names -> llama.cpp's GGUF names (``blk.N.`` + the part, for the blocks)
+GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+GGUF_BLOCK_PARTS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def build_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny Llama as a float32 ``.gguf`` file with its byte-level BPE
+    tokenizer in the metadata, as llama.cpp writes them, so the GGUF code path runs in seconds.
+
+    The weights are random, so llama.cpp's permutation of the query and key rows is not applied."""
+    import json
+
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer(add_bos=False)
+    config = tiny_config("llama", len(tokenizer))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = [token for token, _ in sorted(bpe["vocab"].items(), key=lambda item: item[1])]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if token in tokenizer.all_special_tokens else gguf.TokenType.NORMAL
+                            for token in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model.layers."):
+            index, part = name.removeprefix("model.layers.").removesuffix(".weight").split(".", 1)
+            name = f"blk.{index}.{GGUF_BLOCK_PARTS[part]}.weight"
+        else:
+            name = GGUF_NAMES[name]
+        writer.add_tensor(name, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One saved tiny model per tested architecture (built once per session)."""
