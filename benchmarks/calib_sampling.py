@@ -69,7 +69,7 @@ def main() -> None:
             started = time.perf_counter()
             calibration = CalibrationConfig(calib=calib_path, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed,
                                             sampling=sampling)
-            calib = calibration_windows(loaded.model, loaded.tokenizer, calibration, [])
+            calib = calibration_windows(loaded.model, loaded.tokenizer, calibration, []).windows
             prune_blocks(loaded.model, criterion, [args.sparsity] * blocks, calib, torch.device("cpu"))
             prune_s = time.perf_counter() - started
             _, _, global_sparsity, checksum = sparsity_report(loaded.model)

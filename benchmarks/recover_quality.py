@@ -120,7 +120,7 @@ def main() -> None:
         started = time.perf_counter()
         warnings: list[str] = []
         pruned = copy.deepcopy(loaded.model).to(args.device)
-        calib_windows = calibration_windows(pruned, loaded.tokenizer, calib, warnings)
+        calib_windows = calibration_windows(pruned, loaded.tokenizer, calib, warnings).windows
         prune_blocks(pruned, Criterion(method), [args.sparsity] * len(find_blocks(pruned)), calib_windows,
                      torch.device(args.device))
         rows[name] = {"name": name, "perplexity": perplexities(pruned, windows, args.device),

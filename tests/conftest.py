@@ -27,6 +27,18 @@ def synthetic_text(documents: int, words_per_doc: int, seed: int = 0) -> str:
     return "\n\n".join(docs) + "\n"
 
 
+#: news text with pound signs: saved as Latin-1 it is not UTF-8 (0xA3), the case of a user's old corpus
+NEWS = ("The pound rose to $1.27 after the Bank of England held rates; a pint now costs £4.80 in London.\n\n"
+        "Shoppers in Leeds paid £2.15 for bread, up from £1.99 last year, the survey of prices found.\n\n"
+        "Fares on the morning trains will rise by £3 in March, the operator said on Monday.\n")
+
+
+def latin1_news(path: Path, copies: int = 1) -> Path:
+    """``NEWS`` (``copies`` times) saved as Latin-1."""
+    path.write_bytes((NEWS * copies).encode("latin-1"))
+    return path
+
+
 def tiny_tokenizer(add_bos: bool):
     """A byte-level BPE tokenizer trained on the synthetic text; adds BOS when asked (like Gemma)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -76,6 +88,62 @@ def build_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0, lay
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+#: Hugging Face Llama names -> llama.cpp's GGUF names (``blk.N.`` + the part, for the blocks)
+GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+GGUF_BLOCK_PARTS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def build_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny Llama as a float32 ``.gguf`` file with its byte-level BPE
+    tokenizer in the metadata, as llama.cpp writes them, so the GGUF code path runs in seconds.
+
+    The weights are random, so llama.cpp's permutation of the query and key rows is not applied."""
+    import json
+
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer(add_bos=False)
+    config = tiny_config("llama", len(tokenizer))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = [token for token, _ in sorted(bpe["vocab"].items(), key=lambda item: item[1])]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if token in tokenizer.all_special_tokens else gguf.TokenType.NORMAL
+                            for token in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model.layers."):
+            index, part = name.removeprefix("model.layers.").removesuffix(".weight").split(".", 1)
+            name = f"blk.{index}.{GGUF_BLOCK_PARTS[part]}.weight"
+        else:
+            name = GGUF_NAMES[name]
+        writer.add_tensor(name, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import build_tiny_model, synthetic_text, tiny_tokenizer
+from conftest import NEWS, build_tiny_model, synthetic_text, tiny_tokenizer
 from losa_cli.cli.main import app
 
 runner = CliRunner()
@@ -199,6 +199,11 @@ CASES: list[Case] = [
     ("eval-data-binary", lambda c: eval_(c, "--data", str(c.file("eval.txt", BINARY)))),
     ("recover-data-binary-jsonl", lambda c: recover(c, data=c.file("train.jsonl", BINARY))),
     ("recover-data-binary-txt", lambda c: recover(c, data=c.file("train.txt", BINARY))),
+    # text encodings: a wrong --encoding names the file and byte offset; an unknown codec is refused up front
+    ("prune-calib-wrong-encoding",
+     lambda c: prune(c, "--calib", str(c.file("news.txt", NEWS.encode("latin-1"))), "--encoding", "utf-8", calib=False)),
+    ("eval-encoding-unknown", lambda c: eval_(c, "--data", str(c.calib), "--encoding", "no-such-codec")),
+    ("recover-encoding-not-text", lambda c: recover(c, "--encoding", "base64")),
     ("recover-data-instruction-without-output",
      lambda c: recover(c, data=c.file("train.jsonl", '{"instruction": "x"}\n'))),
     ("eval-tasks-missing-file", lambda c: eval_(c, "--tasks", str(c.inp / "no-such-task.jsonl"))),

@@ -216,6 +216,24 @@ def test_interrupt_leaves_no_output(tiny_models, tmp_path, calib_file, monkeypat
     assert result.exit_code == 130
 
 
+def test_latin1_calibration_and_eval_data_are_read_and_recorded(tiny_models, tmp_path):
+    """A Latin-1 file is read (auto: detected and named in a warning; --encoding: as told), and the
+    encoding used is recorded beside the data source."""
+    from conftest import latin1_news
+
+    news = latin1_news(tmp_path / "news.txt", copies=20)
+    result = prune(tiny_models["llama"], tmp_path / "out", calib=news)
+    assert result.exit_code == 0, result.output
+    assert f"warning: calibration file {news} is not UTF-8; read it as cp1252 (detected)" in " ".join(result.stderr.split())
+    manifest = json.loads((tmp_path / "out" / "losa_manifest.json").read_text())
+    assert manifest["inputs"]["calibration_encoding"] == "cp1252"
+    evaluated = runner.invoke(app, ["eval", "--model", str(tmp_path / "out"), "--data", str(news), "--encoding", "latin-1",
+                                    "--seqlen", "16", "--max-windows", "2", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["perplexity"]["encoding"] == "iso8859-1"
+    assert "warning" not in evaluated.stderr
+
+
 def test_eval_needs_data_or_sparsity(tiny_models):
     result = runner.invoke(app, ["eval", "--model", str(tiny_models["llama"])])
     assert_clean_error(result, "give --data FILE")

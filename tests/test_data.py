@@ -5,10 +5,14 @@ import json
 import pytest
 import torch
 
-from losa_cli.core.data import bos_token_to_prepend, consecutive_windows, document_windows, read_documents, sample_windows
-from losa_cli.core.errors import DataError
+from losa_cli.core.config import CalibrationConfig, EvalConfig
+from losa_cli.core.data import (bos_token_to_prepend, consecutive_windows, document_windows, load_documents, read_documents,
+                                sample_windows)
+from losa_cli.core.errors import ConfigError, DataError
 
-from conftest import synthetic_text, tiny_tokenizer
+from conftest import NEWS, latin1_news, synthetic_text, tiny_tokenizer
+
+NEWS_DOCUMENTS = [doc.strip() for doc in NEWS.split("\n\n")]
 
 
 def test_txt_blank_line_documents(tmp_path):
@@ -51,6 +55,72 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(DataError, match="holds no text"):
         read_documents(str(tmp_path / "empty.txt"))
+
+
+def test_latin1_file_in_auto_mode_keeps_the_pound_sign_and_names_the_encoding(tmp_path):
+    path = latin1_news(tmp_path / "news.txt")
+    warnings: list[str] = []
+    documents = load_documents(str(path), "auto", "calibration file", warnings)
+    assert documents.texts == NEWS_DOCUMENTS and "£4.80" in documents.texts[0]
+    assert documents.encoding == "cp1252"  # the pound sign is 0xA3 in Latin-1 and cp1252 alike
+    assert warnings == [f"calibration file {path} is not UTF-8; read it as cp1252 (detected); pass --encoding to choose"]
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "cp1252"])
+def test_explicit_encoding_reads_the_file_without_a_warning(tmp_path, encoding):
+    path = tmp_path / "news.jsonl"
+    path.write_bytes(b"".join(json.dumps({"text": doc}, ensure_ascii=False).encode("latin-1") + b"\n" for doc in NEWS_DOCUMENTS))
+    warnings: list[str] = []
+    documents = load_documents(str(path), encoding, "data file", warnings)
+    assert documents.texts == NEWS_DOCUMENTS and warnings == []
+    assert documents.encoding == {"latin-1": "iso8859-1", "cp1252": "cp1252"}[encoding]
+
+
+def test_wrong_explicit_encoding_fails_with_the_byte_offset(tmp_path):
+    path = latin1_news(tmp_path / "news.txt")
+    offset = NEWS.encode("latin-1").index(b"\xa3")
+    with pytest.raises(DataError) as error:
+        load_documents(str(path), "utf-8", "calibration file", [])
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and f"at byte offset {offset}" in message
+    assert "0xa3" in message and "pass another --encoding" in message
+
+
+@pytest.mark.parametrize("encoding", ["no-such-codec", "base64"])  # base64 is a codec, but bytes to bytes
+def test_unknown_codec_fails_at_validation(encoding):
+    message = f"--encoding {encoding!r} is not a text encoding Python knows"
+    assert any(message in p for p in CalibrationConfig(calib="x.txt", encoding=encoding).problems())
+    with pytest.raises(ConfigError, match=message):
+        EvalConfig(data="x.txt", encoding=encoding).validate()
+    assert CalibrationConfig(calib="x.txt", encoding="latin-1").problems() == []
+
+
+@pytest.mark.parametrize("prefix", [b"", b"\xef\xbb\xbf"], ids=["plain", "byte-order-mark"])
+def test_utf8_files_read_as_before_without_a_warning(tmp_path, prefix):
+    path = tmp_path / "news.txt"
+    path.write_bytes(prefix + NEWS.encode("utf-8"))
+    warnings: list[str] = []
+    documents = load_documents(str(path), "auto", "data file", warnings)
+    assert documents.texts == NEWS_DOCUMENTS and documents.encoding == "utf-8" and warnings == []
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-32"])
+def test_utf16_and_utf32_byte_order_marks_are_honoured(tmp_path, codec):
+    path = tmp_path / "news.txt"
+    path.write_bytes(NEWS.encode(codec))  # Python writes a byte-order mark first
+    warnings: list[str] = []
+    documents = load_documents(str(path), "auto", "data file", warnings)
+    assert documents.texts == NEWS_DOCUMENTS and documents.encoding.startswith(codec)
+    assert warnings == [f"data file {path} is not UTF-8; read it as {documents.encoding} (byte-order mark); "
+                        "pass --encoding to choose"]
+
+
+def test_undetectable_bytes_fail_with_one_line_naming_encoding(tmp_path):
+    path = tmp_path / "binary.txt"
+    path.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(DataError, match=r"encoding cannot be detected .* pass --encoding") as error:
+        load_documents(str(path), "auto", "data file", [])
+    assert "\n" not in str(error.value)
 
 
 def test_sample_windows_deterministic_distinct_and_too_short_error():

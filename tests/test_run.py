@@ -164,6 +164,19 @@ def test_recipe_calibration_sampling_reaches_prune_and_recover(tiny_llama_6, cal
     assert plans["recover"].config.calibration.sampling == "document"
 
 
+def test_recipe_encoding_reaches_calibration_and_eval_and_is_checked():
+    from losa_cli.run.recipe import plan_stages
+
+    recipe = load_recipe(None, ["prune.calib=c4", "prune.encoding=latin-1", "recover.encoding=cp1252", "eval.encoding=utf-16"])
+    plans = {plan.name: plan for plan in plan_stages(recipe, "OUT")}
+    assert plans["prune"].config.calibration.encoding == "latin-1"
+    assert plans["recover"].config.calibration.encoding == "cp1252"
+    assert plans["eval"].config.encoding == "utf-16"
+    _, problems = collect_recipe(None, ["eval.encoding=no-such-codec"])
+    assert problems == ["eval: eval.encoding 'no-such-codec' is not a text encoding Python knows; give auto or a codec "
+                        "such as utf-8, latin-1, cp1252"]
+
+
 def test_overrides_and_yaml_values():
     recipe = load_recipe(None, ["prune.pattern=2:4", "prune.calib=c4", "recover.pattern=2:4", "recover.sparsity=0.5",
                                 "recover.lr=1e-3", "bench=null", "recover.mean_ranks=[4, 5, 6, 7, 8]"])

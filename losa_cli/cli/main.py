@@ -1,7 +1,8 @@
 """The ``losa`` command line: one thin function per command.
 
 Each command parses its options into a config, calls one workflow, and renders the result:
-a table on stdout (or JSON with ``--json``), progress bars on stderr.  This is the one place
+a table on stdout (or JSON with ``--json``), progress bars on stderr (the libraries' own bars, logs and
+warnings only with ``--verbose``: ``core/quiet.py``).  This is the one place
 that maps exceptions to one-line messages and exit codes; ``--debug`` or ``LOSA_DEBUG=1``
 shows the traceback instead.
 """
@@ -26,6 +27,7 @@ from rich.table import Table
 
 from ..core.config import DEFAULT_MODEL, BenchConfig, CalibrationConfig, EvalConfig, ExportConfig, PruneConfig, RecoverConfig
 from ..core.errors import ConfigError, LosaError
+from ..core.quiet import quiet_third_party
 from ..run.recipe import RunConfig
 
 if TYPE_CHECKING:
@@ -38,15 +40,17 @@ _debug = {"on": os.environ.get("LOSA_DEBUG", "") not in ("", "0")}
 
 
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", envvar="LOSA_VERBOSE",
+                                          help="Also show the libraries' own progress bars, log messages and warnings.")] = False,
+) -> None:
     """losa: prune, recover, export, benchmark and evaluate sparse LLMs."""
     if debug:
         _debug["on"] = True
     # Spin-waiting OpenMP threads slow torch ~5x on a busy 2-core machine; must precede torch's import.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # losa draws its own progress; keep stderr readable
+    quiet_third_party(verbose)  # before any library is imported: losa draws its own progress
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -152,6 +156,8 @@ def _warn(warnings: list[str]) -> None:
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model folder, .gguf file, Hub id, or smollm2-135m.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+ENCODING_HELP = ("Text encoding of the data files: auto | utf-8 | latin-1 | cp1252 | ... any Python codec "
+                 "(auto: UTF-8, else detected and named in a warning).")
 SAMPLING_HELP = ("Calibration windows: stream (from the documents joined by blank lines) | document "
                  "(one random window of a random document longer than --seqlen, as the Wanda/SparseGPT loaders).")
 
@@ -177,6 +183,7 @@ def prune(
     seqlen: Annotated[int, typer.Option(help="Tokens per window (clipped to the model's context).")] = CalibrationConfig.seqlen,
     seed: Annotated[int, typer.Option(help="Seed for sampling the windows.")] = CalibrationConfig.seed,
     sampling: Annotated[str, typer.Option(help=SAMPLING_HELP)] = CalibrationConfig.sampling,
+    encoding: Annotated[str, typer.Option(help=ENCODING_HELP)] = CalibrationConfig.encoding,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = PruneConfig.device,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 (statistics are fp32 always).")] = PruneConfig.dtype,
     damp: Annotated[float, typer.Option(help="SparseGPT damping, fraction of mean(diag H).")] = PruneConfig.damp,
@@ -192,7 +199,8 @@ def prune(
     config = PruneConfig(
         model=model, out=out, method=method, sparsity=sparsity, pattern=pattern, prune_lm_head=prune_lm_head, per_layer=per_layer,
         allocation=allocation, delta=delta, beta=beta, rmi_samples=rmi_samples, owl_lambda=owl_lambda, owl_m=owl_m,
-        calibration=CalibrationConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling),
+        calibration=CalibrationConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling,
+                                      encoding=encoding),
         device=device, dtype=dtype, damp=damp, blocksize=blocksize, low_memory=low_memory, force=force,
         trust_remote_code=trust_remote_code,
     )
@@ -226,6 +234,7 @@ def prune(
 def eval_(
     model: ModelOpt = DEFAULT_MODEL,
     data: Annotated[Optional[str], typer.Option(help="Evaluation text (.txt/.jsonl/saved dataset, or wikitext2).")] = None,
+    encoding: Annotated[str, typer.Option(help=ENCODING_HELP)] = EvalConfig.encoding,
     seqlen: Annotated[int, typer.Option(help="Tokens per window (clipped to the model's context).")] = EvalConfig.seqlen,
     max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Use at most this many windows.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows (or --tasks choices) per forward pass.")] = EvalConfig.batch_size,
@@ -249,7 +258,7 @@ def eval_(
     task_list = None if tasks is None else [name.strip() for name in tasks.split(",")]
     config = EvalConfig(model=model, data=data, seqlen=seqlen, max_windows=max_windows, dtype=dtype, device=device,
                         batch_size=batch_size, sparsity=sparsity, trust_remote_code=trust_remote_code, tokenizer=tokenizer,
-                        tasks=task_list, num_fewshot=num_fewshot, limit=limit)
+                        tasks=task_list, num_fewshot=num_fewshot, limit=limit, encoding=encoding)
     result = _execute(run_eval, config, as_json)
     if result is None:
         return
@@ -370,6 +379,7 @@ def recover(
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = CalibrationConfig.nsamples,
     seqlen: Annotated[int, typer.Option(help="Calibration window length.")] = CalibrationConfig.seqlen,
     sampling: Annotated[str, typer.Option(help=SAMPLING_HELP)] = CalibrationConfig.sampling,
+    encoding: Annotated[str, typer.Option(help=f"{ENCODING_HELP} For --data and --calib.")] = CalibrationConfig.encoding,
     error_samples: Annotated[int, typer.Option("--error-samples", help="Windows for reconstruction error.")] = RecoverConfig.error_samples,
     rmi_samples: Annotated[int, typer.Option("--rmi-samples")] = RecoverConfig.rmi_samples,
     max_length: Annotated[int, typer.Option("--max-length", help="Fine-tuning sequence length.")] = RecoverConfig.max_length,
@@ -402,7 +412,8 @@ def recover(
         mean_ranks=_numbers(mean_ranks, float, "--mean-ranks"), rank_allocation=rank_allocation, rank_min=rank_min,
         rank_max=rank_max, alpha=alpha, dropout=dropout, fused=fused, adapter=adapter, losia_ratio=losia_ratio,
         losia_period=losia_period, error_samples=error_samples,
-        calibration=CalibrationConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling),
+        calibration=CalibrationConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling,
+                                      encoding=encoding),
         max_length=max_length,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, warmup=warmup,
         response_only=response_only, reset_optimizer=reset_optimizer, dtype=dtype, device=device,

@@ -6,6 +6,7 @@ every problem and raises one ``ConfigError`` listing them all, so a user fixes a
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,11 +26,27 @@ RECOVER_LOSSES = ("ce", "kd", "kd+ce", "squarehead")  # see recover/losses.py
 RECOVER_ADAPTERS = ("masked-lora", "losia")  # see recover/masked_lora.py, recover/subnet.py
 RECOVER_SPARSITY = 0.7  # losa recover's target when neither --sparsity nor --pattern is given
 SAMPLINGS = ("stream", "document")  # calibration windows: from the joined text, or one per document (Wanda/SparseGPT)
+AUTO_ENCODING = "auto"  # text files: a byte-order mark, else UTF-8, else detected and named in a warning (core/data.py)
 
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> list[str]:
     """[] when ``value`` is one of ``choices``, else the message for it."""
     return [] if value in choices else [f"{option} {value!r} is unknown; choose one of {', '.join(choices)}"]
+
+
+def _check_encoding(encoding: str) -> list[str]:
+    """[] for ``auto`` or a Python text codec; a typo is caught here, before any model is loaded."""
+    if encoding == AUTO_ENCODING:
+        return []
+    try:
+        codecs.lookup(encoding)
+        b"a".decode(encoding)  # bytes-to-bytes codecs (base64, zlib) are found but are no text encoding
+    except LookupError:
+        return [f"--encoding {encoding!r} is not a text encoding Python knows; give auto or a codec such as "
+                "utf-8, latin-1, cp1252"]
+    except ValueError:
+        pass  # a text codec that cannot decode this one byte (utf-16): fine
+    return []
 
 
 def _sparsegpt_problems(damp: float, blocksize: int) -> list[str]:
@@ -71,9 +88,11 @@ class CalibrationConfig:
     seqlen: int = 2048
     seed: int = 0
     sampling: str = "stream"
+    encoding: str = AUTO_ENCODING  # of the calibration file (and of recover's --data: one --encoding per command)
 
     def problems(self, needs_data: bool = True) -> list[str]:
         found = _check_choice("--sampling", self.sampling, SAMPLINGS)
+        found += _check_encoding(self.encoding)
         if needs_data and not self.calib:
             found.append(f"--calib is required: {LOCAL_DATA}; --calib c4 or wikitext2 downloads from the Hub")
         if not 0 <= self.seed < 2**32:
@@ -177,9 +196,10 @@ class EvalConfig:
     tasks: list[str] | None = None  # lm-eval task names or local .jsonl files (runtime/zeroshot.py)
     num_fewshot: int = 0
     limit: int | None = None
+    encoding: str = AUTO_ENCODING
 
     def validate(self) -> None:
-        found = []
+        found = _check_encoding(self.encoding)
         if self.data is None and not self.sparsity and self.tasks is None:
             found.append("give --data FILE for perplexity, --tasks for multiple-choice accuracy, or --sparsity to count zeros")
         if self.tasks is not None and (not self.tasks or not all(name.strip() for name in self.tasks)):

@@ -3,19 +3,25 @@
 Accepted sources: a ``.txt`` file (documents separated by blank lines, or one per line when the
 file has no blank lines), a ``.jsonl`` file (a ``text`` field, or Alpaca-style instruction
 records), a folder saved with ``datasets.save_to_disk``, or the Hub names ``c4`` / ``wikitext2``
-when online.  Documents are joined with a blank line and tokenised once, as the perplexity
+when online.  Text files are decoded strictly in ``--encoding`` (default ``auto``: a byte-order
+mark, else UTF-8, else the detected encoding, named in a warning); no character is ever dropped.
+Documents are joined with a blank line and tokenised once, as the perplexity
 protocol prescribes; windows are cut from that one token stream.  Calibration can instead draw
 each window from one document (``document_windows``), as the Wanda / SparseGPT loaders do.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .config import AUTO_ENCODING
 from .errors import DataError
 from .hub import LOCAL_DATA, hub_unreachable, offline_by_env
 
@@ -41,25 +47,96 @@ def format_instruction(record: dict) -> tuple[str, str]:
     return prompt, str(record.get("output", ""))
 
 
-def _read_text(path: Path) -> str:
+UTF8 = "utf-8"
+WESTERN = "cp1252"  # Windows' Western code page: Latin-1's printable characters, plus € “ ” – in 0x80-0x9F
+#: byte-order marks that name their encoding; UTF-32's are checked before UTF-16's, which they start with
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, UTF8),
+                    (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+@dataclass(frozen=True)
+class DecodedText:
+    """A text file's content and how its bytes became that text."""
+
+    text: str
+    encoding: str  # the Python codec used
+    reason: str  # "given" (--encoding), "utf-8", "byte-order mark" or "detected"
+
+    def warning(self, what: str) -> str | None:
+        """The line telling the user that ``auto`` read the file as something other than UTF-8, so
+        a wrong guess is seen (and fixed with --encoding) rather than silently trained on."""
+        if self.reason not in ("byte-order mark", "detected"):
+            return None
+        return f"{what} is not UTF-8; read it as {self.encoding} ({self.reason}); pass --encoding to choose"
+
+
+def _strict_decode(raw: bytes, codec: str, path: Path, skipped: int = 0) -> str:
+    """``raw`` decoded with ``codec``, never dropping or replacing a byte; a failure names the offset
+    in the file (``skipped``: bytes of a byte-order mark before ``raw``)."""
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text; give a .txt or .jsonl file saved as UTF-8") from None
+        return raw.decode(codec)
+    except UnicodeDecodeError as exc:
+        offset = skipped + exc.start
+        bad = " ".join(f"0x{byte:02x}" for byte in raw[exc.start : min(exc.end, exc.start + 4)])
+        raise DataError(f"{path} is not {codec} text: {bad} at byte offset {offset} ({exc.reason}); "
+                        "pass another --encoding (e.g. cp1252, latin-1), or auto to detect it") from None
+
+
+def _detected_encodings(raw: bytes) -> Iterator[str]:
+    """Codecs that read ``raw`` as plausible text, most likely first (judged by ``charset_normalizer``).
+
+    cp1252 comes first whenever its reading is clean: most non-UTF-8 corpora are Western (it is
+    also what browsers assume for unlabelled pages), and on mostly-ASCII text detection alone is
+    weak -- it reads the pound sign of English news as cp1250's "Ł" and French as mac_latin2.
+    Cyrillic, Greek, CJK, Hebrew and Arabic read messily in cp1252 and keep their detected codec;
+    Turkish or Hungarian text may be read as cp1252, which the warning names, so --encoding fixes it.
+    """
+    from charset_normalizer import from_bytes
+
+    if from_bytes(raw, cp_isolation=[WESTERN]).best() is not None:
+        yield WESTERN
+    yield from (match.encoding for match in from_bytes(raw))
+
+
+def decode_text(path: Path, encoding: str = AUTO_ENCODING) -> DecodedText:
+    """Read a text file in ``encoding``, or with ``auto``: its byte-order mark (UTF-8/16/32), else UTF-8
+    when it decodes strictly, else the detected encoding (``_detected_encodings``).  Corpora come in
+    many encodings (a Latin-1 news file with a pound sign is common); every byte is decoded strictly,
+    so no character is ever dropped or replaced, and an encoding found by auto is reported (``warning``)."""
+    try:
+        raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if encoding != AUTO_ENCODING:
+        codec = codecs.lookup(encoding).name
+        skipped = len(codecs.BOM_UTF8) if codec == UTF8 and raw.startswith(codecs.BOM_UTF8) else 0
+        return DecodedText(_strict_decode(raw[skipped:], codec, path, skipped), codec, "given")
+    for mark, codec in BYTE_ORDER_MARKS:
+        if raw.startswith(mark):
+            reason = "utf-8" if codec == UTF8 else "byte-order mark"
+            return DecodedText(_strict_decode(raw[len(mark):], codec, path, len(mark)), codec, reason)
+    try:
+        return DecodedText(raw.decode(UTF8), UTF8, "utf-8")
+    except UnicodeDecodeError:
+        pass
+    for codec in _detected_encodings(raw):
+        try:
+            return DecodedText(raw.decode(codec), codec, "detected")
+        except UnicodeDecodeError:
+            continue  # a large file is judged on samples: the next candidate may read all of it
+    raise DataError(f"{path} is not UTF-8 and its encoding cannot be detected (is it text?); "
+                    "pass --encoding, e.g. --encoding cp1252 or --encoding latin-1")
 
 
-def _read_txt(path: Path) -> list[str]:
-    text = _read_text(path)
+def _txt_documents(text: str) -> list[str]:
     separator = "\n\n" if "\n\n" in text else "\n"
     return [doc.strip() for doc in text.split(separator) if doc.strip()]
 
 
-def _jsonl_records(path: Path) -> list[tuple[int, dict]]:
+def _jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
     """(line number, record) of every non-blank line; each record needs ``text`` or ``instruction``."""
     records = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -72,9 +149,9 @@ def _jsonl_records(path: Path) -> list[tuple[int, dict]]:
     return records
 
 
-def _read_jsonl(path: Path) -> list[str]:
+def _jsonl_documents(records: list[tuple[int, dict]]) -> list[str]:
     docs = []
-    for _, record in _jsonl_records(path):
+    for _, record in records:
         if "text" in record:
             docs.append(str(record["text"]))
         else:
@@ -114,24 +191,45 @@ def _read_hub(name: str) -> list[str]:
     return [t for t in dataset[field] if t and t.strip()]
 
 
-def read_documents(source: str) -> list[str]:
-    """The documents of a text source, in file order."""
+@dataclass
+class Documents:
+    """What a text source holds, and how its file was read (recorded beside the source)."""
+
+    texts: list[str]
+    encoding: str | None = None  # the codec the file was decoded with; None for a saved or Hub dataset (already text)
+    records: list[tuple[int, dict]] | None = None  # a .jsonl file's (line number, record) pairs
+
+
+def load_documents(source: str, encoding: str, what: str, warnings: list[str]) -> Documents:
+    """The documents of a text source, in file order, decoded with ``encoding`` (see ``decode_text``);
+    when ``auto`` had to detect the encoding, a line naming it (and ``what`` the file is) joins ``warnings``."""
     if source in HUB_DATASETS and not Path(source).exists():
-        return _read_hub(source)
+        return _nonempty(source, Documents(_read_hub(source)))
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data file {source} does not exist (or use {' / '.join(HUB_DATASETS)} when online)")
     if path.is_dir():
-        docs = _read_saved_dataset(path)
-    elif path.suffix == ".jsonl":
-        docs = _read_jsonl(path)
-    elif path.suffix in (".txt", ".text", ".md", ""):
-        docs = _read_txt(path)
-    else:
+        return _nonempty(source, Documents(_read_saved_dataset(path)))
+    if path.suffix not in (".jsonl", ".txt", ".text", ".md", ""):
         raise DataError(f"{source}: unsupported data format {path.suffix!r}; use .txt, .jsonl or a saved datasets folder")
-    if not docs:
+    decoded = decode_text(path, encoding)
+    if (warning := decoded.warning(f"{what} {source}")) is not None:
+        warnings.append(warning)
+    if path.suffix == ".jsonl":
+        records = _jsonl_records(path, decoded.text)
+        return _nonempty(source, Documents(_jsonl_documents(records), decoded.encoding, records))
+    return _nonempty(source, Documents(_txt_documents(decoded.text), decoded.encoding))
+
+
+def _nonempty(source: str, documents: Documents) -> Documents:
+    if not documents.texts:
         raise DataError(f"{source} holds no text")
-    return docs
+    return documents
+
+
+def read_documents(source: str, encoding: str = AUTO_ENCODING) -> list[str]:
+    """The documents of a text source, for callers that keep no warnings (benchmarks, tests)."""
+    return load_documents(source, encoding, "data file", []).texts
 
 
 def bos_token_to_prepend(tokenizer) -> int | None:
@@ -219,27 +317,27 @@ def consecutive_windows(stream: torch.Tensor, seqlen: int, max_windows: int | No
     return _with_bos(windows, bos)
 
 
-def _instruction_records(path: Path) -> list[dict] | None:
-    """The records of an instruction .jsonl (None when the file holds plain ``text`` records)."""
-    if path.suffix != ".jsonl":
-        return None
-    records = _jsonl_records(path)
-    if not all("instruction" in record for _, record in records):
+def _instruction_records(documents: Documents, source: str) -> list[dict] | None:
+    """The records of an instruction .jsonl (None when the source holds plain ``text`` records or text)."""
+    records = documents.records
+    if records is None or not all("instruction" in record for _, record in records):
         return None
     for number, record in records:
         if "output" not in record:
-            raise DataError(f"{path}:{number}: instruction record without an 'output' field")
+            raise DataError(f"{source}:{number}: instruction record without an 'output' field")
     return [record for _, record in records]
 
 
-def training_examples(tokenizer, source: str, max_length: int, response_only: bool) -> list[dict[str, torch.Tensor]]:
-    """Fine-tuning examples: ``input_ids`` and ``labels`` (-100 where no loss is taken).
+def training_examples(tokenizer, source: str, documents: Documents, max_length: int,
+                      response_only: bool) -> list[dict[str, torch.Tensor]]:
+    """Fine-tuning examples from ``documents`` (``load_documents(source, ...)``): ``input_ids`` and
+    ``labels`` (-100 where no loss is taken).
 
     Instruction records become Alpaca prompt + response + EOS, truncated to ``max_length``; with
     ``response_only`` the prompt tokens carry no loss.  Plain text is tokenised once and cut into
     full windows of ``max_length`` tokens (no padding, every token counts).
     """
-    records = _instruction_records(Path(source).expanduser()) if Path(source).expanduser().is_file() else None
+    records = _instruction_records(documents, source)
     examples = []
     if records is not None:
         eos = tokenizer.eos_token_id
@@ -254,7 +352,7 @@ def training_examples(tokenizer, source: str, max_length: int, response_only: bo
                 continue
             examples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
     else:
-        stream = token_stream(tokenizer, read_documents(source))
+        stream = token_stream(tokenizer, documents.texts)
         bos = bos_token_to_prepend(tokenizer)
         for window in consecutive_windows(stream, max_length, None, bos):
             examples.append({"input_ids": window.clone(), "labels": window.clone()})

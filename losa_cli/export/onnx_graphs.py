@@ -25,7 +25,6 @@ import json
 import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -230,8 +229,7 @@ def _torch_export(module: nn.Module, args: tuple, path: Path, input_names: list[
                   dynamic_axes: dict, opset: int) -> None:
     """Run the TorchScript exporter, turning its failures into a ModelError naming the op."""
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer warnings about Python control flow are expected
+        with torch.no_grad():  # its TracerWarnings (expected: Python control flow) follow core/quiet.py
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=input_names,
                               output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
     except Exception as exc:  # the exporter raises many unrelated types

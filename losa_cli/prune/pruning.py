@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ..core.config import CalibrationConfig
 from ..core.sequential import BlockLoader, ProgressFn, move_all_but_blocks, sequential_blocks
-from ..core.data import bos_token_to_prepend, document_windows, read_documents, sample_windows, token_stream
+from ..core.data import bos_token_to_prepend, document_windows, load_documents, sample_windows, token_stream
 from ..core.errors import ConfigError, NumericalError
 from .masks import layerwise_mask, nm_mask, parse_nm, rowwise_mask, satisfies_nm
 from ..core.modeling import clip_seqlen, find_blocks, find_linears
@@ -48,16 +49,27 @@ def check_nm_widths(model: nn.Module, pattern: str) -> None:
                 )
 
 
-def calibration_windows(model: nn.Module, tokenizer, calibration: CalibrationConfig, warnings: list[str]) -> torch.Tensor:
+class CalibrationWindows(NamedTuple):
+    """Calibration token windows, and the encoding their file was read with (for the manifest)."""
+
+    windows: torch.Tensor
+    encoding: str | None  # None: a saved or Hub dataset, already text
+
+
+def calibration_windows(model: nn.Module, tokenizer, calibration: CalibrationConfig,
+                        warnings: list[str]) -> CalibrationWindows:
     """Sample the windows ``calibration`` describes (``sampling``: "stream" or "document", see
     ``core/data.py``), clipping its ``seqlen`` to the model's context (with a warning).  Taking the
-    whole config keeps every caller on the same file, count, length, seed and sampling."""
+    whole config keeps every caller on the same file, encoding, count, length, seed and sampling."""
     source, seed = calibration.calib, calibration.seed
+    documents = load_documents(source, calibration.encoding, "calibration file", warnings)
     seqlen = clip_seqlen(model, calibration.seqlen, warnings)
     if calibration.sampling == "document":
-        return document_windows(tokenizer, read_documents(source), calibration.nsamples, seqlen, seed, source)
-    stream = token_stream(tokenizer, read_documents(source))
-    return sample_windows(stream, calibration.nsamples, seqlen, seed, bos_token_to_prepend(tokenizer), source)
+        windows = document_windows(tokenizer, documents.texts, calibration.nsamples, seqlen, seed, source)
+    else:
+        stream = token_stream(tokenizer, documents.texts)
+        windows = sample_windows(stream, calibration.nsamples, seqlen, seed, bos_token_to_prepend(tokenizer), source)
+    return CalibrationWindows(windows, documents.encoding)
 
 
 def _select_mask(scores: torch.Tensor, rate: float, nm: tuple[int, int] | None, per_row: bool) -> torch.Tensor:

@@ -134,7 +134,9 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
     if config.pattern:
         check_nm_widths(loaded.model, config.pattern)
     warnings: list[str] = []
-    windows = calibration_windows(loaded.model, loaded.tokenizer, config.calibration, warnings) if config.needs_calibration else None
+    calibration = calibration_windows(loaded.model, loaded.tokenizer, config.calibration, warnings) \
+        if config.needs_calibration else None
+    windows = calibration.windows if calibration is not None else None
     activations = None if config.method == "magnitude" else windows  # magnitude needs no activations
     criterion = Criterion(config.method, parse_nm(config.pattern) if config.pattern else None, config.damp, config.blocksize)
     with atomic_folder(out) as staging:
@@ -175,7 +177,8 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
         result.wall_time_s = time.perf_counter() - started
         manifest = build_manifest(
             "prune",
-            inputs={"model": loaded.source.describe(), "calibration": config.calibration.calib},
+            inputs={"model": loaded.source.describe(), "calibration": config.calibration.calib,
+                    "calibration_encoding": calibration.encoding if calibration is not None else None},
             settings=to_dict(config),
             results={k: v for k, v in result.__dict__.items() if k != "out"},
             parent_folder=Path(loaded.source.location) if loaded.source.is_local else None,

@@ -40,7 +40,7 @@ from ..prune.allocation import owl_allocation, rmi_allocation
 from ..core.atomic import atomic_folder, check_output
 from ..core.sequential import ProgressFn, sequential_blocks
 from ..core.config import OWL_LAMBDA, OWL_M, RecoverConfig, to_dict
-from ..core.data import collate, training_examples
+from ..core.data import collate, load_documents, training_examples
 from ..core.errors import ConfigError, LosaError, NumericalError
 from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
 from ..core.modeling import block_linears, find_blocks, load_model, resolve_device, save_model, sparsity_report
@@ -195,8 +195,10 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
         _check_nm_input(model, config.pattern)
     warnings: list[str] = []
     calib = config.calibration
-    windows = calibration_windows(model, loaded.tokenizer, calib, warnings)
-    examples = training_examples(loaded.tokenizer, config.data, config.max_length, config.response_only)
+    calibration = calibration_windows(model, loaded.tokenizer, calib, warnings)
+    windows = calibration.windows
+    data = load_documents(config.data, calib.encoding, "fine-tuning file", warnings)
+    examples = training_examples(loaded.tokenizer, config.data, data, config.max_length, config.response_only)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else (loaded.tokenizer.eos_token_id or 0)
     error_windows = windows[: config.error_samples]
     dense = _dense_outputs(model, error_windows, device)
@@ -293,7 +295,8 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None, stop_
         record.wall_time_s += time.perf_counter() - stage_started
 
     result = _finish(config, out, loaded, accelerator, model, blocks, history, tokens_trained, started, warnings,
-                     resume_state, global_batch, head_pruned)
+                     resume_state, global_batch, head_pruned,
+                     encodings={"data": data.encoding, "calibration": calibration.encoding})
     if accelerator.is_main_process:
         checkpoints.remove()
     return result
@@ -374,8 +377,10 @@ def _prune_stage(config: RecoverConfig, stage: int, *, model: nn.Module, blocks:
 
 
 def _finish(config, out, loaded, accelerator, model, blocks, history, tokens_trained, started, warnings, resume_state,
-            global_batch, head_pruned: dict[str, torch.Tensor]) -> RecoverResult:
-    """Merge, verify the zeros (and N:M), and save the model + manifest atomically (main process)."""
+            global_batch, head_pruned: dict[str, torch.Tensor], encodings: dict[str, str | None]) -> RecoverResult:
+    """Merge, verify the zeros (and N:M), and save the model + manifest atomically (main process).
+
+    ``encodings``: how the ``data`` and ``calibration`` files were decoded, recorded beside them."""
     wrappers = wrappers_of(blocks)
     final_mask = _pruned_masks(wrappers)
     for name, wrapper in wrappers.items():
@@ -408,7 +413,8 @@ def _finish(config, out, loaded, accelerator, model, blocks, history, tokens_tra
             result.wall_time_s = time.perf_counter() - started
             manifest = build_manifest(
                 "recover",
-                inputs={"model": loaded.source.describe(), "data": config.data, "calibration": config.calibration.calib},
+                inputs={"model": loaded.source.describe(), "data": config.data, "data_encoding": encodings["data"],
+                        "calibration": config.calibration.calib, "calibration_encoding": encodings["calibration"]},
                 settings={**to_dict(config), "global_batch": global_batch, "steps_per_stage": config.plan_steps(),
                           "mean_ranks": config.plan_ranks()},
                 results={k: v for k, v in result.to_dict().items() if k != "out"},

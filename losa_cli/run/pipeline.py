@@ -233,8 +233,10 @@ def _eval_stage(config, input_model: str, folder: Path, settings_sha256: str,
     with atomic_folder(folder) as staging:
         (staging / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         model = Path(config.model)
-        manifest = build_manifest("eval", {"input_model": input_model, "final_model": config.model, "data": config.data},
-                                  to_dict(config), results, parent_folder=model if model.is_dir() else None)
+        inputs = {"input_model": input_model, "final_model": config.model, "data": config.data,
+                  "data_encoding": after.perplexity.encoding if after.perplexity else None}
+        manifest = build_manifest("eval", inputs, to_dict(config), results,
+                                  parent_folder=model if model.is_dir() else None)
         write_manifest(staging, manifest)
         _write_json(staging / STAGE_MARKER, _marker("eval", settings_sha256, manifest, time.perf_counter() - started, "ran"))
     return manifest, warnings

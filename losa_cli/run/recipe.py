@@ -3,8 +3,8 @@
 A recipe has top-level keys ``model``, ``seed``, ``device``, ``trust_remote_code`` and one
 section per stage: ``prune``, ``recover``, ``export``, ``bench``, ``eval``.  A section that is
 absent or ``null`` is not run.  A section's keys are the field names of that stage's config
-dataclass (``config.py``); the calibration fields ``calib``, ``nsamples``, ``seqlen``, ``sampling`` are given
-flat in ``prune`` / ``recover``.  What ``losa run`` sets itself (inputs, outputs, ``force``)
+dataclass (``config.py``); the calibration fields ``calib``, ``nsamples``, ``seqlen``, ``sampling``, ``encoding``
+are given flat in ``prune`` / ``recover``.  What ``losa run`` sets itself (inputs, outputs, ``force``)
 is refused with the reason.  Overrides ``section.key=value`` (``recover.total_steps=40``,
 ``prune=null``, ``model=some/folder``) are applied on top, the value read as YAML.
 
@@ -43,7 +43,8 @@ from ..core.errors import ConfigError
 SECTIONS = ("prune", "recover", "export", "bench", "eval")
 CONFIG_CLASSES = {"prune": PruneConfig, "recover": RecoverConfig, "export": ExportConfig, "bench": BenchConfig,
                   "eval": EvalConfig}
-CALIBRATION_KEYS = ("calib", "nsamples", "seqlen", "sampling")  # flat in prune / recover, mapped to CalibrationConfig
+#: flat in prune / recover, mapped to CalibrationConfig
+CALIBRATION_KEYS = ("calib", "nsamples", "seqlen", "sampling", "encoding")
 TOP_LEVEL = {"model": str, "seed": int, "device": str, "trust_remote_code": bool}
 DEFAULT_OUT = "runs/losa-run"
 
@@ -55,9 +56,10 @@ _MANAGED_ALL = {
     "force": "a stage whose settings changed is redone anyway; use losa run --restart to redo everything",
     "trust_remote_code": "set trust_remote_code at the top level",
 }
+_FLAT_CALIBRATION = "give calib, nsamples, seqlen, sampling and encoding flat in the section"
 _MANAGED = {
-    "prune": {"calibration": "give calib, nsamples, seqlen and sampling flat in the section", "seed": "set seed at the top level"},
-    "recover": {"calibration": "give calib, nsamples, seqlen and sampling flat in the section", "seed": "set seed at the top level",
+    "prune": {"calibration": _FLAT_CALIBRATION, "seed": "set seed at the top level"},
+    "recover": {"calibration": _FLAT_CALIBRATION, "seed": "set seed at the top level",
                 "resume": "losa run resumes an interrupted recover stage by itself; --restart starts over"},
     "bench": {"dense_baseline": "losa run exports the dense input model as the baseline (dense-export stage)",
               "report": "the speed chart is written to OUT/bench/speed.png"},

@@ -154,8 +154,10 @@ def _perplexity_section(manifests: dict[str, dict]) -> list[str]:
                     rows)
     before, after = results.get("perplexity_before"), results.get("perplexity_after")
     if before and after:
-        data = (results.get("final") or {}).get("perplexity", {}).get("data")
-        lines += [f"Same windows of `{data}` for both models: perplexity x{after / before:.2f} "
+        perplexity = (results.get("final") or {}).get("perplexity", {})
+        data, encoding = perplexity.get("data"), perplexity.get("encoding")
+        read_as = f" (read as {encoding})" if encoding not in (None, "utf-8") else ""
+        lines += [f"Same windows of `{data}`{read_as} for both models: perplexity x{after / before:.2f} "
                   f"({before:.2f} -> {after:.2f}).", ""]
     return lines
 

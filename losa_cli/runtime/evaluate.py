@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..core.sequential import ProgressFn
 from ..core.config import EvalConfig
 from ..core.errors import ConfigError
-from ..core.data import bos_token_to_prepend, consecutive_windows, read_documents, token_stream
+from ..core.data import bos_token_to_prepend, consecutive_windows, load_documents, token_stream
 from ..core.modeling import clip_seqlen, load_model, resolve_device, sparsity_report
 from .zeroshot import ZeroShotResult, resolve_tasks, run_zeroshot
 
@@ -26,6 +26,7 @@ from .zeroshot import ZeroShotResult, resolve_tasks, run_zeroshot
 @dataclass
 class PerplexityResult:
     data: str
+    encoding: str | None  # how the data file was decoded (None: a saved or Hub dataset)
     perplexity: float
     mean_nll: float
     seqlen: int
@@ -83,18 +84,21 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, device: torch.devi
     return summed_nll(lambda batch: model(input_ids=batch.to(device), use_cache=False).logits, windows, batch_size, progress)
 
 
-def _perplexity(config: EvalConfig, tokenizer, seqlen: int, nll_of, dtype: str, device: str) -> PerplexityResult:
+def _perplexity(config: EvalConfig, tokenizer, seqlen: int, nll_of, dtype: str, device: str,
+                warnings: list[str]) -> PerplexityResult:
     """Cut ``--data`` into the protocol's windows and score them with ``nll_of(windows) -> (total, count)``.
 
     One place for the windows and the result, whether a PyTorch model or an ONNX graph is scored.
     """
     bos = bos_token_to_prepend(tokenizer)
-    windows = consecutive_windows(token_stream(tokenizer, read_documents(config.data)), seqlen, config.max_windows, bos)
+    documents = load_documents(config.data, config.encoding, "data file", warnings)
+    windows = consecutive_windows(token_stream(tokenizer, documents.texts), seqlen, config.max_windows, bos)
     started = time.perf_counter()
     total, count = nll_of(windows)
     mean = total / count
-    return PerplexityResult(data=config.data, perplexity=math.exp(mean), mean_nll=mean, seqlen=seqlen,
-                            windows=int(windows.shape[0]), predicted_tokens=count, bos_per_window=bos is not None,
+    return PerplexityResult(data=config.data, encoding=documents.encoding, perplexity=math.exp(mean), mean_nll=mean,
+                            seqlen=seqlen, windows=int(windows.shape[0]), predicted_tokens=count,
+                            bos_per_window=bos is not None,
                             dtype=dtype, device=device, wall_time_s=time.perf_counter() - started)
 
 
@@ -109,10 +113,11 @@ def _eval_onnx(config: EvalConfig, graph, progress: ProgressFn | None) -> EvalRe
     if config.dtype != "float32" or config.device not in ("auto", "cpu"):
         raise ConfigError("ONNX graphs run on ONNX Runtime's CPU in their own precision: drop --dtype and --device")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(graph, config.tokenizer))
+    warnings: list[str] = []
     ppl = _perplexity(config, tokenizer, config.seqlen,
                       lambda windows: onnx_window_nll(graph, windows, torch.get_num_threads(), config.batch_size, progress),
-                      "graph's own (ONNX)", "cpu (onnxruntime)")
-    return EvalResult(model=config.model, perplexity=ppl, sparsity=None, zeroshot=None, warnings=[])
+                      "graph's own (ONNX)", "cpu (onnxruntime)", warnings)
+    return EvalResult(model=config.model, perplexity=ppl, sparsity=None, zeroshot=None, warnings=warnings)
 
 
 def run_eval(config: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
@@ -137,7 +142,7 @@ def run_eval(config: EvalConfig, progress: ProgressFn | None = None) -> EvalResu
         seqlen = clip_seqlen(loaded.model, config.seqlen, warnings)
         ppl = _perplexity(config, loaded.tokenizer, seqlen,  # moving the model to the device is timed, as before
                           lambda windows: window_nll(loaded.model.to(device), windows, device, config.batch_size, progress),
-                          config.dtype, str(device))
+                          config.dtype, str(device), warnings)
     zeroshot = None
     if tasks is not None:
         zeroshot = run_zeroshot(loaded.model, loaded.tokenizer, tasks, config.num_fewshot, config.limit, config.batch_size,
