@@ -70,6 +70,28 @@ def test_low_memory_equals_in_memory_bit_for_bit(kind, settings, tiny_models, ti
     assert config(tmp_path / "streamed") == config(tmp_path / "in-memory")
 
 
+@pytest.mark.parametrize(("kind", "settings"), [
+    ("llama6", {"method": "sparsegpt", "sparsity": 0.6, "allocation": "rmi"}),
+    ("gemma3_text", {"method": "wanda", "sparsity": 0.5, "allocation": "owl", "owl_lambda": 0.05}),
+])
+def test_activations_on_disk_give_the_same_model(kind, settings, tiny_models, tiny_llama_6, calib_file, tmp_path,
+                                                 monkeypatch):
+    from losa_cli.core.activations import DiskWindows
+
+    written = []
+    original = DiskWindows.append
+    monkeypatch.setattr(DiskWindows, "append", lambda self, t: (written.append(self.generation), original(self, t)))
+    model = tiny_llama_6 if kind == "llama6" else tiny_models[kind]
+    reference = _prune(model, tmp_path / "in-memory", calib_file, low_memory=False, activations_on_disk=False, **settings)
+    assert not written and not reference.activations_on_disk
+    on_disk = _prune(model, tmp_path / "on-disk", calib_file, low_memory=True, activations_on_disk=True, **settings)
+    assert on_disk.activations_on_disk and max(written) >= 2  # every block's outputs went through files
+    assert on_disk.mask_checksum == reference.mask_checksum
+    expected, got = _tensors(tmp_path / "in-memory"), _tensors(tmp_path / "on-disk")
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in-memory", "on-disk"]  # the activation files are gone
+
+
 def test_low_memory_output_loads_and_prunes_again(tiny_llama_6, calib_file, tmp_path):
     """The sharded output is an ordinary checkpoint: losa (and transformers) load it, and pruning
     it again streamed keeps every zero."""

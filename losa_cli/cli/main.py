@@ -189,6 +189,7 @@ def prune(
     damp: Annotated[float, typer.Option(help="SparseGPT damping, fraction of mean(diag H).")] = PruneConfig.damp,
     blocksize: Annotated[int, typer.Option(help="SparseGPT column block size.")] = PruneConfig.blocksize,
     low_memory: Annotated[Optional[bool], typer.Option("--low-memory/--in-memory", help="Read one block at a time from the memory-mapped safetensors and write the output block by block (default: when the model would take over half the free memory).")] = None,
+    activations_on_disk: Annotated[Optional[bool], typer.Option("--activations-on-disk/--activations-in-memory", help="Keep the calibration windows' hidden states in files beside --out (default: when they would take over a quarter of the free memory).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
     as_json: JsonOpt = False,
@@ -201,7 +202,8 @@ def prune(
         allocation=allocation, delta=delta, beta=beta, rmi_samples=rmi_samples, owl_lambda=owl_lambda, owl_m=owl_m,
         calibration=CalibrationConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling,
                                       encoding=encoding),
-        device=device, dtype=dtype, damp=damp, blocksize=blocksize, low_memory=low_memory, force=force,
+        device=device, dtype=dtype, damp=damp, blocksize=blocksize, low_memory=low_memory,
+        activations_on_disk=activations_on_disk, force=force,
         trust_remote_code=trust_remote_code,
     )
     result = _execute(run_prune, config, as_json)

@@ -128,6 +128,8 @@ class PruneConfig:
     blocksize: int = 128
     #: stream the blocks from the memory-mapped checkpoint; None: when the model would not fit
     low_memory: bool | None = None
+    #: the calibration windows' hidden states in files; None: when they would not fit in memory
+    activations_on_disk: bool | None = None
     force: bool = False
     trust_remote_code: bool = False
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .activations import DiskWindows
 from .modeling import find_blocks, find_linears
 from .offload import MappedBlocks, ResidentBlocks
 
@@ -59,7 +61,7 @@ class _BlockRecorder(nn.Module):
 
 @dataclass
 class _Capture:
-    hidden: list[torch.Tensor]
+    hidden: list[torch.Tensor] | DiskWindows
     kwargs: list[dict]
     record_kwargs: bool
 
@@ -94,16 +96,18 @@ def move_all_but_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.d
                 module._buffers[name] = buffer.to(device)
 
 
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
-    """Inputs of block 0 for every window, and the extra arguments each block receives."""
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device,
+                         store: DiskWindows | None = None) -> tuple[list[torch.Tensor] | DiskWindows, list[dict]]:
+    """Inputs of block 0 for every window (in ``store`` when given), and the extra arguments each block receives."""
     blocks = find_blocks(model)
     move_all_but_blocks(model, blocks, device)
     with torch.inference_mode():
-        return _record(model, blocks, windows, device)
+        return _record(model, blocks, windows, device, [] if store is None else store)
 
 
-def _record(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device) -> tuple[list, list]:
-    capture = _Capture(hidden=[], kwargs=[], record_kwargs=True)
+def _record(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device,
+            hidden: list | DiskWindows) -> tuple[list | DiskWindows, list]:
+    capture = _Capture(hidden=hidden, kwargs=[], record_kwargs=True)
     originals = list(blocks)
     for i, block in enumerate(originals):
         blocks[i] = _BlockRecorder(block, i, i == len(originals) - 1, capture)
@@ -130,13 +134,17 @@ class BlockStep:
 
     index: int
     block: nn.Module
-    inputs: list[torch.Tensor]
+    inputs: list[torch.Tensor] | DiskWindows
     call: dict
+    device: torch.device
 
-    def run(self) -> list[torch.Tensor]:
-        """The block's outputs on its current inputs."""
+    def run(self) -> list[torch.Tensor] | DiskWindows:
+        """The block's outputs on its current inputs (on disk when the inputs are)."""
+        outputs = self.inputs.successor() if isinstance(self.inputs, DiskWindows) else []
         with torch.inference_mode():
-            return [_output_tensor(self.block(x, *self.call["args"], **self.call["kwargs"])) for x in self.inputs]
+            for x in self.inputs:
+                outputs.append(_output_tensor(self.block(x.to(self.device), *self.call["args"], **self.call["kwargs"])))
+        return outputs
 
     def observe_linear_inputs(self, make_observer: Callable[[str, nn.Linear], Callable[[torch.Tensor], None]]) -> None:
         """Run the block once with a hook feeding each linear layer's inputs to its observer."""
@@ -164,6 +172,7 @@ def sequential_blocks(
     progress: ProgressFn | None = None,
     on_outputs: Callable[[int, list[torch.Tensor]], None] | None = None,
     loader: BlockLoader | None = None,
+    activations_dir: Path | None = None,
 ) -> Iterator[BlockStep]:
     """Yield each block on ``device`` with the outputs of the (already modified) blocks before it.
 
@@ -171,17 +180,22 @@ def sequential_blocks(
     caller resumes the iteration, so block l+1 sees what the modified block l produces.
     ``loader`` materialises each block for its step and releases it after (default: the blocks
     are in memory and only move to ``device`` and back; ``offload.MappedBlocks`` reads them from
-    a memory-mapped checkpoint, for models larger than memory).
+    a memory-mapped checkpoint, for models larger than memory).  With ``activations_dir`` the
+    windows' hidden states live in files there (``activations.DiskWindows``), not in memory.
     """
     blocks = find_blocks(model)
     if loader is None:
         loader = ResidentBlocks(next(blocks[0].parameters()).device)
-    hidden, calls = capture_block_inputs(model, windows, device)
+    store = DiskWindows(activations_dir) if activations_dir is not None else None
+    hidden, calls = capture_block_inputs(model, windows, device, store)
     for index, block in enumerate(blocks):
         loader.load(index, block, device)
-        step = BlockStep(index, block, hidden, calls[index])
+        step = BlockStep(index, block, hidden, calls[index], device)
         yield step
-        hidden = step.run()
+        outputs = step.run()
+        if isinstance(hidden, DiskWindows):
+            hidden.discard()
+        hidden = outputs
         if on_outputs is not None:
             on_outputs(index, hidden)
         loader.release(index, block)

@@ -8,6 +8,7 @@ representations of all blocks are never held at once.  The math lives in ``rmi.p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,11 +33,12 @@ class Allocation:
 
 def rmi_allocation(model: nn.Module, windows: torch.Tensor, device: torch.device, sparsity: float, delta: float,
                    beta: float, progress: ProgressFn | None = None, floor: list[float] | None = None,
-                   loader: BlockLoader | None = None) -> Allocation:
+                   loader: BlockLoader | None = None, activations_dir: Path | None = None) -> Allocation:
     """Block similarity on ``windows`` (the paper uses 64), then the exact rate assignment
     (each block at least at its ``floor`` sparsity when given)."""
     grams = []
-    for step in sequential_blocks(model, windows, device, _relabel(progress, "similarity pass"), loader=loader):
+    for step in sequential_blocks(model, windows, device, _relabel(progress, "similarity pass"), loader=loader,
+                                  activations_dir=activations_dir):
         grams.append(gram_matrix(step.inputs))
     similarity = similarity_matrix(grams)
     rates, weights = rmi_rates(similarity, sparsity, delta, beta, floor)
@@ -45,10 +47,12 @@ def rmi_allocation(model: nn.Module, windows: torch.Tensor, device: torch.device
 
 
 def owl_allocation(model: nn.Module, windows: torch.Tensor, device: torch.device, sparsity: float, lam: float,
-                   multiple: float, progress: ProgressFn | None = None, loader: BlockLoader | None = None) -> Allocation:
+                   multiple: float, progress: ProgressFn | None = None, loader: BlockLoader | None = None,
+                   activations_dir: Path | None = None) -> Allocation:
     """OWL outlier ratios from the dense model's Wanda scores, then the OWL rates."""
     ratios = []
-    for step in sequential_blocks(model, windows, device, _relabel(progress, "outlier pass"), loader=loader):
+    for step in sequential_blocks(model, windows, device, _relabel(progress, "outlier pass"), loader=loader,
+                                  activations_dir=activations_dir):
         norms: dict[str, InputNormAccumulator] = {}
 
         def observer(name: str, linear: nn.Linear):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -108,12 +109,13 @@ def prune_linear(linear: nn.Linear, criterion: Criterion, rate: float, stats, wh
 
 def prune_blocks(model: nn.Module, criterion: Criterion, rates: list[float], windows: torch.Tensor | None,
                  device: torch.device, progress: ProgressFn | None = None, on_outputs: OutputsFn | None = None,
-                 loader: BlockLoader | None = None) -> list[str]:
+                 loader: BlockLoader | None = None, activations_dir: Path | None = None) -> list[str]:
     """Prune every block's linear layers in place, sequentially; returns warnings.
 
     ``windows`` may be None for magnitude pruning, which needs no activations.  ``on_outputs``
     receives each pruned block's outputs (LoSA measures reconstruction error with them).
-    ``loader`` brings each block into memory and takes it out again (``--low-memory``).
+    ``loader`` brings each block into memory and takes it out again (``--low-memory``);
+    ``activations_dir`` keeps the windows' hidden states in files there.
     """
     warnings: list[str] = []
     blocks = find_blocks(model)
@@ -131,7 +133,7 @@ def prune_blocks(model: nn.Module, criterion: Criterion, rates: list[float], win
                 progress("blocks", index + 1, len(blocks))
         return warnings
     accumulator = HessianAccumulator if criterion.method == "sparsegpt" else InputNormAccumulator
-    for step in sequential_blocks(model, windows, device, progress, on_outputs, loader):
+    for step in sequential_blocks(model, windows, device, progress, on_outputs, loader, activations_dir):
         stats: dict[str, object] = {}
         if criterion.method != "magnitude":
 

@@ -7,7 +7,10 @@ rate (untied from the embedding) -> save the model, tokenizer and manifest atomi
 
 from __future__ import annotations
 
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +24,8 @@ from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
 from .masks import parse_nm
 from ..core.modeling import (DTYPES, LoadedModel, SparsityTally, find_blocks, load_model, load_model_skeleton,
                              resolve_device, save_model, sparsity_report)
-from ..core.offload import MappedBlocks, ShardWriter, module_name, should_stream
+from ..core.activations import activation_bytes
+from ..core.offload import MappedBlocks, ShardWriter, available_memory_bytes, module_name, should_stream
 from .pruning import Criterion, calibration_windows, check_nm_widths, prune_blocks, prune_lm_head, untie_lm_head
 from .rmi import DEFAULT_BETA, default_delta
 
@@ -46,13 +50,15 @@ class PruneResult:
     peak_memory_mib: float
     device: str
     low_memory: bool = False
+    activations_on_disk: bool = False
     allocation: dict = field(default_factory=dict)
     lm_head: dict | None = None
     warnings: list[str] = field(default_factory=list)
 
 
 def block_rates(config: PruneConfig, loaded: LoadedModel, windows: torch.Tensor | None, device: torch.device,
-                progress: ProgressFn | None = None, loader: BlockLoader | None = None) -> Allocation:
+                progress: ProgressFn | None = None, loader: BlockLoader | None = None,
+                activations_dir: Path | None = None) -> Allocation:
     """Per-block target rates: N:M's n/m, an explicit file, RMI, OWL, or uniform ``--sparsity``."""
     num_blocks = len(find_blocks(loaded.model))
     if config.pattern:
@@ -64,10 +70,10 @@ def block_rates(config: PruneConfig, loaded: LoadedModel, windows: torch.Tensor 
         delta = config.delta if config.delta is not None else default_delta(config.sparsity)
         beta = config.beta if config.beta is not None else DEFAULT_BETA[config.method]
         return rmi_allocation(loaded.model, windows[: config.rmi_samples], device, config.sparsity, delta, beta, progress,
-                              loader=loader)
+                              loader=loader, activations_dir=activations_dir)
     if config.allocation == "owl":
         return owl_allocation(loaded.model, windows, device, config.sparsity, config.owl_lambda, config.owl_m, progress,
-                              loader=loader)
+                              loader=loader, activations_dir=activations_dir)
     return Allocation("uniform", [config.sparsity] * num_blocks)
 
 
@@ -121,6 +127,25 @@ class _Streamed:
         self.loaded.tokenizer.save_pretrained(self.staging)
 
 
+@contextmanager
+def _activation_folder(config: PruneConfig, model: torch.nn.Module, windows: torch.Tensor | None,
+                       out: Path) -> Iterator[Path | None]:
+    """A temporary folder for the windows' hidden states when they go to disk, else None.
+
+    ``--activations-on-disk`` unset: on disk when a block's inputs plus outputs would take over a
+    quarter of the free memory.  The folder sits beside the output (the user chose that disk)."""
+    on_disk = config.activations_on_disk
+    if on_disk is None:
+        free = available_memory_bytes()
+        needed = 0 if windows is None else activation_bytes(windows, model.config.hidden_size, DTYPES[config.dtype])
+        on_disk = free is not None and needed > free // 4
+    if not on_disk or windows is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.activations-", dir=out.parent) as folder:
+        yield Path(folder)
+
+
 def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneResult:
     """``losa prune``: validate, load, prune, save atomically; never touches the input model."""
     config.validate()
@@ -139,12 +164,13 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
     windows = calibration.windows if calibration is not None else None
     activations = None if config.method == "magnitude" else windows  # magnitude needs no activations
     criterion = Criterion(config.method, parse_nm(config.pattern) if config.pattern else None, config.damp, config.blocksize)
-    with atomic_folder(out) as staging:
+    with atomic_folder(out) as staging, _activation_folder(config, loaded.model, windows, out) as activations_dir:
         streamed = _Streamed(loaded, staging, DTYPES[config.dtype]) if low_memory else None
-        allocation = block_rates(config, loaded, windows, device, progress, streamed and streamed.reader(keep=False))
+        allocation = block_rates(config, loaded, windows, device, progress, streamed and streamed.reader(keep=False),
+                                 activations_dir)
         rates = allocation.rates
         warnings += prune_blocks(loaded.model, criterion, rates, activations, device, progress,
-                                 loader=streamed and streamed.reader(keep=True))
+                                 loader=streamed and streamed.reader(keep=True), activations_dir=activations_dir)
         head = _prune_head(loaded.model, criterion, sum(rates) / len(rates), activations, device, warnings) \
             if config.prune_lm_head else None
         per_layer, per_block, global_sparsity, checksum = streamed.tally.report() if streamed else sparsity_report(loaded.model)
@@ -166,6 +192,7 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
             peak_memory_mib=peak,
             device=str(device),
             low_memory=low_memory,
+            activations_on_disk=activations_dir is not None,
             allocation={k: v for k, v in asdict(allocation).items() if k != "rates"},
             lm_head=head,
             warnings=warnings,
