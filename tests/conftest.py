@@ -6,7 +6,9 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
 
+import hashlib
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,27 @@ def eval_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "eval.txt"
     path.write_text(synthetic_text(40, 60, seed=2))
     return path
+
+
+@pytest.fixture
+def connections(monkeypatch) -> list[tuple]:
+    """Every connection attempt, recorded and refused (as on a machine without a network)."""
+    attempts: list[tuple] = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return attempts
+
+
+def folder_digest(folder: Path) -> str:
+    """SHA-256 of a folder's file names and contents: "never modify the input model" checks."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()

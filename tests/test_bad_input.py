@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,20 +265,6 @@ def tree_digest(*folders: Path) -> str:
                 digest.update(path.read_bytes())
     return digest.hexdigest()
 
-
-@pytest.fixture
-def connections(monkeypatch) -> list[tuple]:
-    """Every connection attempt, recorded and refused (as on a machine without a network)."""
-    attempts: list[tuple] = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    return attempts
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """``losa prune`` and ``losa eval`` end to end on tiny models, through typer's CliRunner."""
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -9,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import folder_digest
 from losa_cli.cli.main import app
 from losa_cli.prune.masks import satisfies_nm
 from losa_cli.core.modeling import find_blocks, find_linears, load_model
@@ -17,12 +17,6 @@ runner = CliRunner()
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt"]
 
 
-def folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 def prune(model, out, *extra, calib=None):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, folder_digest
 from losa_cli.cli.main import app
 from losa_cli.core.config import CalibrationConfig, PruneConfig
 from losa_cli.prune.workflow import run_prune
@@ -27,14 +26,6 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     for file in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
-
-
-def _digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(folder.rglob("*")):
-        if file.is_file():
-            digest.update(file.name.encode() + file.read_bytes())
-    return digest.hexdigest()
 
 
 def _prune(model: Path, out: Path, calib: Path, low_memory: bool, **settings) -> object:
@@ -53,10 +44,10 @@ def _prune(model: Path, out: Path, calib: Path, low_memory: bool, **settings) ->
 ])
 def test_low_memory_equals_in_memory_bit_for_bit(kind, settings, tiny_models, tiny_llama_6, calib_file, tmp_path):
     model = tiny_llama_6 if kind == "llama6" else tiny_models[kind]
-    before = _digest(model)
+    before = folder_digest(model)
     in_memory = _prune(model, tmp_path / "in-memory", calib_file, low_memory=False, **settings)
     streamed = _prune(model, tmp_path / "streamed", calib_file, low_memory=True, **settings)
-    assert _digest(model) == before, "the input model was modified"
+    assert folder_digest(model) == before, "the input model was modified"
     assert streamed.low_memory and not in_memory.low_memory
     assert streamed.mask_checksum == in_memory.mask_checksum
     assert streamed.per_layer_sparsity == in_memory.per_layer_sparsity
@@ -180,4 +171,10 @@ def test_low_memory_refusals_are_one_line(tiny_llama_6, calib_file, tmp_path):
     no_safetensors = runner.invoke(app, ["prune", "--model", str(tmp_path / "bin"), "--out", str(tmp_path / "p"),
                                          "--low-memory", "--calib", str(calib_file)])
     assert no_safetensors.exit_code != 0 and "--low-memory reads a local folder of .safetensors" in no_safetensors.output
+    build_tiny_model(tmp_path / "corrupt", "llama")
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\xff" * 64)
+    corrupt = runner.invoke(app, ["prune", "--model", str(tmp_path / "corrupt"), "--out", str(tmp_path / "q"),
+                                  "--low-memory", "--calib", str(calib_file)])
+    assert corrupt.exit_code != 0 and "corrupt or incomplete checkpoint" in corrupt.output
+    assert "Traceback" not in corrupt.output and not (tmp_path / "q").exists()
     assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from losa_cli.core.modeling import mask_checksum
+from losa_cli.core.modeling import SparsityTally
 from losa_cli.prune.masks import layerwise_mask, nm_mask, parse_nm, rowwise_mask, satisfies_nm
 from losa_cli.prune.wanda import InputNormAccumulator, wanda_scores
 
@@ -62,11 +62,18 @@ def test_parse_nm_accepts():
 
 
 def test_mask_checksum_changes_with_one_bit():
-    mask = torch.zeros(4, 8, dtype=torch.bool)
-    other = mask.clone()
-    other[1, 3] = True
-    assert mask_checksum([("a", mask)]) == mask_checksum([("a", mask.clone())])
-    assert mask_checksum([("a", mask)]) != mask_checksum([("a", other)])
+    def checksum(weight: torch.Tensor) -> str:
+        block = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False))
+        block[0].weight.data = weight
+        tally = SparsityTally()
+        tally.add_block(0, block)
+        return tally.report()[3]
+
+    weight = torch.ones(4, 8)
+    other = weight.clone()
+    other[1, 3] = 0
+    assert checksum(weight) == checksum(weight.clone() * 2)  # only the zeros count
+    assert checksum(weight) != checksum(other)
 
 
 def test_input_norm_accumulator_matches_direct_norm_over_batches():

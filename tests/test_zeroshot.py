@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 from pathlib import Path
 
 import pytest
@@ -29,20 +28,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("zeroshot-models")
     return {kind: build_tiny_model(root / kind, kind) for kind in ("llama", "gemma3_text")}
 
-
-@pytest.fixture
-def connections(monkeypatch) -> list[tuple]:
-    """Every connection attempt, recorded and refused."""
-    attempts: list[tuple] = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    return attempts
 
 
 def questions(count: int = 10, seed: int = 0, gold_shift: int = 0) -> list[dict]:

@@ -50,8 +50,11 @@ class Checkpoint:
         if len(files) != 1:
             raise ModelError(f"{folder} has {len(files)} .safetensors files and no {INDEX_FILE}; "
                              "--low-memory needs a single file or a sharded checkpoint with its index")
-        with safe_open(files[0], "pt") as handle:
-            return cls(folder, {name: files[0].name for name in handle.keys()})
+        try:
+            with safe_open(files[0], "pt") as handle:
+                return cls(folder, {name: files[0].name for name in handle.keys()})
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a broken header
+            raise ModelError(f"cannot read {files[0]} (corrupt or incomplete checkpoint?): {exc}") from exc
 
     def size_bytes(self) -> int:
         """Bytes of all tensor files (what the whole model would take in memory in its stored dtype)."""
@@ -184,7 +187,10 @@ def should_stream(folder: Path, dtype: torch.dtype) -> bool:
     except ModelError:
         return False
     free = available_memory_bytes()
-    return free is not None and checkpoint.elements() * dtype.itemsize > free // 2
+    try:
+        return free is not None and checkpoint.elements() * dtype.itemsize > free // 2
+    except Exception:  # noqa: BLE001 - a broken shard: the normal load reports it in one line
+        return False
 
 
 class ShardWriter:
