@@ -276,3 +276,20 @@ def test_bench_bad_inputs(tmp_path):
         run_bench(BenchConfig(model=str(tmp_path), report=str(tmp_path / "r.png")))
     result = runner.invoke(app, ["bench", str(tmp_path / "notes.txt")])
     assert result.exit_code == 2 and "error" in result.output
+
+
+def test_link_identical_links_only_byte_identical_files(tmp_path):
+    from losa_cli.core.atomic import link_identical
+
+    source, staging = tmp_path / "source", tmp_path / "staging"
+    source.mkdir(), staging.mkdir()
+    for name, original, staged in (("same.safetensors", b"abcd" * 100, b"abcd" * 100),
+                                   ("differs.safetensors", b"abcd" * 100, b"abce" * 100),
+                                   ("new.safetensors", None, b"x" * 10)):
+        if original is not None:
+            (source / name).write_bytes(original)
+        (staging / name).write_bytes(staged)
+    assert link_identical(source, staging) == ["same.safetensors"]
+    assert (staging / "same.safetensors").stat().st_ino == (source / "same.safetensors").stat().st_ino
+    assert (staging / "differs.safetensors").read_bytes() == b"abce" * 100
+    assert (staging / "differs.safetensors").stat().st_ino != (source / "differs.safetensors").stat().st_ino
