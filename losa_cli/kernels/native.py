@@ -1,0 +1,52 @@
+"""Build (once, cached) and call the native sparse kernel, with the path chosen at run time.
+
+The kernel is compiled on first use with torch's C++ extension tooling (a C++ compiler and
+ninja; ``pip install -e .`` brings ninja) into torch's extension cache, so it needs no DeepSparse,
+no particular onnx or numpy, and no Python-version pin.  ``available_paths`` says what this CPU
+runs, best first ("avx2", then the portable "generic"); ``sparse_matmul`` uses the best unless
+told otherwise, and the choice is reported so benchmarks can name it.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from ..core.errors import LosaError
+from .packed import PackedWeight
+
+SOURCE = Path(__file__).with_name("sparse_mv.cpp")
+
+
+class KernelUnavailable(LosaError):
+    """The native kernel cannot be built here (no compiler); the message says what to install."""
+
+
+@functools.lru_cache(maxsize=1)
+def extension():
+    """The compiled extension module (built on the first call of a process, then cached on disk)."""
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(name="losa_sparse_mv", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+    except Exception as exc:  # noqa: BLE001 - compiler, ninja or linker failures all mean "cannot build"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KernelUnavailable(f"cannot build losa's sparse kernel ({first}): install a C++ compiler (g++ or clang) "
+                                "and ninja (`pip install ninja`)") from exc
+
+
+def available_paths() -> list[str]:
+    """Kernel paths this CPU runs, best first."""
+    return list(extension().available_paths())
+
+
+def sparse_matmul(x: torch.Tensor, packed: PackedWeight, path: str | None = None) -> torch.Tensor:
+    """x [batch, cols] (any float dtype) times the packed weight's transpose, as float32 [batch, rows]."""
+    module = extension()
+    chosen = path or module.available_paths()[0]
+    padded = torch.zeros(x.shape[0], packed.cols_padded, dtype=torch.float32)
+    padded[:, : packed.cols] = x
+    scale = packed.scale if packed.scale is not None else torch.empty(0)
+    return module.sparse_matmul(padded, packed.mask, packed.values, packed.row_offsets, scale, chosen)

@@ -1,0 +1,71 @@
+"""``SparseLinear``: an ``nn.Linear`` whose weight lives in the bitmask-packed format.
+
+Its product runs on the native kernel (``native.py``); one expansion of each weight chunk
+serves a few input rows at a time, so the same module serves decode (one row) and prefill.
+``sparsify`` swaps a loaded model's pruned linear layers for it; ``packed.save_packed`` and
+``load_packed_into`` keep the packed weights in a safetensors file beside the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .native import sparse_matmul
+from .packed import PackedWeight, load_packed, pack
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + b with W packed (fp32, bf16 or int8 values plus a bitmask)."""
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, path: str | None = None) -> None:
+        super().__init__()
+        self.packed = packed
+        self.in_features, self.out_features = packed.cols, packed.rows
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.path = path
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: str = "float32", path: str | None = None) -> "SparseLinear":
+        return cls(pack(linear.weight, dtype), linear.bias, path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        y = sparse_matmul(rows, self.packed, self.path)
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        kept = int(self.packed.row_offsets[-1])
+        return (f"in={self.in_features}, out={self.out_features}, {self.packed.dtype}, "
+                f"{1 - kept / (self.in_features * self.out_features):.1%} zeros")
+
+
+def sparsify(model: nn.Module, names: list[str], dtype: str = "float32", path: str | None = None) -> dict[str, PackedWeight]:
+    """Replace the named ``nn.Linear`` modules by ``SparseLinear``; returns their packed weights."""
+    packed = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        module = SparseLinear.from_linear(linear, dtype, path)
+        setattr(parent, child, module)
+        packed[name] = module.packed
+    return packed
+
+
+def load_packed_into(model: nn.Module, path: Path, kernel_path: str | None = None) -> list[str]:
+    """Swap the layers named in a packed file for ``SparseLinear`` modules holding its weights."""
+    layers = load_packed(path)
+    for name, packed in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        if (linear.out_features, linear.in_features) != (packed.rows, packed.cols):
+            raise ValueError(f"{path}: {name} is {packed.rows}x{packed.cols}, the model's is "
+                             f"{linear.out_features}x{linear.in_features}")
+        setattr(parent, child, SparseLinear(packed, linear.bias, kernel_path))
+    return list(layers)
