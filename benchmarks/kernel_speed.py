@@ -8,7 +8,10 @@ bytes: mask, values, offsets, scales), effective GFLOP/s (2 x rows x cols / time
 bandwidth ceiling (bytes / measured read bandwidth over time), and the speed-up over dense fp32
 ``F.linear`` on the same shape in the same run.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/kernel_speed.py --threads 1
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/kernel_speed.py --threads 1 --recovered runs/default/recover
+
+With ``--recovered``, also the decode of that model end to end in PyTorch: dense, then with every
+block linear layer replaced by ``SparseLinear`` (fp32, bf16, int8 values), in the same run.
 
 Budget: about 5 minutes on 2 cores (AMD EPYC Zen 3).  Writes benchmarks/results/kernel_speed.json.
 """
@@ -84,6 +87,49 @@ def bench_shape(name: str, rows: int, cols: int, sparsities: list[float], dtypes
     return rows_out
 
 
+def decode_step_ms(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> tuple[float, list[int]]:
+    """Median time of one greedy decode step with the KV cache (lean loop: one forward per token)."""
+    times, tokens = [], []
+    with torch.inference_mode():
+        out = model(input_ids=prompt, use_cache=True)
+        for _ in range(steps + 1):
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(int(token))
+            start = time.perf_counter()
+            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) * 1000, tokens
+
+
+def end_to_end(recovered: str, prompt_tokens: int, steps: int) -> list[dict]:
+    """Decode of the recovered model: dense PyTorch, then its block linears as SparseLinear per format."""
+    from losa_cli.core.data import read_documents
+    from losa_cli.core.modeling import find_blocks, load_model
+    from losa_cli.kernels.sparse_linear import sparsify
+
+    from common import SHARED_DATA
+
+    loaded = load_model(recovered)
+    ids = loaded.tokenizer(read_documents(str(SHARED_DATA / "wiki-sample.txt"))[0], return_tensors="pt")["input_ids"]
+    prompt = ids[:, :prompt_tokens]
+    dense_ms, dense_tokens = decode_step_ms(loaded.model, prompt, steps)
+    blocks = find_blocks(loaded.model)
+    prefix = next(name for name, module in loaded.model.named_modules() if module is blocks)
+    names = [f"{prefix}.{name}" for name, module in blocks.named_modules() if isinstance(module, torch.nn.Linear)]
+    rows = [{"model": recovered, "format": "dense fp32 (PyTorch)", "ms_per_token": dense_ms, "speedup": 1.0,
+             "greedy_agreement": 1.0}]
+    head = next(name for name, module in loaded.model.named_modules() if module is loaded.model.get_output_embeddings())
+    for dtype, with_head in (("float32", False), ("bfloat16", False), ("int8", False), ("bfloat16", True), ("int8", True)):
+        model = load_model(recovered).model
+        sparsify(model, names + ([head] if with_head else []), dtype)
+        ms, tokens = decode_step_ms(model, prompt, steps)
+        where = "blocks and head" if with_head else "blocks; head dense fp32"
+        rows.append({"model": recovered, "format": f"{dtype} + bitmask ({where})", "ms_per_token": ms,
+                     "speedup": dense_ms / ms,
+                     "greedy_agreement": sum(a == b for a, b in zip(tokens, dense_tokens)) / len(tokens)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=max(1, (torch.get_num_threads() or 2) - 1))
@@ -91,6 +137,9 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16,int8")
     parser.add_argument("--step-mb", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--recovered", help="Also time decode of this (recovered) model folder end to end.")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_speed.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,8 +150,9 @@ def main() -> None:
         rows += bench_shape(name, out_features, in_features, [float(s) for s in args.sparsities.split(",")],
                             args.dtypes.split(","), paths, args.step_mb, args.repeats, bandwidth)
         print(f"done: {name}", flush=True)
+    decode = end_to_end(args.recovered, args.prompt_tokens, args.decode_steps) if args.recovered else []
     write_json(Path(args.out), {"threads": args.threads, "paths": paths, "read_bandwidth_gb_s": bandwidth,
-                                "step_mb": args.step_mb, "repeats": args.repeats, "rows": rows,
+                                "step_mb": args.step_mb, "repeats": args.repeats, "rows": rows, "decode": decode,
                                 "command": f"python benchmarks/kernel_speed.py --threads {args.threads}",
                                 "environment": environment()})
     print(f"read bandwidth {bandwidth:.1f} GB/s at {args.threads} thread(s); paths: {', '.join(paths)}")
@@ -111,6 +161,13 @@ def main() -> None:
     for r in rows:
         print(f"| {r['shape']} | {r['sparsity']:.0%} | {r['format']} | {r['path']} | {r['ms'] * 1000:.0f} | "
               f"{r['gb_s']:.1f} | {r['gflop_s']:.1f} | {r['share']:.0%} | {r['speedup_vs_dense']:.2f}x |")
+    if decode:
+        print(f"\ndecode, batch 1, {args.prompt_tokens}-token prompt, median of {args.decode_steps} steps, {args.threads} thread(s)")
+        print("| model | weights | ms per token | tokens/s | vs dense PyTorch | greedy tokens equal |")
+        print("|---|---|---:|---:|---:|---:|")
+        for r in decode:
+            print(f"| {r['model']} | {r['format']} | {r['ms_per_token']:.1f} | {1000 / r['ms_per_token']:.1f} | "
+                  f"{r['speedup']:.2f}x | {r['greedy_agreement']:.0%} |")
 
 
 if __name__ == "__main__":
