@@ -104,3 +104,27 @@ def test_sparse_model_generates_what_the_dense_model_does(tiny_models, tmp_path)
             linear.weight[torch.rand(linear.weight.shape, generator=torch.Generator().manual_seed(0)) < 0.6] = 0
     assert sorted(load_packed_into(fresh, tmp_path / "packed.safetensors")) == sorted(names)
     assert torch.equal(fresh.generate(prompt, max_new_tokens=8, do_sample=False), expected)
+
+
+def test_generate_on_the_kernel_equals_dense_and_sampling_is_seeded(tiny_models):
+    import json
+
+    from typer.testing import CliRunner
+
+    from losa_cli.cli.main import app
+
+    runner = CliRunner()
+    base = ["generate", "--model", str(tiny_models["llama"]), "--prompt", "the river and the city", "--max-new-tokens", "6",
+            "--json"]
+    outputs = {}
+    for kernel in ("off", "fp32"):
+        result = runner.invoke(app, base + ["--kernel", kernel])
+        assert result.exit_code == 0, result.output
+        outputs[kernel] = json.loads(result.stdout)
+    assert outputs["fp32"]["text"] == outputs["off"]["text"] and outputs["fp32"]["new_tokens"] == 6
+    assert outputs["fp32"]["sparse_layers"] == 14 and outputs["fp32"]["kernel_path"] == PATHS[0]
+    sampled = [json.loads(runner.invoke(app, base + ["--sample", "--seed", "3", "--kernel", "int8"]).stdout)["text"]
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    bad = runner.invoke(app, ["generate", "--model", str(tiny_models["llama"]), "--prompt", "x", "--max-new-tokens", "0"])
+    assert bad.exit_code != 0 and "--max-new-tokens must be at least 1" in bad.output and "Traceback" not in bad.output

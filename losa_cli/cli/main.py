@@ -305,6 +305,36 @@ def _print_accuracy(zeroshot: ZeroShotResult) -> None:
 
 @app.command()
 @handled
+def generate(
+    prompt: Annotated[str, typer.Option(help="The text to continue.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 64,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample (with --temperature, --top-p, --seed) instead of greedy.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest token set of this probability.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+    kernel: Annotated[str, typer.Option(help="Block linears on losa's sparse kernel: fp32 | bf16 | int8 values + bitmask, or off (dense PyTorch).")] = "fp32",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Continue a prompt (greedy or sampled, KV cache), the pruned layers on losa's sparse kernel."""
+    from ..runtime.generate import GenerateConfig, run_generate
+
+    config = GenerateConfig(model=model, prompt=prompt, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
+                            top_p=top_p, seed=seed, kernel=kernel, threads=threads, trust_remote_code=trust_remote_code)
+    result = _execute(run_generate, config, as_json)
+    if result is None:
+        return
+    stdout.print(result.text, highlight=False, markup=False)
+    where = f"{result.sparse_layers} layers on the {result.kernel} sparse kernel ({result.kernel_path})" \
+        if result.kernel_path else "dense PyTorch"
+    stderr.print(f"{result.new_tokens} tokens after a {result.prompt_tokens}-token prompt, {result.ms_per_token:.1f} ms per token "
+                 f"({result.tokens_per_s:.1f} tokens/s), {where}, {result.threads} thread(s)", highlight=False)
+
+
+@app.command()
+@handled
 def inspect(
     model: Annotated[str, typer.Argument(help="Model folder (pruned or not), .gguf file, or smollm2-135m.")],
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG: per-block bars and the RMI heatmap.")] = None,
