@@ -104,8 +104,8 @@ def decode_step_ms(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> 
 def end_to_end(recovered: str, prompt_tokens: int, steps: int) -> list[dict]:
     """Decode of the recovered model: dense PyTorch, then its block linears as SparseLinear per format."""
     from losa_cli.core.data import read_documents
-    from losa_cli.core.modeling import find_blocks, load_model
-    from losa_cli.kernels.sparse_linear import sparsify
+    from losa_cli.core.modeling import load_model
+    from losa_cli.kernels.sparse_linear import block_linear_names, sparsify
 
     from common import SHARED_DATA
 
@@ -113,9 +113,7 @@ def end_to_end(recovered: str, prompt_tokens: int, steps: int) -> list[dict]:
     ids = loaded.tokenizer(read_documents(str(SHARED_DATA / "wiki-sample.txt"))[0], return_tensors="pt")["input_ids"]
     prompt = ids[:, :prompt_tokens]
     dense_ms, dense_tokens = decode_step_ms(loaded.model, prompt, steps)
-    blocks = find_blocks(loaded.model)
-    prefix = next(name for name, module in loaded.model.named_modules() if module is blocks)
-    names = [f"{prefix}.{name}" for name, module in blocks.named_modules() if isinstance(module, torch.nn.Linear)]
+    names = block_linear_names(loaded.model)
     rows = [{"model": recovered, "format": "dense fp32 (PyTorch)", "ms_per_token": dense_ms, "speedup": 1.0,
              "greedy_agreement": 1.0}]
     head = next(name for name, module in loaded.model.named_modules() if module is loaded.model.get_output_embeddings())

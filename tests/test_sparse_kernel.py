@@ -7,7 +7,7 @@ import torch
 
 from losa_cli.kernels.native import available_paths, sparse_matmul
 from losa_cli.kernels.packed import load_packed, pack, reference_matmul, save_packed, unpack
-from losa_cli.kernels.sparse_linear import SparseLinear, load_packed_into, sparsify
+from losa_cli.kernels.sparse_linear import SparseLinear, block_linear_names, load_packed_into, sparsify
 from losa_cli.core.modeling import block_linears, find_blocks, load_model
 
 PATHS = available_paths()
@@ -93,7 +93,7 @@ def test_sparse_model_generates_what_the_dense_model_does(tiny_models, tmp_path)
             linear.weight[torch.rand(linear.weight.shape, generator=torch.Generator().manual_seed(0)) < 0.6] = 0
     prompt = torch.tensor([[5, 17, 42, 9, 100, 3]])
     expected = model.generate(prompt, max_new_tokens=8, do_sample=False)
-    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and "layers" in name]
+    names = block_linear_names(model)
     packed = sparsify(model, names)
     assert all(isinstance(model.get_submodule(name), SparseLinear) for name in names)
     assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), expected)

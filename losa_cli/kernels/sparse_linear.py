@@ -44,6 +44,16 @@ class SparseLinear(nn.Module):
                 f"{1 - kept / (self.in_features * self.out_features):.1%} zeros")
 
 
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of every linear layer in the decoder blocks (the layers pruning made sparse)."""
+    from ..core.modeling import find_blocks, find_linears
+    from ..core.offload import module_name
+
+    blocks = find_blocks(model)
+    prefix = module_name(model, blocks)
+    return [f"{prefix}.{index}.{name}" for index, block in enumerate(blocks) for name in find_linears(block)]
+
+
 def sparsify(model: nn.Module, names: list[str], dtype: str = "float32", path: str | None = None) -> dict[str, PackedWeight]:
     """Replace the named ``nn.Linear`` modules by ``SparseLinear``; returns their packed weights."""
     packed = {}

@@ -15,7 +15,7 @@ import torch
 
 from ..core.config import _check_choice
 from ..core.errors import ConfigError
-from ..core.modeling import find_blocks, find_linears, load_model
+from ..core.modeling import load_model
 from ..core.sequential import ProgressFn
 
 KERNELS = {"off": None, "fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
@@ -82,12 +82,10 @@ def run_generate(config: GenerateConfig, progress: ProgressFn | None = None) -> 
     path, names = None, []
     if KERNELS[config.kernel]:
         from ..kernels.native import available_paths
-        from ..kernels.sparse_linear import sparsify
+        from ..kernels.sparse_linear import block_linear_names, sparsify
 
         path = available_paths()[0]
-        blocks = find_blocks(model)
-        prefix = next(name for name, module in model.named_modules() if module is blocks)
-        names = [f"{prefix}.{index}.{name}" for index, block in enumerate(blocks) for name in find_linears(block)]
+        names = block_linear_names(model)
         sparsify(model, names, KERNELS[config.kernel], path)
     inputs = tokenizer(config.prompt, return_tensors="pt")
     torch.manual_seed(config.seed)
