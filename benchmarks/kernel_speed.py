@@ -74,7 +74,7 @@ def bench_shape(name: str, rows: int, cols: int, sparsities: list[float], dtypes
             empty = torch.empty(0)
             nbytes = packed[0].nbytes()
             for path in paths:
-                def step(path=path):
+                def step(path=path, packed=packed):
                     for p in packed:
                         module.sparse_matmul(padded, p.mask, p.values, p.row_offsets,
                                              p.scale if p.scale is not None else empty, path)
