@@ -106,8 +106,7 @@ def test_decode_graph_reproduces_greedy_generation(pruned_llama, exported):
     assert tokens.tolist() == expected.tolist()
 
 
-def test_export_static_shapes_and_external_data(pruned_llama, tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)  # force the > 2 GB path on a tiny model
+def test_export_static_shapes_and_external_data(pruned_llama, tmp_path):
     config = ExportConfig(model=str(pruned_llama), out=str(tmp_path / "static"), onnx=True, batch=1, seqlen=8)
     result = run_export(config)
     folder = tmp_path / "static" / "onnx"
@@ -155,7 +154,7 @@ def test_share_weights_deduplicates_by_content_and_keeps_values(tmp_path):
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
                                   [numpy_helper.from_array(w, w_name), numpy_helper.from_array(v, v_name)])
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / name))
-    report = share_weights(tmp_path, ["a.onnx", "b.onnx"])
+    report = share_weights(tmp_path, {name: tmp_path / name for name in ("a.onnx", "b.onnx")})
     assert (report["tensors"], report["references"]) == (2, 4)
     assert report["bytes"] < weight.nbytes + other.nbytes + 2 * 4096
     x = rng.standard_normal((1, 64)).astype(np.float32)

@@ -286,7 +286,7 @@ def export_int8(fp32_folder: Path, int8_folder: Path, prompt_ids: np.ndarray | N
         if not report.zeros_kept:
             raise NumericalError(f"int8 {graph}: a pruned weight became non-zero; nothing was written")
         reports[graph] = {k: v for k, v in report.to_dict().items() if k != "layers"}
-    shared = share_weights(int8_folder, list(reports))
+    shared = share_weights(int8_folder, {graph: int8_folder / graph for graph in reports})
     (int8_folder / SIDECAR_FILE).write_text(json.dumps({**spec.to_dict(), "precision": "int8"}, indent=2) + "\n")
     ids = prompt_ids
     if ids is None:

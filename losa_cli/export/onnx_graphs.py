@@ -10,8 +10,8 @@ Targets the environment DeepSparse 1.8.0 runs in: onnx < 1.15, torch's TorchScri
 
 Attention is exported in its eager form: DeepSparse 1.8 compiles the SDPA decode graph but
 crashes running it, while the eager graph runs on both engines.  Position ids come from the
-attention mask, so left padding gives the same positions as in transformers.  A graph whose
-weights exceed protobuf's 2 GB limit is saved with one external data file beside it.
+attention mask, so left padding gives the same positions as in transformers.  Both graphs read
+their weights from one shared external file, ``weights.data`` (``onnx_weights.py``).
 
 Verification compares the ONNX Runtime logits with the PyTorch model's on a few inputs, runs
 greedy generation through prefill + decode, and checks that every pruned linear weight reached
@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 import json
 import re
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -237,25 +236,6 @@ def _torch_export(module: nn.Module, args: tuple, path: Path, input_names: list[
                          "try another --opset or report the architecture") from None
 
 
-def _finalize_graph(staged: Path, final: Path) -> bool:
-    """Move an exported graph into place; weights over the threshold go to ``<name>.data``.
-
-    The TorchScript exporter writes one file per tensor when a graph exceeds 2 GB; they are
-    gathered into a single external data file so the folder stays tidy.  Returns whether
-    external data is used.
-    """
-    import onnx
-
-    size = sum(p.stat().st_size for p in staged.parent.iterdir() if p.is_file())
-    if size < EXTERNAL_DATA_THRESHOLD:
-        shutil.move(str(staged), final)
-        return False
-    proto = onnx.load(str(staged), load_external_data=True)
-    onnx.save_model(proto, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=final.name + ".data", size_threshold=1024)
-    return True
-
-
 def _trace_inputs(batch: int | None, seqlen: int | None, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     shape = (batch or TRACE_BATCH, seqlen or TRACE_SEQLEN)
@@ -298,7 +278,7 @@ def export_graphs(model: nn.Module, folder: Path, batch: int | None = None, seql
             _torch_export(PrefillGraph(model, with_cache), (ids, mask), staged, ["input_ids", "attention_mask"], outputs,
                           {"input_ids": io_dims, "attention_mask": io_dims, "logits": io_dims, **(kv_dims if with_cache else {})},
                           opset)
-            external = _finalize_graph(staged, folder / PREFILL_FILE)
+            staged_graphs = {PREFILL_FILE: staged}
             if progress:
                 progress("export ONNX graphs", 1, total)
             kv_heads = head_dim = None
@@ -317,17 +297,16 @@ def export_graphs(model: nn.Module, folder: Path, batch: int | None = None, seql
                               ["input_ids", "attention_mask", *past_names], ["logits", *present],
                               {"input_ids": batch_dim, "attention_mask": {**batch_dim, 1: "total_sequence"},
                                "logits": batch_dim, **past_dims, **present_dims}, opset)
-                external = _finalize_graph(staged, folder / DECODE_FILE) or external
+                staged_graphs[DECODE_FILE] = staged
                 if progress:
                     progress("export ONNX graphs", 2, total)
+            share_weights(folder, staged_graphs)  # the exporter's per-tensor files go with the scratch folder
     finally:
         if original_attention is not None:
             model.set_attn_implementation(original_attention)
-    share_weights(folder, [PREFILL_FILE] + ([DECODE_FILE] if with_cache else []))
-    external = True
     spec = GraphSpec(prefill=PREFILL_FILE, decode=DECODE_FILE if with_cache else None, num_layers=num_layers,
                      kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, batch=batch, seqlen=seqlen, opset=opset,
-                     external_data=external, model_type=str(getattr(config, "model_type", "?")))
+                     external_data=True, model_type=str(getattr(config, "model_type", "?")))
     (folder / SIDECAR_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     return spec, warnings_out
 

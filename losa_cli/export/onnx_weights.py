@@ -21,17 +21,19 @@ ALIGNMENT = 4096
 INLINE_BELOW = 1024
 
 
-def share_weights(folder: Path, graphs: list[str]) -> dict:
-    """Rewrite ``graphs`` (file names in ``folder``) to read their weights from one deduplicated file.
+def share_weights(folder: Path, sources: dict[str, Path]) -> dict:
+    """Write each graph of ``sources`` (file name in ``folder`` -> where the graph is now, which may be
+    that same file, or an exporter's staging copy with its own external data) into ``folder``, reading
+    its weights from one deduplicated file.
 
     Returns what the manifest records: the file, its size, and how many tensors were stored once
-    for several references.  Any per-graph external data files the graphs used are removed.
+    for several references.  The external data files the sources used are removed.
     """
     import onnx
     from onnx import TensorProto
 
-    old_data = {folder / file for name in graphs for file in external_files(folder / name)}
-    protos = {name: onnx.load(str(folder / name), load_external_data=True) for name in graphs}
+    old_data = {source.parent / file for source in sources.values() for file in external_files(source)}
+    protos = {name: onnx.load(str(source), load_external_data=True) for name, source in sources.items()}
     stored: dict[bytes, tuple[int, int]] = {}
     references = 0
     staging = folder / (SHARED_WEIGHTS + ".tmp")
@@ -61,7 +63,7 @@ def share_weights(folder: Path, graphs: list[str]) -> dict:
     for path in old_data - {folder / SHARED_WEIGHTS}:
         path.unlink(missing_ok=True)
     return {"file": SHARED_WEIGHTS, "bytes": (folder / SHARED_WEIGHTS).stat().st_size, "tensors": len(stored),
-            "references": references, "graphs": graphs}
+            "references": references, "graphs": list(sources)}
 
 
 def external_files(graph: Path) -> set[str]:
