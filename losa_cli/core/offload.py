@@ -56,10 +56,6 @@ class Checkpoint:
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a broken header
             raise ModelError(f"cannot read {files[0]} (corrupt or incomplete checkpoint?): {exc}") from exc
 
-    def size_bytes(self) -> int:
-        """Bytes of all tensor files (what the whole model would take in memory in its stored dtype)."""
-        return sum((self.folder / name).stat().st_size for name in set(self.weight_map.values()))
-
     def elements(self) -> int:
         """Number of values in all tensors (read from the headers only)."""
         from safetensors import safe_open

@@ -106,10 +106,10 @@ class _Streamed:
     dtype: torch.dtype
 
     def __post_init__(self) -> None:
-        model = self.loaded.model
-        self.prefix = module_name(model, find_blocks(model))
+        blocks = find_blocks(self.loaded.model)
+        self.prefix = module_name(self.loaded.model, blocks)
         self.tally = SparsityTally()
-        self.writer = ShardWriter(self.staging, self.prefix, len(find_blocks(model)))
+        self.writer = ShardWriter(self.staging, self.prefix, len(blocks))
 
     def reader(self, keep: bool) -> MappedBlocks:
         return MappedBlocks(self.loaded.checkpoint, self.prefix, self.dtype, self._keep if keep else None)
