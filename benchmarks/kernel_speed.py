@@ -108,6 +108,7 @@ def end_to_end(recovered: str, prompt_tokens: int, steps: int, rounds: int) -> l
     move single timings by up to 1.5x, and interleaving lets every variant see the same quiet spells."""
     from losa_cli.core.data import read_documents
     from losa_cli.core.modeling import load_model
+    from losa_cli.core.offload import module_name
     from losa_cli.kernels.sparse_linear import block_linear_names, sparsify
 
     from common import SHARED_DATA
@@ -116,7 +117,7 @@ def end_to_end(recovered: str, prompt_tokens: int, steps: int, rounds: int) -> l
     ids = loaded.tokenizer(read_documents(str(SHARED_DATA / "wiki-sample.txt"))[0], return_tensors="pt")["input_ids"]
     prompt = ids[:, :prompt_tokens]
     names = block_linear_names(loaded.model)
-    head = next(name for name, module in loaded.model.named_modules() if module is loaded.model.get_output_embeddings())
+    head = module_name(loaded.model, loaded.model.get_output_embeddings())
     variants = {"dense fp32 (PyTorch)": loaded.model}
     for dtype, with_head in (("float32", False), ("bfloat16", False), ("int8", False), ("bfloat16", True), ("int8", True)):
         model = load_model(recovered).model

@@ -37,16 +37,19 @@ def extension():
                                 "and ninja (`pip install ninja`)") from exc
 
 
-def available_paths() -> list[str]:
-    """Kernel paths this CPU runs, best first."""
-    return list(extension().available_paths())
+@functools.lru_cache(maxsize=1)
+def available_paths() -> tuple[str, ...]:
+    """Kernel paths this CPU runs, best first (asked once: the CPU does not change)."""
+    return tuple(extension().available_paths())
 
 
 def sparse_matmul(x: torch.Tensor, packed: PackedWeight, path: str | None = None) -> torch.Tensor:
     """x [batch, cols] (any float dtype) times the packed weight's transpose, as float32 [batch, rows]."""
-    module = extension()
-    chosen = path or module.available_paths()[0]
-    padded = torch.zeros(x.shape[0], packed.cols_padded, dtype=torch.float32)
-    padded[:, : packed.cols] = x
+    if x.dtype == torch.float32 and x.is_contiguous() and packed.cols == packed.cols_padded:
+        padded = x  # widths that are a multiple of 64 (SmolLM2's, Llama's) need no padded copy
+    else:
+        padded = torch.zeros(x.shape[0], packed.cols_padded, dtype=torch.float32)
+        padded[:, : packed.cols] = x
     scale = packed.scale if packed.scale is not None else torch.empty(0)
-    return module.sparse_matmul(padded, packed.mask, packed.values, packed.row_offsets, scale, chosen)
+    return extension().sparse_matmul(padded, packed.mask, packed.values, packed.row_offsets, scale,
+                                     path or available_paths()[0])

@@ -58,11 +58,8 @@ def sparsify(model: nn.Module, names: list[str], dtype: str = "float32", path: s
     """Replace the named ``nn.Linear`` modules by ``SparseLinear``; returns their packed weights."""
     packed = {}
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
-        module = SparseLinear.from_linear(linear, dtype, path)
-        setattr(parent, child, module)
+        module = SparseLinear.from_linear(model.get_submodule(name), dtype, path)
+        _replace(model, name, module)
         packed[name] = module.packed
     return packed
 
@@ -71,11 +68,15 @@ def load_packed_into(model: nn.Module, path: Path, kernel_path: str | None = Non
     """Swap the layers named in a packed file for ``SparseLinear`` modules holding its weights."""
     layers = load_packed(path)
     for name, packed in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
+        linear = model.get_submodule(name)
         if (linear.out_features, linear.in_features) != (packed.rows, packed.cols):
             raise ValueError(f"{path}: {name} is {packed.rows}x{packed.cols}, the model's is "
                              f"{linear.out_features}x{linear.in_features}")
-        setattr(parent, child, SparseLinear(packed, linear.bias, kernel_path))
+        _replace(model, name, SparseLinear(packed, linear.bias, kernel_path))
     return list(layers)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the submodule ``name`` is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
