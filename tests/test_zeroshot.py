@@ -139,7 +139,7 @@ def test_read_local_task_accepts_the_alternative_keys(tmp_path):
     ('{"query": "a", "choices": ["x", "y"], "gold": 2}\n', "gold index 2 is out of range for 2 choices"),
     ('{"query": "  ", "choices": ["x", "y"], "gold": 0}\n', "non-blank text field"),
     ('{"query": "a", "choices": ["x", "y"], "gold": -1}\n', "out of range"),
-    ('{"query": "a", "choices": ["x", "y"], "gold": 0}\n{"query": "b", "choices": ["x"', ":2: not JSON"),
+    ('{"query": "a", "choices": ["x", "y"], "gold": 0}\n{"query": "b", "choices": ["x"', ":2: not valid JSON"),
     ('{"query": "a", "choices": ["x"], "gold": 0}\n', "at least two non-empty strings"),
     ('{"query": "a", "choices": ["x", ""], "gold": 0}\n', "at least two non-empty strings"),
     ('{"query": "a", "choices": ["x", "y"], "gold": "x"}\n', "integer gold"),

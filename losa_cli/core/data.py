@@ -133,16 +133,22 @@ def _txt_documents(text: str) -> list[str]:
     return [doc.strip() for doc in text.split(separator) if doc.strip()]
 
 
-def _jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
-    """(line number, record) of every non-blank line; each record needs ``text`` or ``instruction``."""
-    records = []
+def jsonl_lines(path: Path, text: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a JSONL file's ``text``; a line that
+    is not JSON stops with a DataError naming it (``path:line``)."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+
+
+def _jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
+    """(line number, record) of every non-blank line; each record needs ``text`` or ``instruction``."""
+    records = []
+    for number, record in jsonl_lines(path, text):
         if not isinstance(record, dict) or ("text" not in record and "instruction" not in record):
             raise DataError(f"{path}:{number}: needs a 'text' field or 'instruction'/'output' fields")
         records.append((number, record))

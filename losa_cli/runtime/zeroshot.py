@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from ..core.data import jsonl_lines
 from ..core.errors import ConfigError, DataError
 from ..core.hub import hub_unreachable
 from ..core.sequential import ProgressFn
@@ -122,15 +123,7 @@ def read_local_task(path: Path, name: str) -> LocalTask:
         raise DataError(f"cannot read task file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise DataError(f"task file {path} is not UTF-8 text") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            parsed = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not JSON ({exc.msg})") from None
-        rows.append(_check_row(parsed, f"{path}:{number}"))
+    rows = [_check_row(parsed, f"{path}:{number}") for number, parsed in jsonl_lines(path, text)]
     if not rows:
         raise DataError(f"task file {path} has no questions")
     return LocalTask(name=name, path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest(), rows=rows)
