@@ -25,7 +25,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..core.config import DEFAULT_MODEL, BenchConfig, CalibrationConfig, EvalConfig, ExportConfig, PruneConfig, RecoverConfig
+from ..core.config import (DEFAULT_MODEL, BenchConfig, CalibrationConfig, EvalConfig, ExportConfig, GenerateConfig,
+                           PruneConfig, RecoverConfig)
 from ..core.errors import ConfigError, LosaError
 from ..core.quiet import quiet_third_party
 from ..run.recipe import RunConfig
@@ -308,18 +309,18 @@ def _print_accuracy(zeroshot: ZeroShotResult) -> None:
 def generate(
     prompt: Annotated[str, typer.Option(help="The text to continue.")],
     model: ModelOpt = DEFAULT_MODEL,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = GenerateConfig.max_new_tokens,
     sample: Annotated[bool, typer.Option("--sample", help="Sample (with --temperature, --top-p, --seed) instead of greedy.")] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest token set of this probability.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
-    kernel: Annotated[str, typer.Option(help="Block linears on losa's sparse kernel: fp32 | bf16 | int8 values + bitmask, or off (dense PyTorch).")] = "fp32",
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = GenerateConfig.temperature,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest token set of this probability.")] = GenerateConfig.top_p,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = GenerateConfig.seed,
+    kernel: Annotated[str, typer.Option(help="Block linears on losa's sparse kernel: fp32 | bf16 | int8 values + bitmask, or off (dense PyTorch).")] = GenerateConfig.kernel,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Continue a prompt (greedy or sampled, KV cache), the pruned layers on losa's sparse kernel."""
-    from ..runtime.generate import GenerateConfig, run_generate
+    from ..runtime.generate import run_generate
 
     config = GenerateConfig(model=model, prompt=prompt, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
                             top_p=top_p, seed=seed, kernel=kernel, threads=threads, trust_remote_code=trust_remote_code)

@@ -508,3 +508,38 @@ def load_per_layer(path: str, num_blocks: int | None = None) -> list[float]:
     if bad:
         raise ConfigError(f"--per-layer rates must be in [0, 1): {', '.join(bad)}")
     return rates
+
+
+#: losa generate --kernel: the packed value format of SparseLinear (kernels/), or None for dense PyTorch
+GENERATE_KERNELS = {"off": None, "fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of ``losa generate``."""
+
+    model: str = ""
+    prompt: str = ""
+    max_new_tokens: int = 64
+    sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    kernel: str = "fp32"
+    threads: int | None = None
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        found = _check_choice("--kernel", self.kernel, tuple(GENERATE_KERNELS))
+        if not self.prompt:
+            found.append("--prompt is required: the text to continue")
+        if self.max_new_tokens < 1:
+            found.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            found.append(f"--temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            found.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.threads is not None and self.threads < 1:
+            found.append(f"--threads must be at least 1, got {self.threads}")
+        if found:
+            raise ConfigError("; ".join(found))

@@ -13,43 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..core.config import _check_choice
-from ..core.errors import ConfigError
+from ..core.config import GENERATE_KERNELS, GenerateConfig
 from ..core.modeling import load_model
 from ..core.sequential import ProgressFn
-
-KERNELS = {"off": None, "fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
-
-
-@dataclass
-class GenerateConfig:
-    """Settings of ``losa generate``."""
-
-    model: str = ""
-    prompt: str = ""
-    max_new_tokens: int = 64
-    sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    kernel: str = "fp32"
-    threads: int | None = None
-    trust_remote_code: bool = False
-
-    def validate(self) -> None:
-        found = _check_choice("--kernel", self.kernel, tuple(KERNELS))
-        if not self.prompt:
-            found.append("--prompt is required: the text to continue")
-        if self.max_new_tokens < 1:
-            found.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            found.append(f"--temperature must be positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            found.append(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.threads is not None and self.threads < 1:
-            found.append(f"--threads must be at least 1, got {self.threads}")
-        if found:
-            raise ConfigError("; ".join(found))
 
 
 @dataclass
@@ -80,13 +46,13 @@ def run_generate(config: GenerateConfig, progress: ProgressFn | None = None) -> 
     loaded = load_model(config.model, "float32", config.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     path, names = None, []
-    if KERNELS[config.kernel]:
+    if GENERATE_KERNELS[config.kernel]:
         from ..kernels.native import available_paths
         from ..kernels.sparse_linear import block_linear_names, sparsify
 
         path = available_paths()[0]
         names = block_linear_names(model)
-        sparsify(model, names, KERNELS[config.kernel], path)
+        sparsify(model, names, GENERATE_KERNELS[config.kernel], path)
     inputs = tokenizer(config.prompt, return_tensors="pt")
     torch.manual_seed(config.seed)
     settings = {"do_sample": config.sample, "max_new_tokens": config.max_new_tokens,
