@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from losa_cli.kernels.native import available_paths, sparse_matmul
+from losa_cli.kernels.native import available_paths, dense_weight, sparse_matmul
 from losa_cli.kernels.packed import load_packed, pack, reference_matmul, save_packed, unpack
-from losa_cli.kernels.sparse_linear import SparseLinear, block_linear_names, load_packed_into, sparsify
+from losa_cli.kernels.sparse_linear import DENSE_FROM, SparseLinear, block_linear_names, load_packed_into, sparsify
 from losa_cli.core.modeling import block_linears, find_blocks, load_model
 
 PATHS = available_paths()
@@ -42,6 +42,31 @@ def test_kernel_equals_reference(path, dtype, rows, cols, sparsity):
         scale = expected.abs().max().clamp_min(1.0)
         assert got.shape == (batch, rows)
         assert float((got - expected).abs().max() / scale) <= TOLERANCE[dtype] * cols ** 0.5
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize(("rows", "cols"), [(1, 1), (5, 13), (64, 257), (96, 576)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.7, 1.0])
+def test_native_unpack_equals_the_reference(path, dtype, rows, cols, sparsity):
+    packed = pack(_weight(rows, cols, sparsity, seed=rows + cols), dtype)
+    expected = unpack(packed)
+    if dtype == "int8":  # values times scale: one rounding either way
+        torch.testing.assert_close(dense_weight(packed, path), expected, rtol=1e-6, atol=0)
+    else:
+        assert torch.equal(dense_weight(packed, path), expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_sparse_linear_is_right_below_and_above_the_dense_switch(dtype):
+    linear = torch.nn.Linear(100, 37)
+    with torch.no_grad():
+        linear.weight.copy_(_weight(37, 100, 0.7, seed=8))
+    module = SparseLinear.from_linear(linear, dtype)
+    for tokens in (1, DENSE_FROM - 1, DENSE_FROM, 3 * DENSE_FROM + 1):
+        x = torch.randn(2, tokens, 100, generator=torch.Generator().manual_seed(tokens))
+        expected = reference_matmul(x.reshape(-1, 100), module.packed).reshape(2, tokens, 37) + linear.bias
+        torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

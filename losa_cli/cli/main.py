@@ -527,7 +527,7 @@ def bench(
     model: Annotated[str, typer.Argument(help="Model folder, losa export folder, or prefill .onnx file.")],
     cpu: Annotated[bool, typer.Option("--cpu", help="Benchmark on the CPU (the only target so far).")] = True,
     dense_baseline: Annotated[Optional[str], typer.Option("--dense-baseline", help="Dense model to compare with (default: densified copy).")] = None,
-    engines: Annotated[str, typer.Option(help="Comma-separated: onnxruntime,deepsparse.")] = BenchConfig.engines,
+    engines: Annotated[str, typer.Option(help="Comma-separated: onnxruntime,deepsparse,losa (losa: its own sparse kernel in PyTorch).")] = BenchConfig.engines,
     batch: Annotated[int, typer.Option(help="Sequences per run.")] = BenchConfig.batch,
     seqlen: Annotated[int, typer.Option(help="Prompt tokens (prefill) and past length (decode).")] = BenchConfig.seqlen,
     decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Decode steps per iteration (0: prefill only).")] = BenchConfig.decode_tokens,
@@ -537,7 +537,7 @@ def bench(
     report: Annotated[Optional[str], typer.Option(help="Write a PNG bar chart of the latencies.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing --report file.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
-    precisions: Annotated[str, typer.Option(help="Comma-separated weight precisions: fp32,int8 (int8 quantized for the run).")] = BenchConfig.precisions,
+    precisions: Annotated[str, typer.Option(help="Comma-separated weight precisions: fp32,bf16,int8 (int8 quantized for the run; bf16: losa engine only).")] = BenchConfig.precisions,
     as_json: JsonOpt = False,
 ) -> None:
     """Latency and throughput of a sparse model vs its dense counterpart on CPU engines.

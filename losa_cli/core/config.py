@@ -15,7 +15,7 @@ from .errors import ConfigError
 from .hub import LOCAL_DATA
 
 DEFAULT_MODEL = "smollm2-135m"
-BENCH_PRECISIONS = ("fp32", "int8")
+BENCH_PRECISIONS = ("fp32", "bf16", "int8")  # bf16: the losa engine only (ONNX engines run fp32 and int8)
 METHODS = ("wanda", "sparsegpt", "magnitude")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -375,7 +375,7 @@ class RecoverConfig:
 
 EXPORT_MIN_OPSET = 14
 EXPORT_DEFAULT_OPSET = 17  # the highest opset DeepSparse 1.8.0 compiles
-BENCH_ENGINES = ("onnxruntime", "deepsparse")
+BENCH_ENGINES = ("onnxruntime", "deepsparse", "losa")  # losa: its own sparse kernel (runtime/losa_engine.py)
 
 
 @dataclass

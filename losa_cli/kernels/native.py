@@ -53,3 +53,10 @@ def sparse_matmul(x: torch.Tensor, packed: PackedWeight, path: str | None = None
     scale = packed.scale if packed.scale is not None else torch.empty(0)
     return extension().sparse_matmul(padded, packed.mask, packed.values, packed.row_offsets, scale,
                                      path or available_paths()[0])
+
+
+def dense_weight(packed: PackedWeight, path: str | None = None) -> torch.Tensor:
+    """The packed weight as a dense float32 [rows, cols] tensor, unpacked by the native kernel."""
+    scale = packed.scale if packed.scale is not None else torch.empty(0)
+    dense = extension().sparse_unpack(packed.mask, packed.values, packed.row_offsets, scale, path or available_paths()[0])
+    return dense if packed.cols == packed.cols_padded else dense[:, : packed.cols]

@@ -62,16 +62,17 @@ void rows_generic(const float* x, int64_t batch, int64_t x_stride, const uint8_t
 }
 
 #ifdef LOSA_X86
+// One 32-byte entry per mask byte m: lane i takes packed value index[m][i] (vpermps reads only the
+// low 3 bits); lanes whose bit is clear carry the sign bit instead, which vblendvps turns into a
+// zero.  One table load per chunk instead of two (an index table and a keep table).
 struct ExpandTables {
-  alignas(32) int32_t index[256][8];  // lane i takes packed value index[m][i]
-  alignas(32) int32_t keep[256][8];   // all ones where bit i of m is set
+  alignas(32) int32_t index[256][8];
   ExpandTables() {
     for (int m = 0; m < 256; ++m) {
       int next = 0;
       for (int i = 0; i < 8; ++i) {
         bool set = (m >> i) & 1;
-        index[m][i] = set ? next : 0;
-        keep[m][i] = set ? -1 : 0;
+        index[m][i] = set ? next : INT32_MIN;
         next += set;
       }
     }
@@ -104,8 +105,28 @@ __attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
 template <ValueKind kind>
 __attribute__((target("avx2,fma"))) inline __m256 expand(const void* values, int64_t at, unsigned m) {
   __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.index[m]));
-  __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[m])));
-  return _mm256_and_ps(_mm256_permutevar8x32_ps(widen<kind>(values, at), index), keep);
+  __m256 moved = _mm256_permutevar8x32_ps(widen<kind>(values, at), index);
+  return _mm256_blendv_ps(moved, _mm256_setzero_ps(), _mm256_castsi256_ps(index));
+}
+
+// The dense rows [begin, end) of the packed weight (scaled for int8), for products with many input
+// rows (prefill), where a dense GEMM on the unpacked weight beats expanding each chunk per tile.
+template <ValueKind kind>
+__attribute__((target("avx2,fma"))) void unpack_avx2(const uint8_t* mask, int64_t mask_stride, const void* values,
+                                                     const int64_t* row_offsets, const float* scale, float* out,
+                                                     int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const uint8_t* bits = mask + r * mask_stride;
+    float* row = out + r * mask_stride * 8;
+    const __m256 factor = _mm256_set1_ps(scale ? scale[r] : 1.f);
+    int64_t v = row_offsets[r];
+    for (int64_t k = 0; k < mask_stride; ++k) {
+      const unsigned m = bits[k];
+      __m256 w = m ? expand<kind>(values, v, m) : _mm256_setzero_ps();
+      _mm256_storeu_ps(row + 8 * k, scale ? _mm256_mul_ps(w, factor) : w);
+      v += __builtin_popcount(m);
+    }
+  }
 }
 
 // Batch 1 (decode): four independent accumulators, so consecutive chunks do not wait on one
@@ -168,6 +189,21 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const float* x, int64_t batch
 }
 #endif
 
+void unpack_generic(const uint8_t* mask, int64_t mask_stride, const void* values, ValueKind kind,
+                    const int64_t* row_offsets, const float* scale, float* out, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    float* row = out + r * mask_stride * 8;
+    std::memset(row, 0, sizeof(float) * mask_stride * 8);
+    int64_t v = row_offsets[r];
+    for (int64_t k = 0; k < mask_stride; ++k) {
+      for (uint32_t byte = mask[r * mask_stride + k]; byte; byte &= byte - 1) {
+        float w = load_value(values, v++, kind);
+        row[8 * k + __builtin_ctz(byte)] = scale ? w * scale[r] : w;
+      }
+    }
+  }
+}
+
 bool cpu_has_avx2() {
 #ifdef LOSA_X86
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -186,24 +222,55 @@ std::vector<std::string> available_paths() {
   return paths;
 }
 
+// Checks shared by both entry points; returns the value kind.
+ValueKind check_packed(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& row_offsets,
+                       const torch::Tensor& scale, const std::string& path) {
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == torch::kUInt8 && mask.is_contiguous(), "mask: contiguous uint8");
+  TORCH_CHECK(row_offsets.scalar_type() == torch::kInt64 && row_offsets.numel() == mask.size(0) + 1, "row_offsets");
+  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
+  TORCH_CHECK(scale.numel() == 0 || (scale.scalar_type() == torch::kFloat32 && scale.numel() == mask.size(0)),
+              "scale: one per row");
+  TORCH_CHECK(path == "generic" || (path == "avx2" && cpu_has_avx2()), "unknown or unsupported path: ", path);
+  switch (values.scalar_type()) {
+    case torch::kFloat32: return kFloat32;
+    case torch::kBFloat16: return kBFloat16;
+    case torch::kInt8: return kInt8;
+    default: TORCH_CHECK(false, "values: float32, bfloat16 or int8");
+  }
+}
+
+// Returns the dense float32 weight [rows, cols_padded] (int8 values times their row's scale).
+torch::Tensor sparse_unpack(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor scale,
+                            const std::string& path) {
+  const ValueKind kind = check_packed(mask, values, row_offsets, scale, path);
+  const int64_t rows = mask.size(0), mask_stride = mask.size(1);
+  auto out = torch::empty({rows, mask_stride * 8}, torch::dtype(torch::kFloat32));
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  const void* vp = values.data_ptr();
+  const int64_t* op = row_offsets.data_ptr<int64_t>();
+  const float* sp = scale.numel() > 0 ? scale.data_ptr<float>() : nullptr;
+  float* outp = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, mask_stride)), [&](int64_t begin, int64_t end) {
+#ifdef LOSA_X86
+    if (path == "avx2") {
+      if (kind == kFloat32) unpack_avx2<kFloat32>(mp, mask_stride, vp, op, sp, outp, begin, end);
+      else if (kind == kBFloat16) unpack_avx2<kBFloat16>(mp, mask_stride, vp, op, sp, outp, begin, end);
+      else unpack_avx2<kInt8>(mp, mask_stride, vp, op, sp, outp, begin, end);
+      return;
+    }
+#endif
+    unpack_generic(mp, mask_stride, vp, kind, op, sp, outp, begin, end);
+  });
+  return out;
+}
+
 // x: [batch, cols_padded] float32 (zero-padded); returns y: [batch, rows] float32.
 torch::Tensor sparse_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets,
                             torch::Tensor scale, const std::string& path) {
+  const ValueKind kind = check_packed(mask, values, row_offsets, scale, path);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [batch, cols]");
-  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == torch::kUInt8 && mask.is_contiguous(), "mask: contiguous uint8");
   TORCH_CHECK(x.size(1) == mask.size(1) * 8, "x width must equal the mask's padded width");
-  TORCH_CHECK(row_offsets.scalar_type() == torch::kInt64 && row_offsets.numel() == mask.size(0) + 1, "row_offsets");
-  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
-  ValueKind kind;
-  switch (values.scalar_type()) {
-    case torch::kFloat32: kind = kFloat32; break;
-    case torch::kBFloat16: kind = kBFloat16; break;
-    case torch::kInt8: kind = kInt8; break;
-    default: TORCH_CHECK(false, "values: float32, bfloat16 or int8");
-  }
   const bool scaled = scale.numel() > 0;
-  TORCH_CHECK(!scaled || (scale.scalar_type() == torch::kFloat32 && scale.numel() == mask.size(0)), "scale: one per row");
-  TORCH_CHECK(path == "generic" || (path == "avx2" && cpu_has_avx2()), "unknown or unsupported path: ", path);
   const int64_t batch = x.size(0), rows = mask.size(0), mask_stride = mask.size(1);
   auto y = torch::empty({batch, rows}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -230,5 +297,6 @@ torch::Tensor sparse_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor v
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_matmul", &sparse_matmul, "bitmask-packed sparse weights times dense activations");
+  m.def("sparse_unpack", &sparse_unpack, "the dense float32 weight of a packed one (rows padded to 64 columns)");
   m.def("available_paths", &available_paths, "kernel paths this CPU runs, best first");
 }

@@ -90,7 +90,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
         "batch_size": 4,
     },
     "export": {"onnx": True},
-    "bench": {"engines": "onnxruntime,deepsparse", "seqlen": 128, "decode_tokens": 8, "iterations": 5, "warmup": 1},
+    "bench": {"engines": "onnxruntime,deepsparse,losa", "precisions": "fp32,bf16", "seqlen": 128, "decode_tokens": 8, "iterations": 5, "warmup": 1},
     "eval": {"data": "../shared/data/wiki-sample.txt", "seqlen": 512, "max_windows": 32},
 }
 

@@ -240,7 +240,8 @@ def _speed_section(out: Path, manifests: dict[str, dict], plots: list[Path]) -> 
     lines += _table(["engine", "model", "precision", "phase", "median ms", "p90 ms", "tokens/s", "ceiling ms", "share"], run_rows)
     if machine_bandwidth := results.get("machine", {}).get("read_bandwidth_gb_s"):
         lines += [f"Ceiling: the bytes one batch-1 decode step reads in the engine's weight format (dense for ONNX Runtime, "
-                  f"for DeepSparse per layer the smaller of dense and packed values + 1-bit mask) over the measured read bandwidth, "
+                  f"for DeepSparse per layer the smaller of dense and packed values + 1-bit mask, for losa the bytes of its own "
+                  f"packed layers) over the measured read bandwidth, "
                   f"{machine_bandwidth:.1f} GB/s; share = ceiling / median.", ""]
     machine = results.get("machine", {})
     load = results.get("load_average_before"), results.get("load_average_after")

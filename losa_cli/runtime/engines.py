@@ -1,4 +1,4 @@
-"""Time ONNX graphs on CPU engines (ONNX Runtime, DeepSparse), each phase in a child process.
+"""Time a model on CPU engines (ONNX Runtime, DeepSparse, losa's own kernel), each phase in a child process.
 
 Why a child process: DeepSparse aborts the whole process when a graph fails to compile or run
 (a segfault, not an exception), and a fresh process per (engine, model) gives both engines the
@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-ENGINES = ("onnxruntime", "deepsparse")
+from ..core.errors import LosaError
+
+ENGINES = ("onnxruntime", "deepsparse", "losa")
 #: the ISA flags that decide which kernels the engines can use
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 ENGINE_ENV = {"NM_DISABLE_ANALYTICS": "1", "SPARSEZOO_DISABLE_ANALYTICS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -114,7 +116,7 @@ def engine_versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------- parent side
 
 
-class EngineFailure(Exception):
+class EngineFailure(LosaError):
     """The child process failed; the message is one line naming the cause."""
 
 
@@ -228,11 +230,19 @@ def _make_runner(job: dict, path: str, arrays: list):
 
 
 def _time_phase(job: dict, phase: str) -> dict:
-    """Compile, warm up, then time ``iterations`` runs (decode: ``iterations x decode_tokens`` steps)."""
-    path = job["graph"]
-    arrays = _feeds(job, phase, _graph_inputs(path))
+    """Compile, warm up, then time ``iterations`` runs (decode: ``iterations x decode_tokens`` steps).
+
+    The losa engine loads the model folder instead of a graph (``losa_engine.py``); "compile" is then
+    loading and packing, and the result also carries the bytes its format reads per decode step."""
     started = time.perf_counter()
-    run = _make_runner(job, path, arrays)
+    facts: dict = {}
+    if job["engine"] == "losa":
+        from .losa_engine import make_runner
+
+        run, facts = make_runner(job, phase)
+    else:
+        path = job["graph"]
+        run = _make_runner(job, path, _feeds(job, phase, _graph_inputs(path)))
     compile_s = time.perf_counter() - started
     repeats = job["decode_tokens"] if phase == "decode" else 1
     for _ in range(job["warmup"] * repeats):
@@ -242,7 +252,7 @@ def _time_phase(job: dict, phase: str) -> dict:
         tick = time.perf_counter()
         run()
         latencies.append((time.perf_counter() - tick) * 1000.0)
-    return {"latencies_ms": latencies, "compile_s": compile_s}
+    return {"latencies_ms": latencies, "compile_s": compile_s, **facts}
 
 
 def child_main(job_path: str, result_path: str) -> None:
