@@ -90,3 +90,18 @@ def test_kernel_decode_follows_the_dense_model(pruned):
     ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
     with torch.inference_mode():
         torch.testing.assert_close(sparse(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_kernel_runs_inside_torch_compile(pruned):
+    """The kernel is a torch operator: a compiled model keeps it in its graph and computes what eager does."""
+    from losa_cli.runtime.losa_engine import prepare_model
+
+    model, _ = prepare_model(str(pruned), "bf16", kernel=True)
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32]])  # 9 rows: the unpacked GEMM (DENSE_FROM = 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, dynamic=False, fullgraph=True)  # fullgraph: no break at the kernel
+    with torch.inference_mode():
+        eager = model(ids).logits
+        torch.testing.assert_close(compiled(input_ids=ids).logits, eager, rtol=1e-4, atol=1e-4)
+        one = ids[:, :1]  # one row: the packed product, not the unpacked GEMM
+        torch.testing.assert_close(compiled(input_ids=one).logits, model(one).logits, rtol=1e-4, atol=1e-4)

@@ -538,6 +538,7 @@ def bench(
     force: Annotated[bool, typer.Option(help="Replace an existing --report file.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
     precisions: Annotated[str, typer.Option(help="Comma-separated weight precisions: fp32,bf16,int8 (int8 quantized for the run; bf16: losa engine only).")] = BenchConfig.precisions,
+    compile_models: Annotated[bool, typer.Option("--compile", help="losa engine: run its models under torch.compile (about a minute per timing to compile).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Latency and throughput of a sparse model vs its dense counterpart on CPU engines.
@@ -551,7 +552,7 @@ def bench(
         raise ConfigError("only CPU benchmarking exists: drop --no-cpu")
     config = BenchConfig(model=model, dense_baseline=dense_baseline, engines=engines, batch=batch, seqlen=seqlen,
                          decode_tokens=decode_tokens, threads=threads, warmup=warmup, iterations=iterations, report=report,
-                         force=force, trust_remote_code=trust_remote_code, precisions=precisions)
+                         force=force, trust_remote_code=trust_remote_code, precisions=precisions, compile=compile_models)
     result = _execute(run_bench, config, as_json)
     if result is None:
         return

@@ -439,6 +439,7 @@ class BenchConfig:
     timeout_s: float = 3600.0
     trust_remote_code: bool = False
     precisions: str = "fp32"
+    compile: bool = False  # the losa engine's models under torch.compile
 
     def engine_list(self) -> list[str]:
         """The engines asked for, in order, without duplicates."""

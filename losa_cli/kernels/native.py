@@ -43,7 +43,31 @@ def available_paths() -> tuple[str, ...]:
     return tuple(extension().available_paths())
 
 
-def sparse_matmul(x: torch.Tensor, packed: PackedWeight, path: str | None = None) -> torch.Tensor:
+# The kernel as torch operators, so ``torch.compile`` keeps it in one graph with the rest of the
+# model instead of breaking the graph at every layer; eager calls skip the operator's dispatch cost.
+@torch.library.custom_op("losa::sparse_matmul", mutates_args=())
+def _matmul_op(x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor,
+               scale: torch.Tensor, path: str) -> torch.Tensor:
+    return extension().sparse_matmul(x, mask, values, row_offsets, scale, path)
+
+
+@_matmul_op.register_fake
+def _(x, mask, values, row_offsets, scale, path):
+    return x.new_empty((x.shape[0], mask.shape[0]))
+
+
+@torch.library.custom_op("losa::sparse_unpack", mutates_args=())
+def _unpack_op(mask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, scale: torch.Tensor,
+               path: str) -> torch.Tensor:
+    return extension().sparse_unpack(mask, values, row_offsets, scale, path)
+
+
+@_unpack_op.register_fake
+def _(mask, values, row_offsets, scale, path):
+    return mask.new_empty((mask.shape[0], mask.shape[1] * 8), dtype=torch.float32)
+
+
+def sparse_matmul(x: torch.Tensor, packed: PackedWeight, path: str) -> torch.Tensor:
     """x [batch, cols] (any float dtype) times the packed weight's transpose, as float32 [batch, rows]."""
     if x.dtype == torch.float32 and x.is_contiguous() and packed.cols == packed.cols_padded:
         padded = x  # widths that are a multiple of 64 (SmolLM2's, Llama's) need no padded copy
@@ -51,12 +75,13 @@ def sparse_matmul(x: torch.Tensor, packed: PackedWeight, path: str | None = None
         padded = torch.zeros(x.shape[0], packed.cols_padded, dtype=torch.float32)
         padded[:, : packed.cols] = x
     scale = packed.scale if packed.scale is not None else torch.empty(0)
-    return extension().sparse_matmul(padded, packed.mask, packed.values, packed.row_offsets, scale,
-                                     path or available_paths()[0])
+    kernel = torch.ops.losa.sparse_matmul if torch.compiler.is_compiling() else extension().sparse_matmul
+    return kernel(padded, packed.mask, packed.values, packed.row_offsets, scale, path)
 
 
-def dense_weight(packed: PackedWeight, path: str | None = None) -> torch.Tensor:
+def dense_weight(packed: PackedWeight, path: str) -> torch.Tensor:
     """The packed weight as a dense float32 [rows, cols] tensor, unpacked by the native kernel."""
     scale = packed.scale if packed.scale is not None else torch.empty(0)
-    dense = extension().sparse_unpack(packed.mask, packed.values, packed.row_offsets, scale, path or available_paths()[0])
+    unpack = torch.ops.losa.sparse_unpack if torch.compiler.is_compiling() else extension().sparse_unpack
+    dense = unpack(packed.mask, packed.values, packed.row_offsets, scale, path)
     return dense if packed.cols == packed.cols_padded else dense[:, : packed.cols]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .native import dense_weight, sparse_matmul
+from .native import available_paths, dense_weight, sparse_matmul
 from .packed import PackedWeight, load_packed, pack
 
 #: input rows from which a call unpacks the weight and runs PyTorch's dense GEMM (see the docstring)
@@ -32,7 +32,7 @@ class SparseLinear(nn.Module):
         self.packed = packed
         self.in_features, self.out_features = packed.cols, packed.rows
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.path = path
+        self.path = path or available_paths()[0]  # the best path this CPU runs unless told otherwise
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: str = "float32", path: str | None = None) -> "SparseLinear":

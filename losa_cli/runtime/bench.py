@@ -95,7 +95,7 @@ def _job(graphs: GraphSet | LosaModel, engine: str, phase: str, config: BenchCon
               "iterations": config.iterations, "seed": 0}
     if isinstance(graphs, LosaModel):
         return {**common, "source": graphs.source, "precision": graphs.precision, "kernel": graphs.kernel,
-                "trust_remote_code": config.trust_remote_code}
+                "trust_remote_code": config.trust_remote_code, "compile": config.compile}
     spec = graphs.spec
     return {**common, "graph": str(graphs.path(phase)), "vocab_size": spec.vocab_size, "kv_heads": spec.kv_heads,
             "head_dim": spec.head_dim}
