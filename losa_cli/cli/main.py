@@ -314,7 +314,7 @@ def generate(
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = GenerateConfig.temperature,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest token set of this probability.")] = GenerateConfig.top_p,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = GenerateConfig.seed,
-    kernel: Annotated[str, typer.Option(help="Block linears on losa's sparse kernel: fp32 | bf16 | int8 (int8 activations per token too) values + bitmask, or off (dense PyTorch).")] = GenerateConfig.kernel,
+    kernel: Annotated[str, typer.Option(help="Block linears on losa's sparse kernel: fp32 | bf16 | int8 values + bitmask, or off (dense PyTorch).")] = GenerateConfig.kernel,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
     as_json: JsonOpt = False,

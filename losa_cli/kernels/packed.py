@@ -6,8 +6,7 @@ A pruned linear weight W [rows, cols] is stored as:
   endian), set where the weight is kept; rows are padded to a multiple of 64 columns, so a kernel
   may read the mask in 8-, 16-, 32- or 64-bit words without crossing into the next row;
 - ``values`` [nnz + PAD]: the kept weights, row after row, in fp32, bf16 or int8 (then with
-  ``scale`` float32 [rows], symmetric per output channel: W ~ values * scale, and the activations
-  quantized to int8 per row when multiplied, see ``quantize_activations``), followed by PAD
+  ``scale`` float32 [rows], symmetric per output channel: W ~ values * scale), followed by PAD
   zeros so a vector load at the end of the last row stays inside the buffer;
 - ``row_offsets`` int64 [rows + 1]: where each row's values start.
 
@@ -92,22 +91,9 @@ def unpack(packed: PackedWeight) -> torch.Tensor:
     return dense
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """x [batch, cols] rounded to int8 steps, one symmetric scale per row (max |x| / 127), as floats.
-
-    The int8 format multiplies int8 weights by int8 activations, as ONNX Runtime's and DeepSparse's
-    int8 graphs do (per-token activation scales); the kernel quantizes with the same float ops."""
-    x = x.to(torch.float32)
-    amax = x.abs().amax(dim=1, keepdim=True)
-    step = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    return torch.round(x / step).clamp(-127, 127) * step
-
-
 def reference_matmul(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
-    """x [batch, cols] float32 times the packed weight's transpose: the kernel's definition
-    (int8 weights: x quantized per row first, see ``quantize_activations``)."""
-    x = quantize_activations(x) if packed.dtype == "int8" else x.to(torch.float32)
-    return x @ unpack(packed).T
+    """x [batch, cols] float32 times the packed weight's transpose: the kernel's definition."""
+    return x.to(torch.float32) @ unpack(packed).T
 
 
 def save_packed(layers: dict[str, PackedWeight], path: Path, metadata: dict | None = None) -> dict:

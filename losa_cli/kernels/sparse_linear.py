@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .native import available_paths, dense_weight, sparse_matmul
-from .packed import PackedWeight, load_packed, pack, quantize_activations
+from .packed import PackedWeight, load_packed, pack
 
 #: input rows from which a call unpacks the weight and runs PyTorch's dense GEMM (see the docstring)
 DENSE_FROM = 8
@@ -42,8 +42,7 @@ class SparseLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         bias = None if self.bias is None else self.bias.to(torch.float32)
         if rows.shape[0] >= DENSE_FROM:
-            inputs = quantize_activations(rows) if self.packed.dtype == "int8" else rows.to(torch.float32)
-            y = F.linear(inputs, dense_weight(self.packed, self.path), bias)
+            y = F.linear(rows.to(torch.float32), dense_weight(self.packed, self.path), bias)
         else:
             y = sparse_matmul(rows, self.packed, self.path)
             y = y if bias is None else y + bias

@@ -12,8 +12,6 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
-#include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -154,63 +152,6 @@ __attribute__((target("avx2,fma"))) float row_dot_avx2(const float* x, const uin
   return horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
 }
 
-// int8 x int8 (batch 1): each 8-column chunk's int8 values are expanded by a byte shuffle (pshufb zeroes
-// lanes whose index has its top bit set, so no blend), 32 columns at a time, and multiplied with the
-// int8 activations by vpmaddubsw (|x| times w carrying x's sign) and vpmaddwd into int32 lanes: four
-// times the products per instruction of the float path.  `kShuffle[m]`, byte j: the rank of column j
-// among the set bits of m, or 0x80 when bit j is clear; adding a count to all 8 bytes shifts the ranks
-// (0x80 + 8 keeps the top bit), which places the second chunk of a 16-byte load.
-struct ShuffleTable {
-  uint64_t index[256];
-  alignas(16) uint8_t high_shift[9][16];  // n in the high 8 bytes: shifts the second chunk's ranks by n
-  ShuffleTable() {
-    for (int m = 0; m < 256; ++m) {
-      uint64_t entry = 0;
-      for (int j = 0, next = 0; j < 8; ++j) {
-        const uint64_t byte = ((m >> j) & 1) ? next++ : 0x80;
-        entry |= byte << (8 * j);
-      }
-      index[m] = entry;
-    }
-    for (int n = 0; n <= 8; ++n)
-      for (int j = 0; j < 16; ++j) high_shift[n][j] = j < 8 ? 0 : n;
-  }
-};
-const ShuffleTable kShuffle;
-
-__attribute__((target("avx2,fma"))) inline __m128i expand16_i8(const int8_t* values, int64_t at, unsigned m0, unsigned m1) {
-  __m128i index = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&kShuffle.index[m0]));
-  index = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(index), reinterpret_cast<const double*>(&kShuffle.index[m1])));
-  index = _mm_add_epi8(index, _mm_load_si128(reinterpret_cast<const __m128i*>(kShuffle.high_shift[__builtin_popcount(m0)])));
-  return _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + at)), index);
-}
-
-__attribute__((target("avx2,fma"))) int32_t row_dot_i8(const int8_t* xq, const uint8_t* bits, int64_t chunks,
-                                                      const int8_t* values, int64_t v) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
-  for (int64_t k = 0; k < chunks; k += 8) {  // 64 columns: rows are padded to 64
-    const unsigned m0 = bits[k], m1 = bits[k + 1], m2 = bits[k + 2], m3 = bits[k + 3];
-    const unsigned m4 = bits[k + 4], m5 = bits[k + 5], m6 = bits[k + 6], m7 = bits[k + 7];
-    const int64_t v1 = v + __builtin_popcount(m0) + __builtin_popcount(m1);
-    const int64_t v2 = v1 + __builtin_popcount(m2) + __builtin_popcount(m3);
-    const int64_t v3 = v2 + __builtin_popcount(m4) + __builtin_popcount(m5);
-    const __m256i w0 = _mm256_set_m128i(expand16_i8(values, v1, m2, m3), expand16_i8(values, v, m0, m1));
-    const __m256i w1 = _mm256_set_m128i(expand16_i8(values, v3, m6, m7), expand16_i8(values, v2, m4, m5));
-    v = v3 + __builtin_popcount(m6) + __builtin_popcount(m7);
-    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 8 * k));
-    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 8 * k + 32));
-    // |x| * (w with x's sign) = x * w; pairs of products fit int16 (2 * 127 * 127 < 32767)
-    acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x0), _mm256_sign_epi8(w0, x0)), ones));
-    acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x1), _mm256_sign_epi8(w1, x1)), ones));
-  }
-  __m256i acc = _mm256_add_epi32(acc0, acc1);
-  __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4e));
-  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xb1));
-  return _mm_cvtsi128_si32(sum);
-}
-
 // AVX2 path.  Batch 1 goes through row_dot_avx2; larger batches share one expansion of each chunk
 // among up to kTile input vectors, so the weights are read once per tile.
 template <ValueKind kind>
@@ -332,45 +273,6 @@ torch::Tensor sparse_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor v
   const bool scaled = scale.numel() > 0;
   const int64_t batch = x.size(0), rows = mask.size(0), mask_stride = mask.size(1);
   auto y = torch::empty({batch, rows}, x.options());
-  if (kind == kInt8) {
-    TORCH_CHECK(scaled, "int8 values need their per-row scales");
-    // int8 weights meet int8 activations, one symmetric scale per input row (as ONNX Runtime's and
-    // DeepSparse's int8 graphs): x is replaced by its quantized values times their scale, and batch 1
-    // on AVX2 multiplies the integers themselves.
-    auto quantized = torch::empty({batch, x.size(1)}, torch::dtype(torch::kInt8));
-    auto x_scale = torch::empty({batch}, torch::dtype(torch::kFloat32));
-    auto dequantized = torch::empty_like(x);
-    for (int64_t b = 0; b < batch; ++b) {
-      const float* row = x.data_ptr<float>() + b * x.size(1);
-      float amax = 0.f;
-      for (int64_t c = 0; c < x.size(1); ++c) amax = std::max(amax, std::fabs(row[c]));
-      const float step = amax > 0.f ? amax / 127.f : 1.f;
-      int8_t* q = quantized.data_ptr<int8_t>() + b * x.size(1);
-      float* d = dequantized.data_ptr<float>() + b * x.size(1);
-      for (int64_t c = 0; c < x.size(1); ++c) {
-        q[c] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(row[c] / step))));
-        d[c] = static_cast<float>(q[c]) * step;
-      }
-      x_scale.data_ptr<float>()[b] = step;
-    }
-#ifdef LOSA_X86
-    if (path == "avx2" && batch == 1) {
-      const int8_t* qp = quantized.data_ptr<int8_t>();
-      const int8_t* vp = values.data_ptr<int8_t>();
-      const uint8_t* mp = mask.data_ptr<uint8_t>();
-      const int64_t* op = row_offsets.data_ptr<int64_t>();
-      const float* sp = scale.data_ptr<float>();
-      const float step = x_scale.data_ptr<float>()[0];
-      float* yp = y.data_ptr<float>();
-      at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, mask_stride)), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r)
-          yp[r] = static_cast<float>(row_dot_i8(qp, mp + r * mask_stride, mask_stride, vp, op[r])) * (sp[r] * step);
-      });
-      return y;
-    }
-#endif
-    x = dequantized;
-  }
   const float* xp = x.data_ptr<float>();
   const uint8_t* mp = mask.data_ptr<uint8_t>();
   const void* vp = values.data_ptr();

@@ -10,8 +10,7 @@ Formats per ``--precisions`` (blocks; head):
 
 * ``fp32``: blocks packed fp32; head dense fp32 (the model's own numbers, bit for bit up to summation order);
 * ``bf16``: blocks and head packed bf16 (the head is a third of SmolLM2's bytes per token);
-* ``int8``: blocks int8 weights (one scale per output channel) times int8 activations (one scale
-  per token), as ONNX Runtime's and DeepSparse's int8 rows; head packed bf16 (an int8 head changes
+* ``int8``: blocks int8 with one scale per output channel; head packed bf16 (an int8 head changes
   greedy tokens on SmolLM2, see the README's kernel section).
 
 With ``--compile`` both the sparse and the dense model run under ``torch.compile`` (the kernel is a
