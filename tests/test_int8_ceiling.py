@@ -183,5 +183,5 @@ def test_recipe_overrides_turn_on_int8(monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the recipe's data paths are relative to the repository
     recipe = load_recipe("examples/default.yaml", ["export.int8=true", "bench.precisions=fp32,int8"])
     assert recipe.section("export")["int8"] is True and recipe.section("bench")["precisions"] == "fp32,int8"
-    with pytest.raises(ConfigError, match="precisions 'int4': choose from fp32, int8"):
+    with pytest.raises(ConfigError, match="precisions 'int4': choose from fp32, bf16, int8"):
         load_recipe("examples/default.yaml", ["bench.precisions=int4"])
