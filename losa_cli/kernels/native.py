@@ -3,8 +3,8 @@
 The kernel is compiled on first use with torch's C++ extension tooling (a C++ compiler and
 ninja; ``pip install -e .`` brings ninja) into torch's extension cache, so it needs no DeepSparse,
 no particular onnx or numpy, and no Python-version pin.  ``available_paths`` says what this CPU
-runs, best first ("avx2", then the portable "generic"); ``sparse_matmul`` uses the best unless
-told otherwise, and the choice is reported so benchmarks can name it.
+runs, best first ("avx2", then the portable "generic"); ``SparseLinear`` takes the best unless
+told otherwise and passes it to every call, so benchmarks can name the path that ran.
 """
 
 from __future__ import annotations
@@ -67,6 +67,13 @@ def _(mask, values, row_offsets, scale, path):
     return mask.new_empty((mask.shape[0], mask.shape[1] * 8), dtype=torch.float32)
 
 
+_NO_SCALE = torch.empty(0)  # what the kernel takes for "no scales" (fp32, bf16): made once, not per call
+
+
+def _scale(packed: PackedWeight) -> torch.Tensor:
+    return packed.scale if packed.scale is not None else _NO_SCALE
+
+
 def sparse_matmul(x: torch.Tensor, packed: PackedWeight, path: str) -> torch.Tensor:
     """x [batch, cols] (any float dtype) times the packed weight's transpose, as float32 [batch, rows]."""
     if x.dtype == torch.float32 and x.is_contiguous() and packed.cols == packed.cols_padded:
@@ -74,14 +81,12 @@ def sparse_matmul(x: torch.Tensor, packed: PackedWeight, path: str) -> torch.Ten
     else:
         padded = torch.zeros(x.shape[0], packed.cols_padded, dtype=torch.float32)
         padded[:, : packed.cols] = x
-    scale = packed.scale if packed.scale is not None else torch.empty(0)
     kernel = torch.ops.losa.sparse_matmul if torch.compiler.is_compiling() else extension().sparse_matmul
-    return kernel(padded, packed.mask, packed.values, packed.row_offsets, scale, path)
+    return kernel(padded, packed.mask, packed.values, packed.row_offsets, _scale(packed), path)
 
 
 def dense_weight(packed: PackedWeight, path: str) -> torch.Tensor:
     """The packed weight as a dense float32 [rows, cols] tensor, unpacked by the native kernel."""
-    scale = packed.scale if packed.scale is not None else torch.empty(0)
     unpack = torch.ops.losa.sparse_unpack if torch.compiler.is_compiling() else extension().sparse_unpack
-    dense = unpack(packed.mask, packed.values, packed.row_offsets, scale, path)
+    dense = unpack(packed.mask, packed.values, packed.row_offsets, _scale(packed), path)
     return dense if packed.cols == packed.cols_padded else dense[:, : packed.cols]

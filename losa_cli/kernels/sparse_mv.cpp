@@ -222,6 +222,9 @@ std::vector<std::string> available_paths() {
   return paths;
 }
 
+// Rows per thread task: about 32K weights (4 KB of mask) each, so small layers are not split into tiny tasks.
+int64_t row_grain(int64_t mask_stride) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, mask_stride)); }
+
 // Checks shared by both entry points; returns the value kind.
 ValueKind check_packed(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& row_offsets,
                        const torch::Tensor& scale, const std::string& path) {
@@ -250,7 +253,7 @@ torch::Tensor sparse_unpack(torch::Tensor mask, torch::Tensor values, torch::Ten
   const int64_t* op = row_offsets.data_ptr<int64_t>();
   const float* sp = scale.numel() > 0 ? scale.data_ptr<float>() : nullptr;
   float* outp = out.data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, mask_stride)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(mask_stride), [&](int64_t begin, int64_t end) {
 #ifdef LOSA_X86
     if (path == "avx2") {
       if (kind == kFloat32) unpack_avx2<kFloat32>(mp, mask_stride, vp, op, sp, outp, begin, end);
@@ -279,8 +282,7 @@ torch::Tensor sparse_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor v
   const int64_t* op = row_offsets.data_ptr<int64_t>();
   const float* sp = scaled ? scale.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, mask_stride));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(mask_stride), [&](int64_t begin, int64_t end) {
 #ifdef LOSA_X86
     if (path == "avx2") {
       const int64_t stride = x.size(1);

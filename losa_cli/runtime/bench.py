@@ -86,7 +86,7 @@ class LosaModel:
     source: str
     precision: str
     kernel: bool
-    form: None = None
+    form: str | None = None  # the int8 activation form of ONNX rows; none here
 
 
 def _job(graphs: GraphSet | LosaModel, engine: str, phase: str, config: BenchConfig, threads: int) -> dict:

@@ -38,16 +38,13 @@ def describe_format(precision: str) -> str:
 
 def prepare_model(source: str, precision: str, kernel: bool, trust_remote_code: bool = False) -> tuple[torch.nn.Module, dict]:
     """Load ``source`` in fp32 and, with ``kernel``, swap its linear layers for SparseLinear per LOSA_FORMATS."""
-    from ..core.modeling import load_model
+    from ..core.modeling import load_model, sparsity_report
     from ..core.offload import module_name
-
     from ..kernels.sparse_linear import block_linear_names, sparsify
 
     model = load_model(source, "float32", trust_remote_code).model.eval()
     names = block_linear_names(model)
-    weights = [model.get_submodule(name).weight for name in names]
-    zeros = sum(int((w == 0).sum()) for w in weights) / max(1, sum(w.numel() for w in weights))
-    info: dict = {"kernel_path": None, "packed_layers": 0, "block_zero_fraction": zeros}
+    info: dict = {"kernel_path": None, "packed_layers": 0, "block_zero_fraction": sparsity_report(model)[2]}
     if kernel:
         from ..kernels.native import available_paths
 
