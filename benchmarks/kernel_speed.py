@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from common import environment, write_json
-from losa_cli.kernels.native import available_paths, extension
-from losa_cli.kernels.packed import pack
+from losa_cli.runtime.kernels.native import available_paths, extension
+from losa_cli.runtime.kernels.packed import pack
 from losa_cli.runtime.ceiling import measure_bandwidth
 
 SHAPES = {"SmolLM2 MLP up (1536 x 576)": (1536, 576), "SmolLM2 MLP down (576 x 1536)": (576, 1536),
@@ -109,7 +109,7 @@ def end_to_end(recovered: str, prompt_tokens: int, steps: int, rounds: int) -> l
     from losa_cli.core.data import read_documents
     from losa_cli.core.modeling import load_model
     from losa_cli.core.offload import module_name
-    from losa_cli.kernels.sparse_linear import block_linear_names, sparsify
+    from losa_cli.runtime.kernels.sparse_linear import block_linear_names, sparsify
 
     from common import SHARED_DATA
 

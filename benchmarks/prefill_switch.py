@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from common import environment, write_json
-from losa_cli.kernels.native import available_paths, dense_weight, sparse_matmul
-from losa_cli.kernels.packed import pack
-from losa_cli.kernels.sparse_linear import DENSE_FROM
+from losa_cli.runtime.kernels.native import available_paths, dense_weight, sparse_matmul
+from losa_cli.runtime.kernels.packed import pack
+from losa_cli.runtime.kernels.sparse_linear import DENSE_FROM
 
 RESULTS = Path(__file__).parent / "results" / "prefill_switch.json"
 SHAPES = {"SmolLM2 MLP up (1536 x 576)": (1536, 576), "SmolLM2 MLP down (576 x 1536)": (576, 1536)}

@@ -13,8 +13,8 @@ from losa_cli.cli.main import app
 from losa_cli.core.config import BenchConfig
 from losa_cli.core.errors import ConfigError
 from losa_cli.core.modeling import block_linears, find_blocks, load_model, sparsity_report
-from losa_cli.kernels.native import available_paths
-from losa_cli.kernels.packed import pack
+from losa_cli.runtime.kernels.native import available_paths
+from losa_cli.runtime.kernels.packed import pack
 from losa_cli.runtime.bench import run_bench
 
 from test_export_bench import magnitude_prune

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from losa_cli.kernels.native import available_paths, dense_weight, sparse_matmul
-from losa_cli.kernels.packed import load_packed, pack, reference_matmul, save_packed, unpack
-from losa_cli.kernels.sparse_linear import DENSE_FROM, SparseLinear, block_linear_names, load_packed_into, sparsify
+from losa_cli.runtime.kernels.native import available_paths, dense_weight, sparse_matmul
+from losa_cli.runtime.kernels.packed import load_packed, pack, reference_matmul, save_packed, unpack
+from losa_cli.runtime.kernels.sparse_linear import DENSE_FROM, SparseLinear, block_linear_names, load_packed_into, sparsify
 from losa_cli.core.modeling import block_linears, find_blocks, load_model
 
 PATHS = available_paths()

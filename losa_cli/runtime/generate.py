@@ -47,8 +47,8 @@ def run_generate(config: GenerateConfig, progress: ProgressFn | None = None) -> 
     model, tokenizer = loaded.model, loaded.tokenizer
     path, names = None, []
     if GENERATE_KERNELS[config.kernel]:
-        from ..kernels.native import available_paths
-        from ..kernels.sparse_linear import block_linear_names, sparsify
+        from .kernels.native import available_paths
+        from .kernels.sparse_linear import block_linear_names, sparsify
 
         path = available_paths()[0]
         names = block_linear_names(model)

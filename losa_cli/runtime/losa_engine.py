@@ -40,13 +40,13 @@ def prepare_model(source: str, precision: str, kernel: bool, trust_remote_code: 
     """Load ``source`` in fp32 and, with ``kernel``, swap its linear layers for SparseLinear per LOSA_FORMATS."""
     from ..core.modeling import load_model, sparsity_report
     from ..core.offload import module_name
-    from ..kernels.sparse_linear import block_linear_names, sparsify
+    from .kernels.sparse_linear import block_linear_names, sparsify
 
     model = load_model(source, "float32", trust_remote_code).model.eval()
     names = block_linear_names(model)
     info: dict = {"kernel_path": None, "packed_layers": 0, "block_zero_fraction": sparsity_report(model)[2]}
     if kernel:
-        from ..kernels.native import available_paths
+        from .kernels.native import available_paths
 
         blocks, head = LOSA_FORMATS[precision]
         sparsify(model, names, blocks)
@@ -61,7 +61,7 @@ def weight_bytes_per_token(model: torch.nn.Module) -> dict:
     row offsets), dense linear layers whole, norms whole, and one row of the input embedding."""
     from torch import nn
 
-    from ..kernels.sparse_linear import SparseLinear
+    from .kernels.sparse_linear import SparseLinear
 
     packed = dense = other = 0
     embedding = model.get_input_embeddings()

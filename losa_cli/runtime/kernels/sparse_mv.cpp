@@ -1,4 +1,4 @@
-// Bitmask-packed sparse weights times dense activations: y[b, r] = sum_c W[r, c] x[b, c].
+// Bitmask-packed sparse weights times dense activations: y[b, r] = sum_c W[r, c] x[c, b].
 //
 // Format (see packed.py): per row, a little-endian bitmask of the kept columns (bit j of byte k is
 // column 8k + j; rows padded to a multiple of 64 columns) and the kept values packed row by row
@@ -8,21 +8,23 @@
 // Paths, chosen at run time: "avx2" (x86 with AVX2 + FMA; expands each 8-column chunk from its
 // mask byte with a permutation table, as AVX2 has no expand instruction) and "generic" (portable
 // scalar code, any CPU).  Both are checked against packed.py's PyTorch reference by the tests.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "kernels.h"
 
-#include <cstdint>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
 #include <cstring>
-#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define LOSA_X86 1
 #endif
 
+namespace losa {
 namespace {
 
-enum ValueKind { kFloat32 = 0, kBFloat16 = 1, kInt8 = 2 };
+
 constexpr int64_t kTile = 4;  // input vectors sharing one expansion of each weight chunk
 
 inline float load_value(const void* values, int64_t i, ValueKind kind) {
@@ -204,6 +206,7 @@ void unpack_generic(const uint8_t* mask, int64_t mask_stride, const void* values
   }
 }
 
+
 bool cpu_has_avx2() {
 #ifdef LOSA_X86
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -212,9 +215,11 @@ bool cpu_has_avx2() {
 #endif
 }
 
+// Rows per thread task: about 32K weights (4 KB of mask) each, so small layers are not split into tiny tasks.
+int64_t row_grain(int64_t mask_stride) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, mask_stride)); }
+
 }  // namespace
 
-// The paths this CPU can run, best first.
 std::vector<std::string> available_paths() {
   std::vector<std::string> paths;
   if (cpu_has_avx2()) paths.push_back("avx2");
@@ -222,83 +227,38 @@ std::vector<std::string> available_paths() {
   return paths;
 }
 
-// Rows per thread task: about 32K weights (4 KB of mask) each, so small layers are not split into tiny tasks.
-int64_t row_grain(int64_t mask_stride) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, mask_stride)); }
-
-// Checks shared by both entry points; returns the value kind.
-ValueKind check_packed(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& row_offsets,
-                       const torch::Tensor& scale, const std::string& path) {
-  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == torch::kUInt8 && mask.is_contiguous(), "mask: contiguous uint8");
-  TORCH_CHECK(row_offsets.scalar_type() == torch::kInt64 && row_offsets.numel() == mask.size(0) + 1, "row_offsets");
-  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
-  TORCH_CHECK(scale.numel() == 0 || (scale.scalar_type() == torch::kFloat32 && scale.numel() == mask.size(0)),
-              "scale: one per row");
-  TORCH_CHECK(path == "generic" || (path == "avx2" && cpu_has_avx2()), "unknown or unsupported path: ", path);
-  switch (values.scalar_type()) {
-    case torch::kFloat32: return kFloat32;
-    case torch::kBFloat16: return kBFloat16;
-    case torch::kInt8: return kInt8;
-    default: TORCH_CHECK(false, "values: float32, bfloat16 or int8");
-  }
+Path parse_path(const std::string& name) {
+  if (name == "generic") return Path::kGeneric;
+  TORCH_CHECK(name == "avx2" && cpu_has_avx2(), "unknown or unsupported path: ", name);
+  return Path::kAvx2;
 }
 
-// Returns the dense float32 weight [rows, cols_padded] (int8 values times their row's scale).
-torch::Tensor sparse_unpack(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor scale,
-                            const std::string& path) {
-  const ValueKind kind = check_packed(mask, values, row_offsets, scale, path);
-  const int64_t rows = mask.size(0), mask_stride = mask.size(1);
-  auto out = torch::empty({rows, mask_stride * 8}, torch::dtype(torch::kFloat32));
-  const uint8_t* mp = mask.data_ptr<uint8_t>();
-  const void* vp = values.data_ptr();
-  const int64_t* op = row_offsets.data_ptr<int64_t>();
-  const float* sp = scale.numel() > 0 ? scale.data_ptr<float>() : nullptr;
-  float* outp = out.data_ptr<float>();
-  at::parallel_for(0, rows, row_grain(mask_stride), [&](int64_t begin, int64_t end) {
+void unpack(const Packed& w, float* out, Path path) {
+  at::parallel_for(0, w.rows, row_grain(w.mask_stride), [&](int64_t begin, int64_t end) {
 #ifdef LOSA_X86
-    if (path == "avx2") {
-      if (kind == kFloat32) unpack_avx2<kFloat32>(mp, mask_stride, vp, op, sp, outp, begin, end);
-      else if (kind == kBFloat16) unpack_avx2<kBFloat16>(mp, mask_stride, vp, op, sp, outp, begin, end);
-      else unpack_avx2<kInt8>(mp, mask_stride, vp, op, sp, outp, begin, end);
+    if (path == Path::kAvx2) {
+      if (w.kind == kFloat32) unpack_avx2<kFloat32>(w.mask, w.mask_stride, w.values, w.row_offsets, w.scale, out, begin, end);
+      else if (w.kind == kBFloat16) unpack_avx2<kBFloat16>(w.mask, w.mask_stride, w.values, w.row_offsets, w.scale, out, begin, end);
+      else unpack_avx2<kInt8>(w.mask, w.mask_stride, w.values, w.row_offsets, w.scale, out, begin, end);
       return;
     }
 #endif
-    unpack_generic(mp, mask_stride, vp, kind, op, sp, outp, begin, end);
+    unpack_generic(w.mask, w.mask_stride, w.values, w.kind, w.row_offsets, w.scale, out, begin, end);
   });
-  return out;
 }
 
-// x: [batch, cols_padded] float32 (zero-padded); returns y: [batch, rows] float32.
-torch::Tensor sparse_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets,
-                            torch::Tensor scale, const std::string& path) {
-  const ValueKind kind = check_packed(mask, values, row_offsets, scale, path);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [batch, cols]");
-  TORCH_CHECK(x.size(1) == mask.size(1) * 8, "x width must equal the mask's padded width");
-  const bool scaled = scale.numel() > 0;
-  const int64_t batch = x.size(0), rows = mask.size(0), mask_stride = mask.size(1);
-  auto y = torch::empty({batch, rows}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* mp = mask.data_ptr<uint8_t>();
-  const void* vp = values.data_ptr();
-  const int64_t* op = row_offsets.data_ptr<int64_t>();
-  const float* sp = scaled ? scale.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, rows, row_grain(mask_stride), [&](int64_t begin, int64_t end) {
+void matmul(const Packed& w, const float* x, int64_t batch, int64_t x_stride, float* y, Path path) {
+  at::parallel_for(0, w.rows, row_grain(w.mask_stride), [&](int64_t begin, int64_t end) {
 #ifdef LOSA_X86
-    if (path == "avx2") {
-      const int64_t stride = x.size(1);
-      if (kind == kFloat32) rows_avx2<kFloat32>(xp, batch, stride, mp, mask_stride, vp, op, sp, yp, rows, begin, end);
-      else if (kind == kBFloat16) rows_avx2<kBFloat16>(xp, batch, stride, mp, mask_stride, vp, op, sp, yp, rows, begin, end);
-      else rows_avx2<kInt8>(xp, batch, stride, mp, mask_stride, vp, op, sp, yp, rows, begin, end);
+    if (path == Path::kAvx2) {
+      if (w.kind == kFloat32) rows_avx2<kFloat32>(x, batch, x_stride, w.mask, w.mask_stride, w.values, w.row_offsets, w.scale, y, w.rows, begin, end);
+      else if (w.kind == kBFloat16) rows_avx2<kBFloat16>(x, batch, x_stride, w.mask, w.mask_stride, w.values, w.row_offsets, w.scale, y, w.rows, begin, end);
+      else rows_avx2<kInt8>(x, batch, x_stride, w.mask, w.mask_stride, w.values, w.row_offsets, w.scale, y, w.rows, begin, end);
       return;
     }
 #endif
-    rows_generic(xp, batch, x.size(1), mp, mask_stride, vp, kind, op, sp, yp, rows, begin, end);
+    rows_generic(x, batch, x_stride, w.mask, w.mask_stride, w.values, w.kind, w.row_offsets, w.scale, y, w.rows, begin, end);
   });
-  return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sparse_matmul", &sparse_matmul, "bitmask-packed sparse weights times dense activations");
-  m.def("sparse_unpack", &sparse_unpack, "the dense float32 weight of a packed one (rows padded to 64 columns)");
-  m.def("available_paths", &available_paths, "kernel paths this CPU runs, best first");
-}
+}  // namespace losa

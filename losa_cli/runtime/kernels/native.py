@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import LosaError
+from ...core.errors import LosaError
 from .packed import PackedWeight
 
-SOURCE = Path(__file__).with_name("sparse_mv.cpp")
+#: the C++ sources, compiled together into one extension (kernels.h is their shared interface)
+SOURCES = [Path(__file__).with_name(name) for name in ("module.cpp", "sparse_mv.cpp")]
 
 
 class KernelUnavailable(LosaError):
@@ -30,7 +31,7 @@ def extension():
     from torch.utils.cpp_extension import load
 
     try:
-        return load(name="losa_sparse_mv", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+        return load(name="losa_sparse_mv", sources=[str(s) for s in SOURCES], extra_cflags=["-O3"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - compiler, ninja or linker failures all mean "cannot build"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KernelUnavailable(f"cannot build losa's sparse kernel ({first}): install a C++ compiler (g++ or clang) "

@@ -56,8 +56,8 @@ class SparseLinear(nn.Module):
 
 def block_linear_names(model: nn.Module) -> list[str]:
     """Qualified names of every linear layer in the decoder blocks (the layers pruning made sparse)."""
-    from ..core.modeling import find_blocks, find_linears
-    from ..core.offload import module_name
+    from ...core.modeling import find_blocks, find_linears
+    from ...core.offload import module_name
 
     blocks = find_blocks(model)
     prefix = module_name(model, blocks)
