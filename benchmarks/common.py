@@ -12,8 +12,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from losa_cli.core.data import bos_token_to_prepend, consecutive_windows, read_documents, token_stream  # noqa: E402
-from losa_cli.runtime.evaluate import window_nll  # noqa: E402
 from losa_cli.core.manifest import library_versions, machine_info  # noqa: E402
+from losa_cli.runtime.nll import window_nll  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EVAL_SETS = ("wiki-sample.txt", "enwiki-articles.txt")
@@ -23,7 +23,9 @@ def eval_windows(tokenizer, seqlen: int, windows: int) -> dict[str, torch.Tensor
     """The first ``windows`` non-overlapping windows of each evaluation set (same for every row)."""
     bos = bos_token_to_prepend(tokenizer)
     return {
-        name: consecutive_windows(token_stream(tokenizer, read_documents(str(SHARED_DATA / name))), seqlen, windows, bos)
+        name: consecutive_windows(
+            token_stream(tokenizer, read_documents(str(SHARED_DATA / name))), seqlen, windows, bos
+        )
         for name in EVAL_SETS
     }
 
@@ -40,8 +42,12 @@ def perplexities(model: torch.nn.Module, windows: dict[str, torch.Tensor], devic
 
 def environment() -> dict:
     """Versions, machine and threads: printed with every benchmark."""
-    return {"versions": library_versions(), "machine": machine_info(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version()}
+    return {
+        "versions": library_versions(),
+        "machine": machine_info(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
 
 
 def write_json(path: Path, payload: dict) -> None:

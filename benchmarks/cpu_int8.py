@@ -28,11 +28,13 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from common import SHARED_DATA, environment, write_json  # noqa: E402
-from losa_cli.core.config import BenchConfig, CalibrationConfig, EvalConfig, ExportConfig, PruneConfig  # noqa: E402
+from losa_cli.core.config import CalibrationConfig  # noqa: E402
 from losa_cli.core.manifest import read_manifest  # noqa: E402
+from losa_cli.export import ExportConfig, bench_graphs  # noqa: E402
 from losa_cli.export.workflow import run_export  # noqa: E402
+from losa_cli.prune import PruneConfig  # noqa: E402
 from losa_cli.prune.workflow import run_prune  # noqa: E402
-from losa_cli.runtime.bench import run_bench  # noqa: E402
+from losa_cli.runtime import BenchConfig, EvalConfig, run_bench  # noqa: E402
 from losa_cli.runtime.engines import cpu_info, engine_versions, safe_threads  # noqa: E402
 from losa_cli.runtime.evaluate import run_eval  # noqa: E402
 
@@ -50,7 +52,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--eval-seqlen", type=int, default=512)
-    parser.add_argument("--forms-windows", type=int, default=8, help="perplexity windows of the activation-form comparison")
+    parser.add_argument(
+        "--forms-windows", type=int, default=8, help="perplexity windows of the activation-form comparison"
+    )
     parser.add_argument("--workdir", type=Path, default=Path("runs/cpu-int8"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--table-only", action="store_true", help="print the table of an earlier run's --out JSON")
@@ -62,20 +66,34 @@ def exports(args: argparse.Namespace, work: Path) -> tuple[dict[str, Path], dict
     head_model = work / "head-pruned"
     if not head_model.is_dir():
         calib = CalibrationConfig(calib=str(SHARED_DATA / "c4-sample.txt"), nsamples=32, seqlen=256, seed=0)
-        run_prune(PruneConfig(model=args.recovered, out=str(head_model), method="wanda", per_layer=args.recovered,
-                              prune_lm_head=True, calibration=calib, device="cpu"))
+        run_prune(
+            PruneConfig(
+                model=args.recovered,
+                out=str(head_model),
+                method="wanda",
+                per_layer=args.recovered,
+                prune_lm_head=True,
+                calibration=calib,
+                device="cpu",
+            )
+        )
     recovered_sum = read_manifest(Path(args.recovered))["results"]["mask_checksum"]
     head_results = read_manifest(head_model)["results"]
     if head_results["mask_checksum"] != recovered_sum:
-        raise SystemExit("re-pruning the recovered blocks at their own rates changed them: the head row would not be comparable")
+        raise SystemExit(
+            "re-pruning the recovered blocks at their own rates changed them: the head row would not be comparable"
+        )
     folders, info = {}, {"head": head_results["lm_head"]}
     for name, source in (("dense", args.dense), ("sparse", args.recovered), ("sparse+head", str(head_model))):
         folder = work / f"export-{name}"
         if not folder.is_dir():
             started = time.perf_counter()
             result = run_export(ExportConfig(model=source, out=str(folder), onnx=True, int8=True))
-            info[name] = {"onnx": result.onnx["verification"], "int8": result.onnx_int8["comparison"],
-                          "export_s": time.perf_counter() - started}
+            info[name] = {
+                "onnx": result.onnx["verification"],
+                "int8": result.onnx_int8["comparison"],
+                "export_s": time.perf_counter() - started,
+            }
             print(f"  exported {name} in {time.perf_counter() - started:.0f} s", flush=True)
         folders[name] = folder
     return folders, info
@@ -87,11 +105,20 @@ def perplexities(args: argparse.Namespace, folders: dict[str, Path]) -> dict[tup
     for name, folder in folders.items():
         for precision, graphs in (("fp32", "onnx"), ("int8", "onnx-int8")):
             started = time.perf_counter()
-            result = run_eval(EvalConfig(model=str(folder / graphs), data=str(SHARED_DATA / "wiki-sample.txt"),
-                                         seqlen=args.eval_seqlen, max_windows=args.windows))
+            result = run_eval(
+                EvalConfig(
+                    model=str(folder / graphs),
+                    data=str(SHARED_DATA / "wiki-sample.txt"),
+                    seqlen=args.eval_seqlen,
+                    max_windows=args.windows,
+                )
+            )
             found[(name, precision)] = result.perplexity.perplexity
-            print(f"  perplexity {name} {precision}: {found[(name, precision)]:.2f} ({time.perf_counter() - started:.0f} s)",
-                  flush=True)
+            print(
+                f"  perplexity {name} {precision}: {found[(name, precision)]:.2f} "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
     return found
 
 
@@ -105,15 +132,19 @@ def activation_forms(args: argparse.Namespace, dense: Path, threads: int) -> lis
 
     from losa_cli.core.data import consecutive_windows, read_documents, token_stream
     from losa_cli.export.int8 import activation_ranges, quantize_graph
-    from losa_cli.export.onnx_graphs import read_graph_spec
+    from losa_cli.runtime import read_graph_spec
     from losa_cli.runtime.engines import run_job, summarize
 
     source = dense / "onnx"
     spec = read_graph_spec(source)
     tokenizer = AutoTokenizer.from_pretrained(str(dense))
-    windows = consecutive_windows(token_stream(tokenizer, read_documents(str(SHARED_DATA / "c4-sample.txt"))), 128, 8, None)
-    feeds = [{"input_ids": w[None].numpy().astype(np.int64), "attention_mask": np.ones((1, w.shape[0]), np.int64)}
-             for w in windows]
+    windows = consecutive_windows(
+        token_stream(tokenizer, read_documents(str(SHARED_DATA / "c4-sample.txt"))), 128, 8, None
+    )
+    feeds = [
+        {"input_ids": w[None].numpy().astype(np.int64), "attention_mask": np.ones((1, w.shape[0]), np.int64)}
+        for w in windows
+    ]
     ranges = activation_ranges(source / spec.prefill, feeds)
     rows = []
     for form in ("fp32", "dynamic", "static", "token"):
@@ -122,22 +153,43 @@ def activation_forms(args: argparse.Namespace, dense: Path, threads: int) -> lis
             for graph in (spec.prefill, spec.decode):
                 quantize_graph(source / graph, folder / graph, form, ranges if form == "static" else None)
             (folder / "losa_onnx.json").write_text((source / "losa_onnx.json").read_text())
-        ppl = run_eval(EvalConfig(model=str(folder), tokenizer=str(dense), data=str(SHARED_DATA / "wiki-sample.txt"),
-                                  seqlen=args.eval_seqlen, max_windows=args.forms_windows)).perplexity.perplexity
+        ppl = run_eval(
+            EvalConfig(
+                model=str(folder),
+                tokenizer=str(dense),
+                data=str(SHARED_DATA / "wiki-sample.txt"),
+                seqlen=args.eval_seqlen,
+                max_windows=args.forms_windows,
+            )
+        ).perplexity.perplexity
         row = {"form": form, "perplexity": ppl}
         for engine in ("onnxruntime", "deepsparse"):
-            job = {"engine": engine, "phase": "decode", "graph": str(folder / spec.decode), "batch": 1, "seqlen": args.seqlen,
-                   "decode_tokens": args.decode_tokens, "threads": threads, "warmup": args.warmup,
-                   "iterations": args.iterations, "vocab_size": spec.vocab_size, "kv_heads": spec.kv_heads,
-                   "head_dim": spec.head_dim, "seed": 0}
+            job = {
+                "engine": engine,
+                "phase": "decode",
+                "graph": str(folder / spec.decode),
+                "batch": 1,
+                "seqlen": args.seqlen,
+                "decode_tokens": args.decode_tokens,
+                "threads": threads,
+                "warmup": args.warmup,
+                "iterations": args.iterations,
+                "vocab_size": spec.vocab_size,
+                "kv_heads": spec.kv_heads,
+                "head_dim": spec.head_dim,
+                "seed": 0,
+            }
             try:
                 raw = run_job(job, 1800)
                 row[f"{engine}_decode_ms"] = summarize(raw["latencies_ms"], 1, raw["compile_s"]).median_ms
             except Exception as exc:  # noqa: BLE001 - DeepSparse crashes on the dynamic form
                 row[f"{engine}_decode_ms"] = None
                 row[f"{engine}_error"] = str(exc)[:200]
-        print(f"  form {form}: ppl {ppl:.2f}, decode ms ORT {row['onnxruntime_decode_ms']}, "
-              f"DeepSparse {row['deepsparse_decode_ms']}", flush=True)
+        print(
+            f"  form {form}: ppl {ppl:.2f}, decode ms ORT {row['onnxruntime_decode_ms']}, "
+            f"DeepSparse {row['deepsparse_decode_ms']}",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -151,12 +203,26 @@ def table_rows(benches: dict[str, dict], ppl: dict) -> list[dict]:
             key = (model, run["engine"], run["precision"])
             if model == "dense" and key in rows and run["phase"] in rows[key]:
                 continue  # the dense model is timed in both benches; keep the first
-            row = rows.setdefault(key, {"model": model, "engine": run["engine"], "precision": run["precision"],
-                                        "perplexity": ppl.get((model, run["precision"]))})
+            row = rows.setdefault(
+                key,
+                {
+                    "model": model,
+                    "engine": run["engine"],
+                    "precision": run["precision"],
+                    "perplexity": ppl.get((model, run["precision"])),
+                },
+            )
             timing = run["timing"]
-            row[run["phase"]] = None if timing is None else {
-                "median_ms": timing["median_ms"], "speedup_vs_onnxruntime_dense_fp32": run["speedup_vs_onnxruntime_dense_fp32"],
-                "ceiling": run.get("ceiling"), "error": run["error"]}
+            row[run["phase"]] = (
+                None
+                if timing is None
+                else {
+                    "median_ms": timing["median_ms"],
+                    "speedup_vs_onnxruntime_dense_fp32": run["speedup_vs_onnxruntime_dense_fp32"],
+                    "ceiling": run.get("ceiling"),
+                    "error": run["error"],
+                }
+            )
     return list(rows.values())
 
 
@@ -165,23 +231,41 @@ def print_forms(forms: list[dict]) -> None:
     print("|---|---|---|---|")
     for f in forms:
         cells = [f["form"], f"{f['perplexity']:.2f}"] + [
-            f"{f[k]:.2f}" if f[k] is not None else "crashed" for k in ("onnxruntime_decode_ms", "deepsparse_decode_ms")]
+            f"{f[k]:.2f}" if f[k] is not None else "crashed" for k in ("onnxruntime_decode_ms", "deepsparse_decode_ms")
+        ]
         print("| " + " | ".join(cells) + " |")
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ["model", "engine", "precision", "prefill ms", "prefill x", "decode ms", "decode x", "ceiling ms (format)",
-            "share", "wiki ppl"]
+    head = [
+        "model",
+        "engine",
+        "precision",
+        "prefill ms",
+        "prefill x",
+        "decode ms",
+        "decode x",
+        "ceiling ms (format)",
+        "share",
+        "wiki ppl",
+    ]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         pre, dec = r.get("prefill") or {}, r.get("decode") or {}
         ceiling = dec.get("ceiling") or {}
-        cells = [r["model"], r["engine"], r["precision"],
-                 f"{pre['median_ms']:.1f}" if pre else "failed", f"{pre['speedup_vs_onnxruntime_dense_fp32']:.2f}x" if pre else "",
-                 f"{dec['median_ms']:.2f}" if dec else "failed", f"{dec['speedup_vs_onnxruntime_dense_fp32']:.2f}x" if dec else "",
-                 f"{ceiling['ceiling_ms']:.2f} ({ceiling['format']})" if ceiling else "",
-                 f"{ceiling['share']:.0%}" if ceiling else "", f"{r['perplexity']:.2f}" if r["perplexity"] else ""]
+        cells = [
+            r["model"],
+            r["engine"],
+            r["precision"],
+            f"{pre['median_ms']:.1f}" if pre else "failed",
+            f"{pre['speedup_vs_onnxruntime_dense_fp32']:.2f}x" if pre else "",
+            f"{dec['median_ms']:.2f}" if dec else "failed",
+            f"{dec['speedup_vs_onnxruntime_dense_fp32']:.2f}x" if dec else "",
+            f"{ceiling['ceiling_ms']:.2f} ({ceiling['format']})" if ceiling else "",
+            f"{ceiling['share']:.0%}" if ceiling else "",
+            f"{r['perplexity']:.2f}" if r["perplexity"] else "",
+        ]
         print("| " + " | ".join(cells) + " |")
 
 
@@ -194,7 +278,9 @@ def main() -> None:
         return
     info = cpu_info()
     threads = args.threads or safe_threads(info["cores"])
-    print(f"{info['cpu']}, {info['cores']} cores ({', '.join(info['isa_flags'])}); {threads} engine thread(s)", flush=True)
+    print(
+        f"{info['cpu']}, {info['cores']} cores ({', '.join(info['isa_flags'])}); {threads} engine thread(s)", flush=True
+    )
     started = time.perf_counter()
     args.workdir.mkdir(parents=True, exist_ok=True)
     folders, export_info = exports(args, args.workdir)
@@ -206,24 +292,48 @@ def main() -> None:
     else:
         forms = activation_forms(args, folders["dense"], threads)
         ppl = perplexities(args, folders)
-        measured.write_text(json.dumps({"forms": forms, "perplexity": {"|".join(k): v for k, v in ppl.items()}}, indent=1))
+        measured.write_text(
+            json.dumps({"forms": forms, "perplexity": {"|".join(k): v for k, v in ppl.items()}}, indent=1)
+        )
     benches = {}
     for name in ("sparse", "sparse+head"):
-        config = BenchConfig(model=str(folders[name]), dense_baseline=str(folders["dense"]), precisions="fp32,int8",
-                             seqlen=args.seqlen, decode_tokens=args.decode_tokens, iterations=args.iterations,
-                             warmup=args.warmup, threads=threads)
+        config = BenchConfig(
+            model=str(folders[name]),
+            dense_baseline=str(folders["dense"]),
+            precisions="fp32,int8",
+            seqlen=args.seqlen,
+            decode_tokens=args.decode_tokens,
+            iterations=args.iterations,
+            warmup=args.warmup,
+            threads=threads,
+        )
         bench_started = time.perf_counter()
-        benches[name] = run_bench(config).to_dict()
+        with bench_graphs(config) as graphs:
+            benches[name] = run_bench(config, graphs).to_dict()
         print(f"  bench {name}: {time.perf_counter() - bench_started:.0f} s", flush=True)
     rows = table_rows(benches, ppl)
     print_forms(forms)
     print_table(rows)
-    payload = {"setup": {"recovered": args.recovered, "dense": args.dense, "threads": threads, "seqlen": args.seqlen,
-                         "decode_tokens": args.decode_tokens, "iterations": args.iterations, "warmup": args.warmup,
-                         "perplexity": {"data": "wiki-sample.txt", "windows": args.windows, "seqlen": args.eval_seqlen},
-                         "machine": info, "environment": environment(), "engines_versions": engine_versions(),
-                         "wall_time_s": time.perf_counter() - started},
-               "exports": export_info, "activation_forms": forms, "rows": rows, "benches": benches}
+    payload = {
+        "setup": {
+            "recovered": args.recovered,
+            "dense": args.dense,
+            "threads": threads,
+            "seqlen": args.seqlen,
+            "decode_tokens": args.decode_tokens,
+            "iterations": args.iterations,
+            "warmup": args.warmup,
+            "perplexity": {"data": "wiki-sample.txt", "windows": args.windows, "seqlen": args.eval_seqlen},
+            "machine": info,
+            "environment": environment(),
+            "engines_versions": engine_versions(),
+            "wall_time_s": time.perf_counter() - started,
+        },
+        "exports": export_info,
+        "activation_forms": forms,
+        "rows": rows,
+        "benches": benches,
+    }
     write_json(args.out, payload)
     print(f"wrote {args.out}")
 

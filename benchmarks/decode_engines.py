@@ -26,8 +26,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from common import environment, write_json  # noqa: E402
-from losa_cli.core.config import BenchConfig  # noqa: E402
-from losa_cli.runtime.bench import run_bench  # noqa: E402
+from losa_cli.export import bench_graphs  # noqa: E402
+from losa_cli.runtime import BenchConfig, run_bench  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "decode_engines.json"
 
@@ -53,42 +53,77 @@ def _rows(result: dict, compiled: bool) -> list[dict]:
             continue
         prefill = timings.get((engine, model, precision, "prefill"))
         ceiling = run.get("ceiling") or {}
-        rows.append({"engine": engine + (" (compiled)" if compiled and engine == "losa" else ""), "model": model,
-                     "precision": precision, "decode_ms": run["timing"]["median_ms"], "decode_p90_ms": run["timing"]["p90_ms"],
-                     "tokens_per_s": run["timing"]["tokens_per_s"], "vs_onnxruntime_dense_fp32": run["speedup_vs_onnxruntime_dense_fp32"],
-                     "vs_same_engine_dense": run["speedup_vs_same_engine_dense"], "ceiling_ms": ceiling.get("ceiling_ms"),
-                     "format": ceiling.get("format"), "share": ceiling.get("share"),
-                     "prefill_ms": prefill["timing"]["median_ms"] if prefill else None})
+        rows.append(
+            {
+                "engine": engine + (" (compiled)" if compiled and engine == "losa" else ""),
+                "model": model,
+                "precision": precision,
+                "decode_ms": run["timing"]["median_ms"],
+                "decode_p90_ms": run["timing"]["p90_ms"],
+                "tokens_per_s": run["timing"]["tokens_per_s"],
+                "vs_onnxruntime_dense_fp32": run["speedup_vs_onnxruntime_dense_fp32"],
+                "vs_same_engine_dense": run["speedup_vs_same_engine_dense"],
+                "ceiling_ms": ceiling.get("ceiling_ms"),
+                "format": ceiling.get("format"),
+                "share": ceiling.get("share"),
+                "prefill_ms": prefill["timing"]["median_ms"] if prefill else None,
+            }
+        )
     return rows
 
 
 def main() -> None:
     args = parse_args()
     run = Path(args.run)
-    common = dict(model=str(run / "export"), precisions=args.precisions, seqlen=args.seqlen, decode_tokens=args.decode_tokens,
-                  iterations=args.iterations, warmup=args.warmup, threads=args.threads)
-    every = run_bench(BenchConfig(dense_baseline=str(run / "dense-export"), engines="onnxruntime,deepsparse,losa", compile=True,
-                                  **common)).to_dict()
+    common = dict(
+        model=str(run / "export"),
+        precisions=args.precisions,
+        seqlen=args.seqlen,
+        decode_tokens=args.decode_tokens,
+        iterations=args.iterations,
+        warmup=args.warmup,
+        threads=args.threads,
+    )
+    config = BenchConfig(
+        dense_baseline=str(run / "dense-export"), engines="onnxruntime,deepsparse,losa", compile=True, **common
+    )
+    with bench_graphs(config) as graphs:
+        every = run_bench(config, graphs).to_dict()
     eager = run_bench(BenchConfig(engines="losa", compile=False, **common)).to_dict()
     rows = _rows(every, True) + _rows(eager, False)
-    command = (f"python benchmarks/decode_engines.py --run {args.run} --precisions {args.precisions} --seqlen {args.seqlen} "
-               f"--decode-tokens {args.decode_tokens} --iterations {args.iterations} --warmup {args.warmup}"
-               + (f" --threads {args.threads}" if args.threads else ""))
-    write_json(Path(args.out), {"command": command, "rows": rows, "every_engine": every, "losa_eager": eager,
-                                "environment": environment()})
+    command = (
+        f"python benchmarks/decode_engines.py --run {args.run} --precisions {args.precisions} --seqlen {args.seqlen} "
+        f"--decode-tokens {args.decode_tokens} --iterations {args.iterations} --warmup {args.warmup}"
+        + (f" --threads {args.threads}" if args.threads else "")
+    )
+    write_json(
+        Path(args.out),
+        {"command": command, "rows": rows, "every_engine": every, "losa_eager": eager, "environment": environment()},
+    )
     machine = every["machine"]
-    print(f"{machine['cpu']} ({', '.join(machine['isa_flags'])}), {every['settings']['threads']} thread(s), read bandwidth "
-          f"{machine['read_bandwidth_gb_s']:.1f} GB/s; load average {every['load_average_before'][0]:.2f} -> "
-          f"{every['load_average_after'][0]:.2f}; {command}")
-    print("| engine | model | precision | decode ms (p90) | tokens/s | vs ORT dense fp32 | vs same engine dense | "
-          "ceiling ms (format) | share | prefill ms |")
+    print(
+        f"{machine['cpu']} ({', '.join(machine['isa_flags'])}), {every['settings']['threads']} thread(s), read "
+        "bandwidth "
+        f"{machine['read_bandwidth_gb_s']:.1f} GB/s; load average {every['load_average_before'][0]:.2f} -> "
+        f"{every['load_average_after'][0]:.2f}; {command}"
+    )
+    print(
+        "| engine | model | precision | decode ms (p90) | tokens/s | vs ORT dense fp32 | vs same engine dense | "
+        "ceiling ms (format) | share | prefill ms |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+
         def fmt(value, spec):
             return format(value, spec) if value is not None else "–"
-        print(f"| {r['engine']} | {r['model']} | {r['precision']} | {r['decode_ms']:.1f} ({r['decode_p90_ms']:.1f}) | "
-              f"{r['tokens_per_s']:.1f} | {fmt(r['vs_onnxruntime_dense_fp32'], '.2f')}x | {fmt(r['vs_same_engine_dense'], '.2f')}x | "
-              f"{fmt(r['ceiling_ms'], '.1f')} ({r['format']}) | {fmt(r['share'], '.0%')} | {fmt(r['prefill_ms'], '.0f')} |")
+
+        print(
+            f"| {r['engine']} | {r['model']} | {r['precision']} | {r['decode_ms']:.1f} ({r['decode_p90_ms']:.1f}) | "
+            f"{r['tokens_per_s']:.1f} | {fmt(r['vs_onnxruntime_dense_fp32'], '.2f')}x | "
+            f"{fmt(r['vs_same_engine_dense'], '.2f')}x | "
+            f"{fmt(r['ceiling_ms'], '.1f')} ({r['format']}) | {fmt(r['share'], '.0%')} | "
+            f"{fmt(r['prefill_ms'], '.0f')} |"
+        )
     for warning in every["warnings"] + eager["warnings"]:
         print(f"warning: {warning}")
 

@@ -53,12 +53,24 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=64, num_hidden_layers=30, num_attention_heads=1,
-                                  num_key_value_heads=1, head_dim=64, vocab_size=256, tie_word_embeddings=True)
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=30,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=64,
+        vocab_size=256,
+        tie_word_embeddings=True,
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.inference_mode():
         cache = model(input_ids=torch.randint(0, 256, (1, args.past)), use_cache=True).past_key_values
-    inputs = {"input_ids": torch.randint(0, 256, (1, 1)), "attention_mask": torch.ones(1, args.past + 1, dtype=torch.long)}
+    inputs = {
+        "input_ids": torch.randint(0, 256, (1, 1)),
+        "attention_mask": torch.ones(1, args.past + 1, dtype=torch.long),
+    }
     rows = []
     for label, forward in (("eager", model.forward), ("torch.compile", torch.compile(model.forward, dynamic=False))):
         ms, first_s = step_ms(forward, inputs, cache, args.steps)
@@ -67,7 +79,10 @@ def main() -> None:
     write_json(RESULTS, {"command": command, "rows": rows, "blocks": 30, "width": 64, "environment": environment()})
     print(f"{environment()['machine']['cpu']}, {args.threads} thread(s); {command}")
     for row in rows:
-        print(f"{row['mode']}: {row['ms_per_step']:.2f} ms per decode step (first three steps {row['first_three_steps_s']:.1f} s)")
+        print(
+            f"{row['mode']}: {row['ms_per_step']:.2f} ms per decode step (first three steps "
+            f"{row['first_three_steps_s']:.1f} s)"
+        )
 
 
 if __name__ == "__main__":

@@ -21,11 +21,21 @@ import sys
 import time
 from pathlib import Path
 
-from common import SHARED_DATA
 from low_memory import SHAPES, build
 
-SHAPES["gpu"] = dict(vocab_size=8000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                     num_key_value_heads=16, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
+from common import SHARED_DATA
+
+SHAPES["gpu"] = dict(
+    vocab_size=8000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    max_position_embeddings=1024,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def _text(workdir: Path) -> Path:
@@ -40,14 +50,14 @@ def _text(workdir: Path) -> Path:
 
 
 def _losa(args: list[str], launcher: list[str] | None = None) -> tuple[dict, float]:
-    entry = ["-c", "import sys; from losa_cli.cli.main import run; sys.argv[0] = 'losa'; run()"]
+    entry = ["-c", "import sys; from losa_cli.cli import main; sys.argv[0] = 'losa'; main()"]
     command = (launcher or [sys.executable]) + entry + args + ["--json"]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
     if done.returncode:
         sys.exit(f"failed: losa {' '.join(args)}\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout[done.stdout.index("{"):]), elapsed
+    return json.loads(done.stdout[done.stdout.index("{") :]), elapsed
 
 
 def main() -> None:
@@ -68,26 +78,96 @@ def main() -> None:
         build(model, SHAPES[args.shape], seed=0)
     text = str(_text(workdir))
     rows = []
-    pruned, t = _losa(["prune", "--model", str(model), "--out", str(workdir / "pruned"), "--device", args.device, "--force",
-                       "--method", "sparsegpt", "--sparsity", "0.5", "--calib", text, "--nsamples", "32", "--seqlen", "256"])
+    pruned, t = _losa(
+        [
+            "prune",
+            "--model",
+            str(model),
+            "--out",
+            str(workdir / "pruned"),
+            "--device",
+            args.device,
+            "--force",
+            "--method",
+            "sparsegpt",
+            "--sparsity",
+            "0.5",
+            "--calib",
+            text,
+            "--nsamples",
+            "32",
+            "--seqlen",
+            "256",
+        ]
+    )
     rows.append(("prune (SparseGPT 50%)", t, pruned["peak_memory_mib"], f"zeros {pruned['global_sparsity']:.4f}"))
-    common = ["--model", str(model), "--device", args.device, "--force", "--sparsity", "0.6", "--stages", "2",
-              "--total-steps", str(args.steps), "--data", text, "--calib", text, "--nsamples", "16", "--seqlen", "256"]
+    common = [
+        "--model",
+        str(model),
+        "--device",
+        args.device,
+        "--force",
+        "--sparsity",
+        "0.6",
+        "--stages",
+        "2",
+        "--total-steps",
+        str(args.steps),
+        "--data",
+        text,
+        "--calib",
+        text,
+        "--nsamples",
+        "16",
+        "--seqlen",
+        "256",
+    ]
     recovered, t = _losa(["recover", "--out", str(workdir / "recover"), *common])
-    rows.append((f"recover (LoSA 60%, 2 stages, {args.steps} steps)", t, recovered.get("peak_memory_mib", float("nan")),
-                 f"zeros {recovered['global_sparsity']:.4f}"))
+    rows.append(
+        (
+            f"recover (LoSA 60%, 2 stages, {args.steps} steps)",
+            t,
+            recovered.get("peak_memory_mib", float("nan")),
+            f"zeros {recovered['global_sparsity']:.4f}",
+        )
+    )
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     if gpus > 1:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus)]
         ddp, t = _losa(["recover", "--out", str(workdir / "recover-ddp"), *common], launcher)
-        rows.append((f"recover, DDP on {gpus} GPUs", t, ddp.get("peak_memory_mib", float("nan")),
-                     f"zeros {ddp['global_sparsity']:.4f}"))
+        rows.append(
+            (
+                f"recover, DDP on {gpus} GPUs",
+                t,
+                ddp.get("peak_memory_mib", float("nan")),
+                f"zeros {ddp['global_sparsity']:.4f}",
+            )
+        )
     exported, t = _losa(["export", str(workdir / "recover"), "--out", str(workdir / "export"), "--onnx"])
     verification = exported["onnx"]["verification"]
-    rows.append(("export (ONNX, verified on CPU)", t, exported["peak_memory_mib"],
-                 f"max |diff| {verification['prefill_max_abs_diff']:.2g}, zeros kept: {not verification['zero_mismatches']}"))
-    evaluated, t = _losa(["eval", "--model", str(workdir / "export"), "--data", text, "--device", args.device,
-                          "--max-windows", "8", "--seqlen", "256"])
+    rows.append(
+        (
+            "export (ONNX, verified on CPU)",
+            t,
+            exported["peak_memory_mib"],
+            f"max |diff| {verification['prefill_max_abs_diff']:.2g}, zeros kept: {not verification['zero_mismatches']}",
+        )
+    )
+    evaluated, t = _losa(
+        [
+            "eval",
+            "--model",
+            str(workdir / "export"),
+            "--data",
+            text,
+            "--device",
+            args.device,
+            "--max-windows",
+            "8",
+            "--seqlen",
+            "256",
+        ]
+    )
     rows.append(("eval (perplexity, random model)", t, float("nan"), f"{evaluated['perplexity']['perplexity']:.1f}"))
     where = f"GPU: {torch.cuda.get_device_name(0)} x {gpus}" if gpus else f"device {args.device}"
     print(f"{where}; torch {torch.__version__}; CUDA {torch.version.cuda}")

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from common import environment, write_json
+from losa_cli.runtime.ceiling import measure_bandwidth
 from losa_cli.runtime.kernels.native import available_paths, extension
 from losa_cli.runtime.kernels.packed import pack
-from losa_cli.runtime.ceiling import measure_bandwidth
 
 SHAPES = {"SmolLM2 MLP up (1536 x 576)": (1536, 576), "SmolLM2 MLP down (576 x 1536)": (576, 1536),
           "Llama-2-7B MLP (11008 x 4096)": (11008, 4096)}
@@ -74,15 +74,28 @@ def bench_shape(name: str, rows: int, cols: int, sparsities: list[float], dtypes
             empty = torch.empty(0)
             nbytes = packed[0].nbytes()
             for path in paths:
-                def step(path=path, packed=packed):
+                def step(path=path, packed=packed, padded=padded, empty=empty):
                     for p in packed:
                         module.sparse_matmul(padded, p.mask, p.values, p.row_offsets,
                                              p.scale if p.scale is not None else empty, path)
                 ms = _median_ms(step, repeats) / copies
-                rows_out.append({"shape": name, "rows": rows, "cols": cols, "sparsity": sparsity, "format": f"{dtype} + bitmask",
-                                 "path": path, "copies": copies, "ms": ms, "bytes": nbytes, "gb_s": nbytes / ms / 1e6,
-                                 "gflop_s": 2 * rows * cols / ms / 1e6, "share": nbytes / (bandwidth * 1e6) / ms,
-                                 "speedup_vs_dense": dense_ms / ms})
+                rows_out.append(
+                    {
+                        "shape": name,
+                        "rows": rows,
+                        "cols": cols,
+                        "sparsity": sparsity,
+                        "format": f"{dtype} + bitmask",
+                        "path": path,
+                        "copies": copies,
+                        "ms": ms,
+                        "bytes": nbytes,
+                        "gb_s": nbytes / ms / 1e6,
+                        "gflop_s": 2 * rows * cols / ms / 1e6,
+                        "share": nbytes / (bandwidth * 1e6) / ms,
+                        "speedup_vs_dense": dense_ms / ms,
+                    }
+                )
             del packed
     return rows_out
 
@@ -106,12 +119,11 @@ def end_to_end(recovered: str, prompt_tokens: int, steps: int, rounds: int) -> l
 
     The variants run in interleaved rounds and each keeps its best round: this VM's neighbours
     move single timings by up to 1.5x, and interleaving lets every variant see the same quiet spells."""
+    from common import SHARED_DATA
     from losa_cli.core.data import read_documents
     from losa_cli.core.modeling import load_model
     from losa_cli.core.offload import module_name
     from losa_cli.runtime.kernels.sparse_linear import block_linear_names, sparsify
-
-    from common import SHARED_DATA
 
     loaded = load_model(recovered)
     ids = loaded.tokenizer(read_documents(str(SHARED_DATA / "wiki-sample.txt"))[0], return_tensors="pt")["input_ids"]
@@ -119,7 +131,13 @@ def end_to_end(recovered: str, prompt_tokens: int, steps: int, rounds: int) -> l
     names = block_linear_names(loaded.model)
     head = module_name(loaded.model, loaded.model.get_output_embeddings())
     variants = {"dense fp32 (PyTorch)": loaded.model}
-    for dtype, with_head in (("float32", False), ("bfloat16", False), ("int8", False), ("bfloat16", True), ("int8", True)):
+    for dtype, with_head in (
+        ("float32", False),
+        ("bfloat16", False),
+        ("int8", False),
+        ("bfloat16", True),
+        ("int8", True),
+    ):
         model = load_model(recovered).model
         sparsify(model, names + ([head] if with_head else []), dtype)
         variants[f"{dtype} + bitmask ({'blocks and head' if with_head else 'blocks; head dense fp32'})"] = model
@@ -130,9 +148,17 @@ def end_to_end(recovered: str, prompt_tokens: int, steps: int, rounds: int) -> l
             ms, tokens[name] = decode_step_ms(model, prompt, steps)
             best[name] = min(best.get(name, float("inf")), ms)
     dense = "dense fp32 (PyTorch)"
-    return [{"model": recovered, "format": name, "ms_per_token": best[name], "speedup": best[dense] / best[name],
-             "greedy_agreement": sum(a == b for a, b in zip(tokens[name], tokens[dense])) / len(tokens[dense]),
-             "rounds": rounds} for name in variants]
+    return [
+        {
+            "model": recovered,
+            "format": name,
+            "ms_per_token": best[name],
+            "speedup": best[dense] / best[name],
+            "greedy_agreement": sum(a == b for a, b in zip(tokens[name], tokens[dense])) / len(tokens[dense]),
+            "rounds": rounds,
+        }
+        for name in variants
+    ]
 
 
 def main() -> None:
@@ -145,7 +171,9 @@ def main() -> None:
     parser.add_argument("--recovered", help="Also time decode of this (recovered) model folder end to end.")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of the end-to-end decode (best kept).")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="Interleaved rounds of the end-to-end decode (best kept)."
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_speed.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -153,8 +181,17 @@ def main() -> None:
     bandwidth = measure_bandwidth(args.threads)
     rows = []
     for name, (out_features, in_features) in SHAPES.items():
-        rows += bench_shape(name, out_features, in_features, [float(s) for s in args.sparsities.split(",")],
-                            args.dtypes.split(","), paths, args.step_mb, args.repeats, bandwidth)
+        rows += bench_shape(
+            name,
+            out_features,
+            in_features,
+            [float(s) for s in args.sparsities.split(",")],
+            args.dtypes.split(","),
+            paths,
+            args.step_mb,
+            args.repeats,
+            bandwidth,
+        )
         print(f"done: {name}", flush=True)
     # numpy's one-thread sum under-reads this machine (dense F.linear streams faster): the ceiling is
     # the faster of the two, so no row can claim more than 100% of it
@@ -162,26 +199,45 @@ def main() -> None:
     for r in rows:
         r["share"] = r["gb_s"] / ceiling
     decode = end_to_end(args.recovered, args.prompt_tokens, args.decode_steps, args.rounds) if args.recovered else []
-    write_json(Path(args.out), {"threads": args.threads, "paths": paths, "read_bandwidth_gb_s": bandwidth,
-                                "ceiling_gb_s": ceiling,
-                                "step_mb": args.step_mb, "repeats": args.repeats, "rows": rows, "decode": decode,
-                                "command": f"python benchmarks/kernel_speed.py --threads {args.threads}",
-                                "environment": environment()})
-    print(f"read bandwidth {bandwidth:.1f} GB/s (numpy sum), ceiling {ceiling:.1f} GB/s (best of that and dense F.linear) "
-          f"at {args.threads} thread(s); paths: {', '.join(paths)}")
+    write_json(
+        Path(args.out),
+        {
+            "threads": args.threads,
+            "paths": paths,
+            "read_bandwidth_gb_s": bandwidth,
+            "ceiling_gb_s": ceiling,
+            "step_mb": args.step_mb,
+            "repeats": args.repeats,
+            "rows": rows,
+            "decode": decode,
+            "command": f"python benchmarks/kernel_speed.py --threads {args.threads}",
+            "environment": environment(),
+        },
+    )
+    print(
+        f"read bandwidth {bandwidth:.1f} GB/s (numpy sum), ceiling {ceiling:.1f} GB/s (best of that and dense "
+        "F.linear) "
+        f"at {args.threads} thread(s); paths: {', '.join(paths)}"
+    )
     print("| layer | sparsity | format | path | µs | GB/s | GFLOP/s | share of ceiling | vs dense F.linear |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['shape']} | {r['sparsity']:.0%} | {r['format']} | {r['path']} | {r['ms'] * 1000:.0f} | "
-              f"{r['gb_s']:.1f} | {r['gflop_s']:.1f} | {r['share']:.0%} | {r['speedup_vs_dense']:.2f}x |")
+        print(
+            f"| {r['shape']} | {r['sparsity']:.0%} | {r['format']} | {r['path']} | {r['ms'] * 1000:.0f} | "
+            f"{r['gb_s']:.1f} | {r['gflop_s']:.1f} | {r['share']:.0%} | {r['speedup_vs_dense']:.2f}x |"
+        )
     if decode:
-        print(f"\ndecode, batch 1, {args.prompt_tokens}-token prompt, median of {args.decode_steps} steps, best of "
-              f"{args.rounds} interleaved rounds, {args.threads} thread(s)")
+        print(
+            f"\ndecode, batch 1, {args.prompt_tokens}-token prompt, median of {args.decode_steps} steps, best of "
+            f"{args.rounds} interleaved rounds, {args.threads} thread(s)"
+        )
         print("| model | weights | ms per token | tokens/s | vs dense PyTorch | greedy tokens equal |")
         print("|---|---|---:|---:|---:|---:|")
         for r in decode:
-            print(f"| {r['model']} | {r['format']} | {r['ms_per_token']:.1f} | {1000 / r['ms_per_token']:.1f} | "
-                  f"{r['speedup']:.2f}x | {r['greedy_agreement']:.0%} |")
+            print(
+                f"| {r['model']} | {r['format']} | {r['ms_per_token']:.1f} | {1000 / r['ms_per_token']:.1f} | "
+                f"{r['speedup']:.2f}x | {r['greedy_agreement']:.0%} |"
+            )
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def main() -> None:
     model = workdir / f"{args.shape}-shape-random"
     built = build(model, shape, args.seed) if not model.exists() else {"build_s": None}
     model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    command = [sys.executable, "-c", "import sys; from losa_cli.cli.main import run; sys.argv[0] = 'losa'; run()",
+    command = [sys.executable, "-c", "import sys; from losa_cli.cli import main; sys.argv[0] = 'losa'; main()",
                "prune", "--model", str(model), "--out", str(workdir / "pruned"), "--low-memory", "--dtype", "bfloat16",
                "--method", "wanda", "--sparsity", "0.5", "--calib", str(SHARED_DATA / "c4-sample.txt"),
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
@@ -131,8 +131,11 @@ def main() -> None:
     gib = 2**30
     print("| model | size on disk | peak RSS | share | goal | prune time | calibration |")
     print("|---|---:|---:|---:|---:|---:|---|")
-    print(f"| {args.shape} shape, random, bf16 | {model_bytes / gib:.1f} GiB | {peak / gib:.2f} GiB | {peak / model_bytes:.1%} "
-          f"| <= 25% | {wall / 60:.1f} min | {args.nsamples} x {args.seqlen} tokens of c4-sample.txt |")
+    print(
+        f"| {args.shape} shape, random, bf16 | {model_bytes / gib:.1f} GiB | {peak / gib:.2f} GiB | "
+        f"{peak / model_bytes:.1%} "
+        f"| <= 25% | {wall / 60:.1f} min | {args.nsamples} x {args.seqlen} tokens of c4-sample.txt |"
+    )
 
 
 if __name__ == "__main__":

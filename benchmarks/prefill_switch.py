@@ -52,19 +52,24 @@ def main() -> None:
         packed = pack(weight)
         for tokens in (1, 2, 4, 8, 16, 32, 128):
             x = torch.randn(tokens, in_features, generator=generator)
-            packed_us = median_us(lambda: sparse_matmul(x, packed, path))
-            unpacked_us = median_us(lambda: F.linear(x, dense_weight(packed, path)))
-            dense_us = median_us(lambda: F.linear(x, weight))
+            packed_us = median_us(lambda x=x, packed=packed: sparse_matmul(x, packed, path))
+            unpacked_us = median_us(lambda x=x, packed=packed: F.linear(x, dense_weight(packed, path)))
+            dense_us = median_us(lambda x=x, weight=weight: F.linear(x, weight))
             rows.append({"shape": name, "rows": tokens, "packed_us": packed_us, "unpack_gemm_us": unpacked_us,
                          "dense_us": dense_us, "packed_over_unpack": packed_us / unpacked_us})
     command = f"python benchmarks/prefill_switch.py --threads {args.threads}"
-    write_json(RESULTS, {"command": command, "path": path, "dense_from": DENSE_FROM, "rows": rows, "environment": environment()})
+    write_json(
+        RESULTS,
+        {"command": command, "path": path, "dense_from": DENSE_FROM, "rows": rows, "environment": environment()},
+    )
     print(f"{environment()['machine']['cpu']}, {args.threads} thread(s), path {path}; {command}")
     print("| layer | input rows | packed µs | unpack + GEMM µs | dense F.linear µs | packed / unpack |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['shape']} | {r['rows']} | {r['packed_us']:.0f} | {r['unpack_gemm_us']:.0f} | {r['dense_us']:.0f} | "
-              f"{r['packed_over_unpack']:.2f} |")
+        print(
+            f"| {r['shape']} | {r['rows']} | {r['packed_us']:.0f} | {r['unpack_gemm_us']:.0f} | {r['dense_us']:.0f} | "
+            f"{r['packed_over_unpack']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

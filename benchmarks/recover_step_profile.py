@@ -113,9 +113,20 @@ def main() -> None:
     for name, seconds in rows.items():
         print(f"| {name} | {seconds:.2f} | {tokens / seconds:.0f} |")
     print(f"\nfp32, torch threads {env['torch_threads']}, {env['machine']['cpu']}, {env['versions']}")
-    write_json(args.out, {"setup": {"batch": args.batch, "length": args.length, "repeats": args.repeats, "dtype": "float32",
-                                    "sparsity": 0.7, "environment": env},
-                          "seconds": rows})
+    write_json(
+        args.out,
+        {
+            "setup": {
+                "batch": args.batch,
+                "length": args.length,
+                "repeats": args.repeats,
+                "dtype": "float32",
+                "sparsity": 0.7,
+                "environment": env,
+            },
+            "seconds": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

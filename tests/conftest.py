@@ -53,16 +53,26 @@ def tiny_tokenizer(add_bos: bool):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([synthetic_text(50, 40, seed=123)], trainer)
     if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 1)])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 1)]
+        )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
 def tiny_config(model_type: str, vocab_size: int, layers: int = 2):
     """A config of the given architecture with ``layers`` blocks, hidden width 32."""
-    from transformers import (Gemma3TextConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config)
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
 
-    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     llama_like = dict(common, intermediate_size=64, num_key_value_heads=2)
     if model_type == "llama":
         return LlamaConfig(**llama_like)
@@ -74,7 +84,12 @@ def tiny_config(model_type: str, vocab_size: int, layers: int = 2):
         return Qwen3Config(**llama_like, head_dim=8)
     if model_type == "gemma3_text":
         # sliding window shorter than the windows used in tests, so block kwargs really differ
-        return Gemma3TextConfig(**llama_like, head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * (layers // 2))
+        return Gemma3TextConfig(
+            **llama_like,
+            head_dim=8,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+        )
     if model_type == "opt":
         return OPTConfig(**common, ffn_dim=64, word_embed_proj_dim=32, do_layer_norm_before=True)
     raise ValueError(model_type)
@@ -93,11 +108,22 @@ def build_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0, lay
 
 
 #: Hugging Face Llama names -> llama.cpp's GGUF names (``blk.N.`` + the part, for the blocks)
-GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-              "lm_head.weight": "output.weight"}
-GGUF_BLOCK_PARTS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+GGUF_BLOCK_PARTS = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 
 
 def build_tiny_gguf(path: Path, seed: int = 0) -> Path:
@@ -128,8 +154,9 @@ def build_tiny_gguf(path: Path, seed: int = 0) -> Path:
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if token in tokenizer.all_special_tokens else gguf.TokenType.NORMAL
-                            for token in tokens])
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if token in tokenizer.all_special_tokens else gguf.TokenType.NORMAL for token in tokens]
+    )
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
     writer.add_bos_token_id(tokenizer.bos_token_id)
     writer.add_eos_token_id(tokenizer.eos_token_id)
@@ -152,7 +179,10 @@ def build_tiny_gguf(path: Path, seed: int = 0) -> Path:
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One saved tiny model per tested architecture (built once per session)."""
     root = tmp_path_factory.mktemp("tiny-models")
-    return {kind: build_tiny_model(root / kind, kind) for kind in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt")}
+    return {
+        kind: build_tiny_model(root / kind, kind)
+        for kind in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt")
+    }
 
 
 @pytest.fixture(scope="session")
@@ -190,6 +220,33 @@ def connections(monkeypatch) -> list[tuple]:
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     return attempts
+
+
+class StopRun(Exception):
+    """A simulated kill of a long run (raised from its progress callback)."""
+
+
+def stop_after(steps: int):
+    """A progress callback that raises ``StopRun`` once ``losa recover`` reports ``steps`` training steps: the
+    run stops as a killed one would, after that step's checkpoint."""
+    seen = [0]
+
+    def progress(description: str, done: int, total: int, info: str = "") -> None:
+        if description.endswith(" train"):
+            seen[0] += 1
+            if seen[0] >= steps:
+                raise StopRun(f"stopped after {steps} steps")
+
+    return progress
+
+
+def bench(config):
+    """``losa bench`` as the CLI runs it: the graphs the ONNX engines time made first, then the timings."""
+    from losa_cli.export import bench_graphs
+    from losa_cli.runtime import run_bench
+
+    with bench_graphs(config) as graphs:
+        return run_bench(config, graphs)
 
 
 def folder_digest(folder: Path) -> str:

@@ -8,20 +8,36 @@ import torch
 from scipy.optimize import linprog
 from typer.testing import CliRunner
 
-from losa_cli.cli.main import app
-from losa_cli.prune.rmi import (allocate_exact, center, default_delta, gram_matrix, importance, outlier_ratio, owl_rates,
-                          rmi_rates, similarity_matrix)
+from losa_cli.cli import app
+from losa_cli.prune.rmi import (
+    allocate_exact,
+    center,
+    default_delta,
+    gram_matrix,
+    importance,
+    outlier_ratio,
+    owl_rates,
+    rmi_rates,
+    similarity_matrix,
+)
 
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("count,target,delta,seed", [(5, 0.5, 0.01, 0), (8, 0.7, 0.03, 1), (7, 0.6, 0.02, 2), (30, 0.55, 0.05, 3)])
+@pytest.mark.parametrize(
+    "count,target,delta,seed", [(5, 0.5, 0.01, 0), (8, 0.7, 0.03, 1), (7, 0.6, 0.02, 2), (30, 0.55, 0.05, 3)]
+)
 def test_allocation_matches_linear_program(count, target, delta, seed):
     torch.manual_seed(seed)
     scores = torch.rand(count)
     rates = allocate_exact(scores, target, target - delta, target + delta)
-    lp = linprog(c=scores.double().numpy(), A_eq=[[1.0] * count], b_eq=[target * count],
-                 bounds=[(target - delta, target + delta)] * count, method="highs")
+    lp = linprog(
+        c=scores.double().numpy(),
+        A_eq=[[1.0] * count],
+        b_eq=[target * count],
+        bounds=[(target - delta, target + delta)] * count,
+        method="highs",
+    )
     assert lp.success
     ours = float(sum(r * float(s) for r, s in zip(rates, scores)))
     assert ours == pytest.approx(lp.fun, abs=1e-9)
@@ -69,7 +85,9 @@ def test_cka_symmetric_unit_diagonal_and_invariant():
 
 
 def test_importance_and_rmi_rates_follow_redundancy():
-    sim = torch.tensor([[1.0, 0.9, 0.9, 0.1], [0.9, 1.0, 0.9, 0.1], [0.9, 0.9, 1.0, 0.2], [0.1, 0.1, 0.2, 1.0]], dtype=torch.float64)
+    sim = torch.tensor(
+        [[1.0, 0.9, 0.9, 0.1], [0.9, 1.0, 0.9, 0.1], [0.9, 0.9, 1.0, 0.2], [0.1, 0.1, 0.2, 1.0]], dtype=torch.float64
+    )
     weights = importance(sim, beta=1.0)
     assert int(torch.argmax(weights)) == 3  # the odd one out is the most important
     rates, _ = rmi_rates(sim, 0.5, 0.01, beta=1.0)
@@ -77,7 +95,9 @@ def test_importance_and_rmi_rates_follow_redundancy():
 
 
 def test_default_delta_bands():
-    assert [default_delta(s) for s in (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)] == pytest.approx([0.01, 0.01, 0.02, 0.03, 0.04, 0.05])
+    assert [default_delta(s) for s in (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)] == pytest.approx(
+        [0.01, 0.01, 0.02, 0.03, 0.04, 0.05]
+    )
     assert default_delta(0.95) == pytest.approx(0.025)
 
 
@@ -96,7 +116,11 @@ def test_owl_outlier_ratio_and_rates():
     # one outlier block among five: by hand 0.7 - 0.16 + 0.16 / 5 = 0.572, the others 0.7 + 0.032
     rates = owl_rates([0.01, 0.01, 0.01, 0.01, 0.09], 0.7, 0.08)
     assert rates == pytest.approx([0.732] * 4 + [0.572], abs=1e-12)
-    for ratios in ([0.01, 0.01, 0.01, 0.01, 0.09], [0.01, 0.05, 0.02, 0.08, 0.03], [0.3] + [0.1 * i for i in range(29)]):
+    for ratios in (
+        [0.01, 0.01, 0.01, 0.01, 0.09],
+        [0.01, 0.05, 0.02, 0.08, 0.03],
+        [0.3] + [0.1 * i for i in range(29)],
+    ):
         rates = owl_rates(ratios, 0.7, 0.08)
         assert rates == pytest.approx(_published_owl(ratios, 0.7, 0.08), abs=1e-12)
         assert abs(sum(rates) / len(rates) - 0.7) < 1e-15  # the mean is kept exactly
@@ -115,16 +139,43 @@ def test_owl_rates_scale_down_only_below_zero():
 
 
 def _prune(model, out, calib, *extra):
-    return runner.invoke(app, ["prune", "--model", str(model), "--out", str(out), "--calib", str(calib),
-                               "--nsamples", "8", "--seqlen", "32", "--json", *extra])
+    return runner.invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--calib",
+            str(calib),
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "32",
+            "--json",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.parametrize("allocation", ["rmi", "owl"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_prune_with_allocation_end_to_end(tiny_llama_6, calib_file, tmp_path, allocation, method):
     out = tmp_path / "out"
-    result = _prune(tiny_llama_6, out, calib_file, "--method", method, "--sparsity", "0.6", "--allocation", allocation,
-                    "--rmi-samples", "8")
+    result = _prune(
+        tiny_llama_6,
+        out,
+        calib_file,
+        "--method",
+        method,
+        "--sparsity",
+        "0.6",
+        "--allocation",
+        allocation,
+        "--rmi-samples",
+        "8",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     rates = report["per_block_rates"]
@@ -167,14 +218,17 @@ def test_inspect_on_unpruned_model_and_plot_exists(tiny_models, tmp_path):
     assert again.exit_code == 2 and "pass --force" in again.stderr
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--pattern", "2:4", "--allocation", "rmi"], "cannot be combined"),
-    (["--allocation", "best"], "--allocation 'best' is unknown"),
-    (["--allocation", "rmi", "--delta", "0.6"], "--delta must be in (0, 0.5)"),
-    (["--allocation", "owl", "--sparsity", "0.95"], "--owl-lambda must be positive with"),
-    (["--allocation", "owl", "--sparsity", "0.9"], "--owl-lambda must be positive with"),  # 0.9 + 2 x 0.08 >= 1
-    (["--allocation", "owl", "--sparsity", "0.1"], "--owl-lambda must be positive with"),  # a rate would be < 0
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--pattern", "2:4", "--allocation", "rmi"], "cannot be combined"),
+        (["--allocation", "best"], "--allocation 'best' is unknown"),
+        (["--allocation", "rmi", "--delta", "0.6"], "--delta must be in (0, 0.5)"),
+        (["--allocation", "owl", "--sparsity", "0.95"], "--owl-lambda must be positive with"),
+        (["--allocation", "owl", "--sparsity", "0.9"], "--owl-lambda must be positive with"),  # 0.9 + 2 x 0.08 >= 1
+        (["--allocation", "owl", "--sparsity", "0.1"], "--owl-lambda must be positive with"),  # a rate would be < 0
+    ],
+)
 def test_allocation_bad_input(tiny_llama_6, calib_file, tmp_path, extra, message):
     result = _prune(tiny_llama_6, tmp_path / "out", calib_file, *extra)
     assert result.exit_code == 2 and message in result.stderr, result.stderr

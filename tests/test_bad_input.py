@@ -22,7 +22,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import NEWS, build_tiny_model, synthetic_text, tiny_tokenizer
-from losa_cli.cli.main import app
+from losa_cli.cli import app
 
 runner = CliRunner()
 BINARY = bytes(range(256)) * 40  # not UTF-8 (0x80.. are continuation bytes without a lead)
@@ -68,9 +68,9 @@ def prune(ctx: Ctx, *extra: str, model: Path | str | None = None, out: Path | st
 def recover(ctx: Ctx, *extra: str, data: Path | None = None, out: Path | str | None = None) -> list[str]:
     data = data or ctx.file("train.txt", synthetic_text(20, 40, seed=4))
     return ["recover", "--model", str(ctx.model), "--out", str(out or ctx.out), "--data", str(data),
-            "--calib", str(ctx.calib), "--nsamples", "2", "--seqlen", "16", "--stages", "1", "--total-steps", "1", "--max-length", "16",
-            "--batch-size", "1", "--error-samples", "1", "--rmi-samples", "2", "--mean-ranks", "2", "--rank-max", "2",
-            "--rank-min", "1"] + list(extra)
+            "--calib", str(ctx.calib), "--nsamples", "2", "--seqlen", "16", "--stages", "1", "--total-steps", "1",
+            "max_length=16", "batch_size=1", "error_samples=1", "rmi_samples=2", "mean_ranks=[2]", "rank_max=2",
+            "rank_min=1"] + list(extra)
 
 
 def eval_(ctx: Ctx, *extra: str, model: Path | None = None) -> list[str]:
@@ -133,9 +133,8 @@ def t5(ctx: Ctx) -> Path:
 
 def onnx_model(ctx: Ctx, truncate: bool = False) -> Path:
     """A small valid ONNX graph (input_ids -> logits), or its first half."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
     import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
 
     table = numpy_helper.from_array(np.ones((320, 320), dtype=np.float32), "table")
     graph = helper.make_graph([helper.make_node("Gather", ["table", "input_ids"], ["logits"])], "g",
@@ -199,30 +198,50 @@ CASES: list[Case] = [
     ("recover-data-binary-jsonl", lambda c: recover(c, data=c.file("train.jsonl", BINARY))),
     ("recover-data-binary-txt", lambda c: recover(c, data=c.file("train.txt", BINARY))),
     # text encodings: a wrong --encoding names the file and byte offset; an unknown codec is refused up front
-    ("prune-calib-wrong-encoding",
-     lambda c: prune(c, "--calib", str(c.file("news.txt", NEWS.encode("latin-1"))), "--encoding", "utf-8", calib=False)),
+    (
+        "prune-calib-wrong-encoding",
+        lambda c: prune(
+            c, "--calib", str(c.file("news.txt", NEWS.encode("latin-1"))), "--encoding", "utf-8", calib=False
+        ),
+    ),
     ("eval-encoding-unknown", lambda c: eval_(c, "--data", str(c.calib), "--encoding", "no-such-codec")),
-    ("recover-encoding-not-text", lambda c: recover(c, "--encoding", "base64")),
-    ("recover-data-instruction-without-output",
-     lambda c: recover(c, data=c.file("train.jsonl", '{"instruction": "x"}\n'))),
+    ("recover-encoding-not-text", lambda c: recover(c, "encoding=base64")),
+    (
+        "recover-data-instruction-without-output",
+        lambda c: recover(c, data=c.file("train.jsonl", '{"instruction": "x"}\n')),
+    ),
     ("eval-tasks-missing-file", lambda c: eval_(c, "--tasks", str(c.inp / "no-such-task.jsonl"))),
     ("eval-tasks-binary", lambda c: eval_(c, "--tasks", str(c.file("task.jsonl", BINARY)))),
-    ("eval-tasks-malformed-line",
-     lambda c: eval_(c, "--tasks", str(c.file("task.jsonl", '{"query": "a", "choices": ["x", "y"], "gold": 0}\n{"query": ')))),
-    ("eval-tasks-gold-out-of-range",
-     lambda c: eval_(c, "--tasks", str(c.file("task.jsonl", '{"query": "a", "choices": ["x", "y"], "gold": 2}\n')))),
+    (
+        "eval-tasks-malformed-line",
+        lambda c: eval_(
+            c, "--tasks", str(c.file("task.jsonl", '{"query": "a", "choices": ["x", "y"], "gold": 0}\n{"query": '))
+        ),
+    ),
+    (
+        "eval-tasks-gold-out-of-range",
+        lambda c: eval_(c, "--tasks", str(c.file("task.jsonl", '{"query": "a", "choices": ["x", "y"], "gold": 2}\n'))),
+    ),
     ("eval-tasks-hub-name-offline", lambda c: eval_(c, "--tasks", "hellaswag")),
-    ("eval-tasks-on-onnx",
-     lambda c: eval_(c, "--tasks", str(c.file("task.jsonl", '{"query": "a", "choices": ["x", "y"], "gold": 0}\n')),
-                     model=onnx_model(c))),
+    (
+        "eval-tasks-on-onnx",
+        lambda c: eval_(
+            c,
+            "--tasks",
+            str(c.file("task.jsonl", '{"query": "a", "choices": ["x", "y"], "gold": 0}\n')),
+            model=onnx_model(c),
+        ),
+    ),
     # numbers
     ("prune-seed-huge", lambda c: prune(c, "--seed", str(2**70))),
     ("recover-seed-huge", lambda c: recover(c, "--seed", str(2**70))),
     ("prune-per-layer-non-numeric", lambda c: prune(c, "--per-layer", str(c.file("rates.json", '["a", "b"]')))),
     ("prune-per-layer-null", lambda c: prune(c, "--per-layer", str(c.file("rates.json", "[0.5, null]")))),
     ("prune-per-layer-binary", lambda c: prune(c, "--per-layer", str(c.file("rates.json", BINARY)))),
-    ("prune-per-layer-manifest-without-rates",
-     lambda c: prune(c, "--per-layer", str(c.file("m.json", '{"per_block_rates": "x"}')))),
+    (
+        "prune-per-layer-manifest-without-rates",
+        lambda c: prune(c, "--per-layer", str(c.file("m.json", '{"per_block_rates": "x"}'))),
+    ),
     ("prune-per-layer-nan", lambda c: prune(c, "--per-layer", str(c.file("rates.json", "[NaN, 0.5]")))),
     ("prune-per-layer-a-folder", lambda c: prune(c, "--per-layer", str(c.inp))),
     # output paths, found before any work
@@ -255,8 +274,10 @@ CASES: list[Case] = [
     ("recover-default-calib", lambda c: [a for a in recover(c) if a not in ("--calib", str(c.calib))]),
 ]
 if not torch.cuda.is_available():
-    CASES += [("recover-device-cuda-without-gpu", lambda c: recover(c, "--device", "cuda")),
-              ("prune-device-cuda-without-gpu", lambda c: prune(c, "--device", "cuda"))]
+    CASES += [
+        ("recover-device-cuda-without-gpu", lambda c: recover(c, "--device", "cuda")),
+        ("prune-device-cuda-without-gpu", lambda c: prune(c, "--device", "cuda")),
+    ]
 
 
 def tree_digest(*folders: Path) -> str:
@@ -267,7 +288,6 @@ def tree_digest(*folders: Path) -> str:
             if path.is_file():
                 digest.update(path.read_bytes())
     return digest.hexdigest()
-
 
 
 @pytest.fixture
@@ -309,19 +329,36 @@ def test_local_paths_never_touch_the_network(hub_offline, shared, tmp_path, conn
     base = ["--model", str(model), "--nsamples", "2", "--seqlen", "16"]
     pruned = runner.invoke(app, ["prune", "--out", str(tmp_path / "w"), "--calib", str(calib)] + base)
     assert pruned.exit_code == 0, pruned.output
-    evaluated = runner.invoke(app, ["eval", "--model", str(tmp_path / "w"), "--data", str(calib), "--seqlen", "16",
-                                    "--max-windows", "2", "--sparsity"])
+    evaluated = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "w"),
+            "--data",
+            str(calib),
+            "--seqlen",
+            "16",
+            "--max-windows",
+            "2",
+            "--sparsity",
+        ],
+    )
     assert evaluated.exit_code == 0, evaluated.output
     default = runner.invoke(app, ["prune", "--out", str(tmp_path / "d")] + base)  # no --calib: no Hub either
     assert default.exit_code == 2 and "--calib is required" in default.stderr
     assert connections == []
 
 
-@pytest.mark.parametrize("args", [
-    ["prune", "--model", "nobody/no-such-model", "--calib", "{calib}", "--out", "{out}"],
-    ["prune", "--model", "{model}", "--calib", "c4", "--nsamples", "2", "--out", "{out}"],
-    ["eval", "--model", "{model}", "--data", "wikitext2"],
-], ids=["hub-model", "hub-calib", "hub-eval-data"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["prune", "--model", "nobody/no-such-model", "--calib", "{calib}", "--out", "{out}"],
+        ["prune", "--model", "{model}", "--calib", "c4", "--nsamples", "2", "--out", "{out}"],
+        ["eval", "--model", "{model}", "--data", "wikitext2"],
+    ],
+    ids=["hub-model", "hub-calib", "hub-eval-data"],
+)
 def test_hub_names_fail_fast_without_network(args, shared, tmp_path, connections, monkeypatch):
     model, calib = shared
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -339,12 +376,37 @@ def test_per_layer_replays_a_losa_manifest(shared, tmp_path):
     """``--per-layer`` takes a losa manifest, or the folder holding it, as its help says."""
     model, _ = shared
     (tmp_path / "rates.json").write_text("[0.25, 0.75]")
-    first = runner.invoke(app, ["prune", "--model", str(model), "--out", str(tmp_path / "a"), "--method", "magnitude",
-                                "--per-layer", str(tmp_path / "rates.json")])
+    first = runner.invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            str(model),
+            "--out",
+            str(tmp_path / "a"),
+            "--method",
+            "magnitude",
+            "--per-layer",
+            str(tmp_path / "rates.json"),
+        ],
+    )
     assert first.exit_code == 0, first.output
     for given in (tmp_path / "a" / "losa_manifest.json", tmp_path / "a"):
         out = tmp_path / f"replay-{given.name}"
-        result = runner.invoke(app, ["prune", "--model", str(model), "--out", str(out), "--method", "magnitude",
-                                     "--per-layer", str(given), "--json"])
+        result = runner.invoke(
+            app,
+            [
+                "prune",
+                "--model",
+                str(model),
+                "--out",
+                str(out),
+                "--method",
+                "magnitude",
+                "--per-layer",
+                str(given),
+                "--json",
+            ],
+        )
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["per_block_rates"] == [0.25, 0.75]

@@ -7,17 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_export_bench import magnitude_prune
 from typer.testing import CliRunner
 
-from losa_cli.cli.main import app
-from losa_cli.core.config import BenchConfig
+from conftest import bench
+from losa_cli.cli import app
 from losa_cli.core.errors import ConfigError
 from losa_cli.core.modeling import block_linears, find_blocks, load_model, sparsity_report
+from losa_cli.runtime import BenchConfig
 from losa_cli.runtime.kernels.native import available_paths
 from losa_cli.runtime.kernels.packed import pack
-from losa_cli.runtime.bench import run_bench
-
-from test_export_bench import magnitude_prune
 
 runner = CliRunner()
 SEQLEN = 12
@@ -49,9 +48,12 @@ def test_losa_engine_rows_speedups_and_exact_bytes(pruned):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     rows = {(r["model"], r["precision"], r["phase"]): r for r in report["runs"]}
-    assert set(rows) == {(m, p, ph) for m, p in (("sparse", "fp32"), ("sparse", "bf16"), ("sparse", "int8"), ("dense", "fp32"))
-                         for ph in ("prefill", "decode")}
-    for (model, _, phase), row in rows.items():
+    assert set(rows) == {
+        (m, p, ph)
+        for m, p in (("sparse", "fp32"), ("sparse", "bf16"), ("sparse", "int8"), ("dense", "fp32"))
+        for ph in ("prefill", "decode")
+    }
+    for (model, _, _), row in rows.items():
         assert row["engine"] == "losa" and row["error"] is None and row["timing"]["median_ms"] > 0
         assert row["kernel_path"] == (available_paths()[0] if model == "sparse" else None)
     for precision in ("fp32", "bf16"):
@@ -65,8 +67,18 @@ def test_losa_engine_rows_speedups_and_exact_bytes(pruned):
 
 
 def test_losa_engine_beside_onnxruntime_and_refusals(pruned, tmp_path):
-    report = run_bench(BenchConfig(model=str(pruned), engines="onnxruntime,losa", precisions="fp32,bf16", seqlen=8,
-                                   decode_tokens=1, iterations=1, warmup=0, threads=1)).to_dict()
+    report = bench(
+        BenchConfig(
+            model=str(pruned),
+            engines="onnxruntime,losa",
+            precisions="fp32,bf16",
+            seqlen=8,
+            decode_tokens=1,
+            iterations=1,
+            warmup=0,
+            threads=1,
+        )
+    ).to_dict()
     engines = {(r["engine"], r["precision"]) for r in report["runs"]}
     assert engines == {("onnxruntime", "fp32"), ("losa", "fp32"), ("losa", "bf16")}  # bf16: losa only
     assert any("bf16 is timed on the losa engine only" in n for n in report["notes"])
@@ -75,7 +87,7 @@ def test_losa_engine_beside_onnxruntime_and_refusals(pruned, tmp_path):
     result = runner.invoke(app, ["export", str(pruned), "--out", str(graphs_only), "--onnx", "--no-safetensors"])
     assert result.exit_code == 0, result.output
     with pytest.raises(ConfigError, match="no engine can run here"):
-        run_bench(BenchConfig(model=str(graphs_only), engines="losa"))
+        bench(BenchConfig(model=str(graphs_only), engines="losa"))
     missing = runner.invoke(app, ["bench", "--cpu", str(tmp_path / "nowhere"), "--engines", "losa"])
     assert missing.exit_code != 0 and "does not exist" in missing.output and "Traceback" not in missing.output
 

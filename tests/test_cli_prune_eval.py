@@ -8,9 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import folder_digest
-from losa_cli.cli.main import app
-from losa_cli.prune.masks import satisfies_nm
+from losa_cli.cli import app
 from losa_cli.core.modeling import find_blocks, find_linears, load_model
+from losa_cli.prune.masks import satisfies_nm
 
 runner = CliRunner()
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt"]
@@ -143,8 +143,10 @@ def test_error_sparsity_out_of_range(tiny_models, tmp_path, calib_file, value):
     assert_clean_error(result, "--sparsity must be in [0, 1)", tmp_path / "out")
 
 
-@pytest.mark.parametrize("pattern,message", [("4:2", "N must be below M"), ("2:2", "N must be below M"), ("x", "is not N:M"),
-                                             ("2:5", "not a multiple of 5")])
+@pytest.mark.parametrize(
+    "pattern,message",
+    [("4:2", "N must be below M"), ("2:2", "N must be below M"), ("x", "is not N:M"), ("2:5", "not a multiple of 5")],
+)
 def test_error_bad_nm(tiny_models, tmp_path, calib_file, pattern, message):
     result = prune(tiny_models["llama"], tmp_path / "out", "--pattern", pattern, calib=calib_file)
     assert_clean_error(result, message, tmp_path / "out")
@@ -217,11 +219,28 @@ def test_latin1_calibration_and_eval_data_are_read_and_recorded(tiny_models, tmp
     news = latin1_news(tmp_path / "news.txt", copies=20)
     result = prune(tiny_models["llama"], tmp_path / "out", calib=news)
     assert result.exit_code == 0, result.output
-    assert f"warning: calibration file {news} is not UTF-8; read it as cp1252 (detected)" in " ".join(result.stderr.split())
+    assert f"warning: calibration file {news} is not UTF-8; read it as cp1252 (detected)" in " ".join(
+        result.stderr.split()
+    )
     manifest = json.loads((tmp_path / "out" / "losa_manifest.json").read_text())
     assert manifest["inputs"]["calibration_encoding"] == "cp1252"
-    evaluated = runner.invoke(app, ["eval", "--model", str(tmp_path / "out"), "--data", str(news), "--encoding", "latin-1",
-                                    "--seqlen", "16", "--max-windows", "2", "--json"])
+    evaluated = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "out"),
+            "--data",
+            str(news),
+            "--encoding",
+            "latin-1",
+            "--seqlen",
+            "16",
+            "--max-windows",
+            "2",
+            "--json",
+        ],
+    )
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["perplexity"]["encoding"] == "iso8859-1"
     assert "warning" not in evaluated.stderr
@@ -237,8 +256,23 @@ def test_seqlen_clipped_to_context_with_warning(tiny_models, tmp_path):
     from conftest import synthetic_text
 
     big.write_text(synthetic_text(200, 200, seed=5))
-    result = runner.invoke(app, ["prune", "--model", str(tiny_models["llama"]), "--out", str(tmp_path / "o"), "--calib", str(big),
-                                 "--nsamples", "2", "--seqlen", "4096", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            str(tiny_models["llama"]),
+            "--out",
+            str(tmp_path / "o"),
+            "--calib",
+            str(big),
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "4096",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["seqlen"] == 256
     assert "exceeds the model's context 256" in result.stderr
@@ -246,8 +280,24 @@ def test_seqlen_clipped_to_context_with_warning(tiny_models, tmp_path):
 
 def test_progress_off_a_terminal_is_plain_lines(tiny_models, calib_file, tmp_path):
     """CliRunner is not a terminal: progress comes as plain lines on stderr, never bars."""
-    result = runner.invoke(app, ["prune", "--model", str(tiny_models["llama"]), "--out", str(tmp_path / "out"),
-                                 "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "32", "--sparsity", "0.5"])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            str(tiny_models["llama"]),
+            "--out",
+            str(tmp_path / "out"),
+            "--calib",
+            str(calib_file),
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "32",
+            "--sparsity",
+            "0.5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     blocks = len(find_blocks(load_model(str(tiny_models["llama"])).model))
     assert f"blocks {blocks}/{blocks}" in result.stderr.splitlines(), result.stderr

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from importlib import metadata
 import os
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +18,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from losa_cli.export import onnx_graphs as onnx_export
-from losa_cli.runtime.bench import run_bench
-from losa_cli.cli.main import app
-from losa_cli.core.config import BenchConfig, ExportConfig
-from losa_cli.runtime.engines import summarize
-from losa_cli.core.errors import ConfigError, ModelError, NumericalError, OutputExistsError
-from losa_cli.export.workflow import run_export
+from conftest import bench
+from losa_cli.cli import app
+from losa_cli.core.errors import ConfigError, ModelError, NumericalError
 from losa_cli.core.modeling import find_blocks, find_linears, load_model, save_model, sparsity_report
+from losa_cli.export import ExportConfig
+from losa_cli.export import verify as onnx_verify
+from losa_cli.export.workflow import run_export
+from losa_cli.runtime import BenchConfig
+from losa_cli.runtime import onnx_io as onnx_export
+from losa_cli.runtime.engines import summarize
 
 runner = CliRunner()
 HAS_DEEPSPARSE = importlib.util.find_spec("deepsparse") is not None
@@ -203,10 +205,10 @@ def test_zero_check_notices_a_changed_weight(pruned_llama, exported):
     out, _ = exported
     model = load_model(str(pruned_llama)).model
     weights = onnx_export.onnx_matmul_weights(out / "onnx" / "prefill.onnx")
-    assert all(c.onnx_zeros == c.model_zeros for c in onnx_export.check_zeros(model, weights))
+    assert all(c.onnx_zeros == c.model_zeros for c in onnx_verify.check_zeros(model, weights))
     name = next(n for n, w in weights.items() if (w == 0).any())
     weights[name] = np.where(weights[name] == 0, 1e-3, weights[name]).astype(np.float32)  # "revive" pruned weights
-    assert sum(c.onnx_zeros is None for c in onnx_export.check_zeros(model, weights)) >= 1
+    assert sum(c.onnx_zeros is None for c in onnx_verify.check_zeros(model, weights)) >= 1
 
 
 def test_summarize_quantiles():
@@ -230,7 +232,8 @@ def _check_bench_json(report: dict, engines: list[str]) -> None:
         assert run["error"] is None, run
         timing = run["timing"]
         assert timing["runs"] >= 1 and timing["median_ms"] > 0 and timing["tokens_per_s"] > 0
-    assert {(s["phase"], s["sparse"]) for s in report["speedups"]} >= {(p, f"{e} sparse fp32") for e in engines for p in ("prefill", "decode")}
+    expected = {(p, f"{e} sparse fp32") for e in engines for p in ("prefill", "decode")}
+    assert {(s["phase"], s["sparse"]) for s in report["speedups"]} >= expected
     decode = [r for r in report["runs"] if r["phase"] == "decode"]
     assert all(0 < r["ceiling"]["share"] and r["ceiling"]["bytes_per_token"] > 0 for r in decode)
     assert report["machine"]["read_bandwidth_gb_s"] > 0
@@ -242,25 +245,55 @@ def test_bench_both_engines_json_and_report(exported, tmp_path):
     out, _ = exported
     png = tmp_path / "bench.png"
     # --seqlen 16: DeepSparse 1.8 segfaults on these width-32 dense graphs below 16 tokens (fine at real sizes)
-    result = runner.invoke(app, ["bench", "--cpu", str(out), "--engines", "onnxruntime,deepsparse", "--iterations", "1",
-                                 "--warmup", "0", "--seqlen", "16", "--decode-tokens", "2", "--threads", "1",
-                                 "--report", str(png), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--cpu",
+            str(out),
+            "--engines",
+            "onnxruntime,deepsparse",
+            "--iterations",
+            "1",
+            "--warmup",
+            "0",
+            "--seqlen",
+            "16",
+            "--decode-tokens",
+            "2",
+            "--threads",
+            "1",
+            "--report",
+            str(png),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     _check_bench_json(report, ["onnxruntime", "deepsparse"])
     assert report["settings"]["threads"] == 1 and report["dense"]["origin"].startswith("densified")
-    assert any(s["sparse"] == "deepsparse sparse fp32" and s["dense"] == "onnxruntime dense fp32" for s in report["speedups"])
+    assert any(
+        s["sparse"] == "deepsparse sparse fp32" and s["dense"] == "onnxruntime dense fp32" for s in report["speedups"]
+    )
     assert png.read_bytes()[:4] == b"\x89PNG" and report["report"] == str(png)
 
 
 def test_bench_model_folder_against_dense_original_without_deepsparse(pruned_llama, tiny_models, monkeypatch):
-    message = "DeepSparse is not installed; ONNX Runtime does not exploit unstructured zeros, so only dense-vs-dense speed is measured"
-    monkeypatch.setattr("losa_cli.runtime.bench.deepsparse_unavailable", lambda: message)
+    message = ("DeepSparse is not installed; ONNX Runtime does not exploit unstructured zeros, so only dense-vs-dense "
+               "speed is measured")
+    monkeypatch.setattr("losa_cli.runtime.bench_plan.deepsparse_unavailable", lambda: message)
     cores = os.cpu_count() or 1
-    config = BenchConfig(model=str(pruned_llama), dense_baseline=str(tiny_models["llama"]), iterations=1, warmup=0,
-                         engines="onnxruntime,deepsparse",
-                         seqlen=8, decode_tokens=1, threads=cores + 1)
-    report = run_bench(config).to_dict()
+    config = BenchConfig(
+        model=str(pruned_llama),
+        dense_baseline=str(tiny_models["llama"]),
+        iterations=1,
+        warmup=0,
+        engines="onnxruntime,deepsparse",
+        seqlen=8,
+        decode_tokens=1,
+        threads=cores + 1,
+    )
+    report = bench(config).to_dict()
     _check_bench_json(report, ["onnxruntime"])
     assert report["sparse"]["verification"]["greedy_match"] is True
     assert message in report["warnings"] and any("above the" in w for w in report["warnings"])
@@ -269,12 +302,12 @@ def test_bench_model_folder_against_dense_original_without_deepsparse(pruned_lla
 def test_bench_bad_inputs(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ModelError, match="neither an ONNX file"):
-        run_bench(BenchConfig(model=str(tmp_path)))
+        bench(BenchConfig(model=str(tmp_path)))
     with pytest.raises(ConfigError, match="--engines"):
-        run_bench(BenchConfig(model=str(tmp_path), engines="tensorrt"))
+        bench(BenchConfig(model=str(tmp_path), engines="tensorrt"))
     (tmp_path / "r.png").write_bytes(b"x")
-    with pytest.raises(OutputExistsError):
-        run_bench(BenchConfig(model=str(tmp_path), report=str(tmp_path / "r.png")))
+    with pytest.raises(ConfigError, match="already exists"):
+        bench(BenchConfig(model=str(tmp_path), report=str(tmp_path / "r.png")))
     result = runner.invoke(app, ["bench", str(tmp_path / "notes.txt")])
     assert result.exit_code == 2 and "error" in result.output
 
@@ -284,9 +317,11 @@ def test_link_identical_links_only_byte_identical_files(tmp_path):
 
     source, staging = tmp_path / "source", tmp_path / "staging"
     source.mkdir(), staging.mkdir()
-    for name, original, staged in (("same.safetensors", b"abcd" * 100, b"abcd" * 100),
-                                   ("differs.safetensors", b"abcd" * 100, b"abce" * 100),
-                                   ("new.safetensors", None, b"x" * 10)):
+    for name, original, staged in (
+        ("same.safetensors", b"abcd" * 100, b"abcd" * 100),
+        ("differs.safetensors", b"abcd" * 100, b"abce" * 100),
+        ("new.safetensors", None, b"x" * 10),
+    ):
         if original is not None:
             (source / name).write_bytes(original)
         (staging / name).write_bytes(staged)

@@ -17,17 +17,17 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_export_bench import magnitude_prune
 from typer.testing import CliRunner
 
-from losa_cli.cli.main import app
-from losa_cli.core.config import BenchConfig, EvalConfig, ExportConfig
+from conftest import bench
+from losa_cli.cli import app
 from losa_cli.core.errors import ConfigError
+from losa_cli.export import ExportConfig
 from losa_cli.export.int8 import quantize_graph, quantize_weight
-from losa_cli.export.onnx_graphs import ort_session
-from losa_cli.runtime.bench import run_bench
+from losa_cli.runtime import BenchConfig, EvalConfig, ort_session
 from losa_cli.runtime.ceiling import decode_bytes
 from losa_cli.runtime.evaluate import run_eval
-from test_export_bench import magnitude_prune
 
 runner = CliRunner()
 HAS_DEEPSPARSE = importlib.util.find_spec("deepsparse") is not None
@@ -71,7 +71,9 @@ def test_per_token_graph_computes_exactly_its_quantization(tmp_path):
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((40, 12)).astype(np.float32)
     weight[rng.random(weight.shape) < 0.6] = 0
-    x = rng.standard_normal((2, 5, 40)).astype(np.float32) * np.array([1.0, 30.0, 0.01, 3.0, 1.0])[None, :, None].astype(np.float32)
+    x = rng.standard_normal((2, 5, 40)).astype(np.float32) * np.array([1.0, 30.0, 0.01, 3.0, 1.0])[
+        None, :, None
+    ].astype(np.float32)
     report = quantize_graph(_matmul_graph(weight, tmp_path / "f.onnx"), tmp_path / "q.onnx", "token")
     assert report.matmuls_quantized == 1 and report.zeros_kept
     got = ort_session(tmp_path / "q.onnx").run(None, {"x": x})[0]
@@ -154,9 +156,9 @@ def test_decode_bytes_counts_a_hand_built_graph(tmp_path):
 
 def test_export_int8_needs_onnx():
     with pytest.raises(ConfigError, match="--int8 quantizes the ONNX graphs"):
-        ExportConfig(model="m", out="o", int8=True).validate()
+        ExportConfig(model="m", out="o", int8=True)
     with pytest.raises(ConfigError, match="--precisions"):
-        BenchConfig(model="m", precisions="int4").validate()
+        BenchConfig(model="m", precisions="int4")
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -167,21 +169,36 @@ def _digest(folder: Path) -> dict[str, str]:
 def test_bench_int8_on_both_engines_leaves_the_export_untouched(int8_export):
     out, _ = int8_export
     before = _digest(out / "onnx")
-    report = run_bench(BenchConfig(model=str(out), engines="onnxruntime,deepsparse", precisions="fp32,int8", seqlen=32,
-                                   decode_tokens=2, iterations=1, warmup=0, threads=1)).to_dict()
+    report = bench(
+        BenchConfig(
+            model=str(out),
+            engines="onnxruntime,deepsparse",
+            precisions="fp32,int8",
+            seqlen=32,
+            decode_tokens=2,
+            iterations=1,
+            warmup=0,
+            threads=1,
+        )
+    ).to_dict()
     assert _digest(out / "onnx") == before  # DeepSparse rewrites the shapes of the file it is given
     seen = {(r["engine"], r["model"], r["precision"], r["phase"]) for r in report["runs"] if r["error"] is None}
-    assert seen == {(e, m, p, ph) for e in ("onnxruntime", "deepsparse") for m in ("sparse", "dense")
-                    for p in ("fp32", "int8") for ph in ("prefill", "decode")}
+    assert seen == {
+        (e, m, p, ph)
+        for e in ("onnxruntime", "deepsparse")
+        for m in ("sparse", "dense")
+        for p in ("fp32", "int8")
+        for ph in ("prefill", "decode")
+    }
     int8_decode = [r for r in report["runs"] if r["precision"] == "int8" and r["phase"] == "decode"]
     assert all(r["ceiling"]["bytes"]["bytes_per_value"] == 1 for r in int8_decode)
 
 
 def test_recipe_overrides_turn_on_int8(monkeypatch):
-    from losa_cli.run.recipe import load_recipe
+    from losa_cli.run import load_recipe
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the recipe's data paths are relative to the repository
-    recipe = load_recipe("examples/default.yaml", ["export.int8=true", "bench.precisions=fp32,int8"])
+    recipe, _ = load_recipe("examples/default.yaml", ["export.int8=true", "bench.precisions=fp32,int8"])
     assert recipe.section("export")["int8"] is True and recipe.section("bench")["precisions"] == "fp32,int8"
     with pytest.raises(ConfigError, match="precisions 'int4': choose from fp32, bf16, int8"):
         load_recipe("examples/default.yaml", ["bench.precisions=int4"])

@@ -8,9 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from losa_cli.cli.main import app
-
 from conftest import SHARED_DATA
+from losa_cli.cli import app
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
@@ -25,15 +24,34 @@ def wiki():
 
 
 def _ppl(model, wiki):
-    result = runner.invoke(app, ["eval", "--model", model, "--data", str(wiki), "--seqlen", "256", "--max-windows", "6", "--json"])
+    result = runner.invoke(
+        app, ["eval", "--model", model, "--data", str(wiki), "--seqlen", "256", "--max-windows", "6", "--json"]
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)["perplexity"]["perplexity"]
 
 
 def test_wanda_50_on_smollm2(tmp_path, wiki):
     out = tmp_path / "wanda50"
-    result = runner.invoke(app, ["prune", "--out", str(out), "--method", "wanda", "--sparsity", "0.5",
-                                 "--calib", str(SHARED_DATA / "c4-sample.txt"), "--nsamples", "4", "--seqlen", "128", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            "--out",
+            str(out),
+            "--method",
+            "wanda",
+            "--sparsity",
+            "0.5",
+            "--calib",
+            str(SHARED_DATA / "c4-sample.txt"),
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "128",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["global_sparsity"] == pytest.approx(0.5, abs=1e-6)

@@ -14,9 +14,10 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_config, tiny_tokenizer
-from losa_cli.cli.main import app
-from losa_cli.core.config import CalibrationConfig, RecoverConfig
+from losa_cli.cli import app
+from losa_cli.core.config import CalibrationConfig
 from losa_cli.core.modeling import load_model
+from losa_cli.recover import RecoverConfig
 from losa_cli.recover.workflow import run_recover
 
 runner = CliRunner()
@@ -50,7 +51,9 @@ def head_pruned(tied_llama, calib_file, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_prune_lm_head_unties_and_prunes_only_the_copy(tied_llama, head_pruned):
     out, report = head_pruned
-    assert report["lm_head"]["untied_from_embedding"] is True and report["lm_head"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert report["lm_head"]["untied_from_embedding"] is True and report["lm_head"]["sparsity"] == pytest.approx(
+        0.5, abs=0.01
+    )
     original = load_model(str(tied_llama)).model.get_input_embeddings().weight
     model = load_model(str(out)).model
     head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
@@ -64,10 +67,26 @@ def test_recover_keeps_the_head_zeros_and_export_checks_them(head_pruned, calib_
     out, _ = head_pruned
     head_mask = load_model(str(out)).model.get_output_embeddings().weight == 0
     recovered = tmp_path / "recovered"
-    run_recover(RecoverConfig(model=str(out), out=str(recovered), data=str(calib_file), sparsity=0.6, stages=1, total_steps=2,
-                              calibration=CalibrationConfig(calib=str(calib_file), nsamples=4, seqlen=32, seed=0),
-                              error_samples=2, rmi_samples=4, max_length=32, batch_size=2, device="cpu", rank_max=4,
-                              mean_ranks=[2.0], allocation="uniform", rank_allocation="uniform"))
+    run_recover(
+        RecoverConfig(
+            model=str(out),
+            out=str(recovered),
+            data=str(calib_file),
+            sparsity=0.6,
+            stages=1,
+            total_steps=2,
+            calibration=CalibrationConfig(calib=str(calib_file), nsamples=4, seqlen=32, seed=0),
+            error_samples=2,
+            rmi_samples=4,
+            max_length=32,
+            batch_size=2,
+            device="cpu",
+            rank_max=4,
+            mean_ranks=[2.0],
+            allocation="uniform",
+            rank_allocation="uniform",
+        )
+    )
     head = load_model(str(recovered)).model.get_output_embeddings().weight
     assert bool((head[head_mask] == 0).all())
     exported = tmp_path / "export"

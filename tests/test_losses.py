@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from losa_cli.core.modeling import find_blocks, load_model
-from losa_cli.recover.losses import Objective, feature_loss, kd_loss
+from losa_cli.recover.losses import feature_loss, kd_loss
+from losa_cli.recover.objective import Objective
 
 
 def test_kd_of_a_model_with_itself_is_zero_with_zero_gradient():
@@ -42,8 +42,13 @@ def test_feature_loss_is_the_mean_relative_block_error():
     student = [t + 0.1 * torch.randn_like(t) for t in teacher]
     mask = torch.tensor([[1, 0, 1]])
     keep = mask.reshape(-1).bool()
-    expected = sum(float((s.reshape(-1, 4)[keep] - t.reshape(-1, 4)[keep]).pow(2).sum() / t.reshape(-1, 4)[keep].pow(2).sum())
-                   for s, t in zip(student, teacher)) / 2
+    expected = (
+        sum(
+            float((s.reshape(-1, 4)[keep] - t.reshape(-1, 4)[keep]).pow(2).sum() / t.reshape(-1, 4)[keep].pow(2).sum())
+            for s, t in zip(student, teacher)
+        )
+        / 2
+    )
     assert float(feature_loss(student, teacher, mask)) == pytest.approx(expected, rel=1e-5)
     assert float(feature_loss(teacher, teacher, mask)) == 0.0
 

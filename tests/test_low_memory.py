@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import build_tiny_model, folder_digest
-from losa_cli.cli.main import app
-from losa_cli.core.config import CalibrationConfig, PruneConfig
+from losa_cli.cli import app
+from losa_cli.core.config import CalibrationConfig
+from losa_cli.prune import PruneConfig
 from losa_cli.prune.workflow import run_prune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +74,9 @@ def test_activations_on_disk_give_the_same_model(kind, settings, tiny_models, ti
     original = DiskWindows.append
     monkeypatch.setattr(DiskWindows, "append", lambda self, t: (written.append(self.generation), original(self, t)))
     model = tiny_llama_6 if kind == "llama6" else tiny_models[kind]
-    reference = _prune(model, tmp_path / "in-memory", calib_file, low_memory=False, activations_on_disk=False, **settings)
+    reference = _prune(
+        model, tmp_path / "in-memory", calib_file, low_memory=False, activations_on_disk=False, **settings
+    )
     assert not written and not reference.activations_on_disk
     on_disk = _prune(model, tmp_path / "on-disk", calib_file, low_memory=True, activations_on_disk=True, **settings)
     assert on_disk.activations_on_disk and max(written) >= 2  # every block's outputs went through files
@@ -91,13 +94,16 @@ def test_low_memory_output_loads_and_prunes_again(tiny_llama_6, calib_file, tmp_
     a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
     pruned = [name for name in a if name.endswith("proj.weight")]
     assert pruned and all(bool((b[name][a[name] == 0] == 0).all()) for name in pruned)
-    assert second.global_sparsity == pytest.approx(0.7, abs=0.01) and first.global_sparsity == pytest.approx(0.5, abs=0.01)
+    assert second.global_sparsity == pytest.approx(0.7, abs=0.01) and first.global_sparsity == pytest.approx(
+        0.5, abs=0.01
+    )
 
 
 PEAK_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {tests!r})
-    from losa_cli.core.config import CalibrationConfig, PruneConfig
+    from losa_cli.core.config import CalibrationConfig
+    from losa_cli.prune import PruneConfig
     from losa_cli.prune.workflow import run_prune
 
     def status_mib(key):
@@ -127,8 +133,15 @@ def _block_model(folder: Path) -> tuple[Path, int, int]:
     from conftest import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(add_bos=False)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=2048, num_hidden_layers=16,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder, safe_serialization=True)
@@ -139,8 +152,14 @@ def _block_model(folder: Path) -> tuple[Path, int, int]:
 
 
 def _peak(model: Path, warmup: Path, out: Path, calib: Path, low_memory: bool) -> float:
-    script = PEAK_SCRIPT.format(tests=str(REPO / "tests"), model=str(model), warmup=str(warmup), out=str(out),
-                                calib=str(calib), low_memory=low_memory)
+    script = PEAK_SCRIPT.format(
+        tests=str(REPO / "tests"),
+        model=str(model),
+        warmup=str(warmup),
+        out=str(out),
+        calib=str(calib),
+        low_memory=low_memory,
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO)
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     return (measured["peak"] - measured["baseline"]) * 2**20
@@ -160,21 +179,57 @@ def test_low_memory_peak_follows_one_block_not_the_model(tiny_models, calib_file
 
 def test_low_memory_refusals_are_one_line(tiny_llama_6, calib_file, tmp_path):
     runner = CliRunner()
-    head = runner.invoke(app, ["prune", "--model", str(tiny_llama_6), "--out", str(tmp_path / "o"), "--low-memory",
-                               "--prune-lm-head", "--calib", str(calib_file)])
+    head = runner.invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            str(tiny_llama_6),
+            "--out",
+            str(tmp_path / "o"),
+            "--low-memory",
+            "--prune-lm-head",
+            "--calib",
+            str(calib_file),
+        ],
+    )
     assert head.exit_code != 0 and "--prune-lm-head needs the whole model in memory" in head.output
     assert "Traceback" not in head.output
     build_tiny_model(tmp_path / "bin", "llama")
     for file in (tmp_path / "bin").glob("*.safetensors"):
         file.unlink()
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"pickle")
-    no_safetensors = runner.invoke(app, ["prune", "--model", str(tmp_path / "bin"), "--out", str(tmp_path / "p"),
-                                         "--low-memory", "--calib", str(calib_file)])
-    assert no_safetensors.exit_code != 0 and "--low-memory reads a local folder of .safetensors" in no_safetensors.output
+    no_safetensors = runner.invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            str(tmp_path / "bin"),
+            "--out",
+            str(tmp_path / "p"),
+            "--low-memory",
+            "--calib",
+            str(calib_file),
+        ],
+    )
+    assert (
+        no_safetensors.exit_code != 0 and "--low-memory reads a local folder of .safetensors" in no_safetensors.output
+    )
     build_tiny_model(tmp_path / "corrupt", "llama")
     (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\xff" * 64)
-    corrupt = runner.invoke(app, ["prune", "--model", str(tmp_path / "corrupt"), "--out", str(tmp_path / "q"),
-                                  "--low-memory", "--calib", str(calib_file)])
+    corrupt = runner.invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            str(tmp_path / "corrupt"),
+            "--out",
+            str(tmp_path / "q"),
+            "--low-memory",
+            "--calib",
+            str(calib_file),
+        ],
+    )
     assert corrupt.exit_code != 0 and "corrupt or incomplete checkpoint" in corrupt.output
     assert "Traceback" not in corrupt.output and not (tmp_path / "q").exists()
     assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()

@@ -1,13 +1,12 @@
 """Masked LoRA: the two forms agree, merging keeps zeros, ranks freeze components; rank budgets; the schedule."""
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 from torch import nn
 
-from losa_cli.core.errors import ConfigError
-from losa_cli.recover.masked_lora import MaskedLoRALinear, attach, detach, set_block_ranks
+from losa_cli.recover.masked_lora import MaskedLoRALinear
 from losa_cli.recover.rank_alloc import ReconstructionError, allocate_ranks
 from losa_cli.recover.schedule import cubic_sparsity
 
@@ -70,7 +69,9 @@ def test_adapter_gradients_are_the_masked_formula(fused):
     masked = (g.T @ x) * wrapper.mask
     torch.testing.assert_close(wrapper.lora_B.grad[:, :4], wrapper.scale * masked @ a.T, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(wrapper.lora_A.grad[:4], wrapper.scale * b.T @ masked, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(wrapper.lora_B.grad[:, :4], wrapper.scale * (g.T @ x) @ a.T, atol=1e-3)  # the mask matters
+    assert not torch.allclose(
+        wrapper.lora_B.grad[:, :4], wrapper.scale * (g.T @ x) @ a.T, atol=1e-3
+    )  # the mask matters
     with torch.no_grad():
         assert (wrapper.delta()[~wrapper.mask] == 0).all()  # the effective change never touches a pruned position
 
@@ -115,16 +116,21 @@ def test_merge_refuses_nan():
 class TwoBlocks(nn.Module):
     def __init__(self):
         super().__init__()
-        self.layers = nn.ModuleList([nn.Sequential(sparse_linear(i), nn.ReLU(), sparse_linear(i + 10, 16, 12)) for i in range(2)])
+        self.layers = nn.ModuleList(
+            [nn.Sequential(sparse_linear(i), nn.ReLU(), sparse_linear(i + 10, 16, 12)) for i in range(2)]
+        )
 
 
-@pytest.mark.parametrize("errors,mean,lo,hi", [
-    ([0.001, 0.5, 0.02, 0.9, 0.3, 0.3], 7.0, 2, 16),
-    ([1e-6, 1e-6, 1e-6, 10.0], 8.0, 2, 16),
-    ([0.2] * 30, 6.3, 1, 8),
-    ([0.0, 0.0, 0.0], 4.0, 0, 8),
-    ([5.0, 1.0, 0.1, 0.01, 0.001], 3.0, 1, 4),
-])
+@pytest.mark.parametrize(
+    "errors,mean,lo,hi",
+    [
+        ([0.001, 0.5, 0.02, 0.9, 0.3, 0.3], 7.0, 2, 16),
+        ([1e-6, 1e-6, 1e-6, 10.0], 8.0, 2, 16),
+        ([0.2] * 30, 6.3, 1, 8),
+        ([0.0, 0.0, 0.0], 4.0, 0, 8),
+        ([5.0, 1.0, 0.1, 0.01, 0.001], 3.0, 1, 4),
+    ],
+)
 def test_rank_budget_exact_and_bounded(errors, mean, lo, hi):
     ranks = allocate_ranks(errors, mean, lo, hi)
     assert sum(ranks) == round(mean * len(errors))
@@ -135,8 +141,12 @@ def test_rank_budget_exact_and_bounded(errors, mean, lo, hi):
 
 @settings(max_examples=300, deadline=None)
 @given(
-    errors=st.lists(st.one_of(st.just(0.0), st.sampled_from([0.25, 1.0]), st.floats(0.0, 1e3)), min_size=1, max_size=40),
-    lo=st.integers(0, 4), width=st.integers(0, 16), fraction=st.floats(0.0, 1.0),
+    errors=st.lists(
+        st.one_of(st.just(0.0), st.sampled_from([0.25, 1.0]), st.floats(0.0, 1e3)), min_size=1, max_size=40
+    ),
+    lo=st.integers(0, 4),
+    width=st.integers(0, 16),
+    fraction=st.floats(0.0, 1.0),
 )
 def test_rank_budget_is_exact_for_any_errors(errors, lo, width, fraction):
     """Zeros, ties and wide ranges: the sum is always m * L exactly, within [r_min, r_max]."""

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from losa_cli.core.modeling import SparsityTally
-from losa_cli.prune.masks import layerwise_mask, nm_mask, parse_nm, rowwise_mask, satisfies_nm
+from losa_cli.prune.config import parse_nm
+from losa_cli.prune.masks import layerwise_mask, nm_mask, rowwise_mask, satisfies_nm
 from losa_cli.prune.wanda import InputNormAccumulator, wanda_scores
 
 
@@ -42,7 +43,9 @@ def test_nm_mask_pattern_exact(n, m):
     assert satisfies_nm(weight, n, m)
     # the pruned ones are the lowest of their group
     grouped_scores = scores.reshape(8, -1, m)
-    assert (grouped_scores.masked_fill(~groups, -1).max(2).values <= grouped_scores.masked_fill(groups, 9).min(2).values).all()
+    assert (
+        grouped_scores.masked_fill(~groups, -1).max(2).values <= grouped_scores.masked_fill(groups, 9).min(2).values
+    ).all()
 
 
 def test_nm_mask_rejects_width_not_multiple():

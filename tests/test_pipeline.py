@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from losa_cli.core.modeling import find_blocks, find_linears, load_model
 from losa_cli.core.sequential import sequential_blocks
 from losa_cli.prune.masks import rowwise_mask
-from losa_cli.core.modeling import find_blocks, find_linears, load_model
 from losa_cli.prune.pruning import Criterion, prune_blocks
 from losa_cli.prune.wanda import InputNormAccumulator, wanda_scores
 
@@ -28,7 +28,9 @@ def test_block_by_block_reproduces_full_forward(tiny_models, arch):
     blocks = find_blocks(loaded.model)
     with torch.inference_mode():
         captured = []
-        handle = blocks[-1].register_forward_hook(lambda m, a, out: captured.append(out[0] if isinstance(out, tuple) else out))
+        handle = blocks[-1].register_forward_hook(
+            lambda m, a, out: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
         loaded.model(input_ids=windows, use_cache=False)
         handle.remove()
     torch.testing.assert_close(torch.cat(last_outputs), captured[0], rtol=1e-5, atol=1e-5)
@@ -50,7 +52,9 @@ def reference_sequential_wanda(model, windows, sparsity):
             h.remove()
         with torch.no_grad():
             for name, linear in find_linears(block).items():
-                linear.weight.masked_fill_(rowwise_mask(wanda_scores(linear.weight, norms[name].norms()), sparsity), 0.0)
+                linear.weight.masked_fill_(
+                    rowwise_mask(wanda_scores(linear.weight, norms[name].norms()), sparsity), 0.0
+                )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt"])

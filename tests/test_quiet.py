@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import build_tiny_gguf, build_tiny_model, synthetic_text
-from losa_cli.cli import main as cli
+from losa_cli.cli import application as cli
 from losa_cli.core.quiet import QUIET_ENVIRONMENT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: Python warning raised between them as a library would, after losa's start-up
 TWO_COMMANDS = """
 import sys, warnings
-from losa_cli.cli.main import app
+from losa_cli.cli import app
 first, second = sys.argv[1].split(), sys.argv[2].split()
 app(first, standalone_mode=False)
 warnings.warn("a library's deprecation notice", FutureWarning)
@@ -55,10 +55,13 @@ def run_losa(global_options: list[str], inputs: tuple[Path, Path, Path]) -> str:
     gguf, folder, text = inputs
     evaluate = f"--seqlen 16 --max-windows 2 --data {text} --model"
     commands = [" ".join([*global_options, "eval", evaluate, str(model)]) for model in (gguf, folder)]
-    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENVIRONMENT and k != "LOSA_VERBOSE"}  # nothing inherited
+    env = {
+        k: v for k, v in os.environ.items() if k not in QUIET_ENVIRONMENT and k != "LOSA_VERBOSE"
+    }  # nothing inherited
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", TWO_COMMANDS, *commands], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", TWO_COMMANDS, *commands], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     return done.stderr
 

@@ -12,13 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from losa_cli.cli.main import app
+from conftest import StopRun, stop_after, synthetic_text
+from losa_cli.cli import app
+from losa_cli.core.config import CalibrationConfig
 from losa_cli.core.errors import ConfigError
-from losa_cli.core.config import CalibrationConfig, RecoverConfig
 from losa_cli.core.modeling import find_blocks, find_linears, load_model
-from losa_cli.recover.workflow import InterruptForTest, run_recover
-
-from conftest import synthetic_text
+from losa_cli.recover import RecoverConfig, run_recover
 
 runner = CliRunner()
 
@@ -42,25 +41,75 @@ def plain_text(tmp_path_factory) -> Path:
 
 
 def config(model, out, data, calib, **extra) -> RecoverConfig:
-    settings = dict(model=str(model), out=str(out), data=str(data), sparsity=0.6, stages=2, total_steps=12, final_share=0.5,
-                    calibration=CalibrationConfig(calib=str(calib), nsamples=8, seqlen=32, seed=0), error_samples=4,
-                    rmi_samples=8, max_length=48, batch_size=4, lr=5e-3, checkpoint_every=3, device="cpu", rank_max=8,
-                    alpha=16.0, mean_ranks=[4.0, 6.0])
+    settings = dict(
+        model=str(model),
+        out=str(out),
+        data=str(data),
+        sparsity=0.6,
+        stages=2,
+        total_steps=12,
+        final_share=0.5,
+        calibration=CalibrationConfig(calib=str(calib), nsamples=8, seqlen=32, seed=0),
+        error_samples=4,
+        rmi_samples=8,
+        max_length=48,
+        batch_size=4,
+        lr=5e-3,
+        checkpoint_every=3,
+        device="cpu",
+        rank_max=8,
+        alpha=16.0,
+        mean_ranks=[4.0, 6.0],
+    )
     settings.update(extra)
     return RecoverConfig(**settings)
 
 
 def base_weights(folder):
     model = load_model(str(folder)).model
-    return {f"{i}.{n}": lin.weight.detach().clone() for i, b in enumerate(find_blocks(model)) for n, lin in find_linears(b).items()}
+    return {
+        f"{i}.{n}": lin.weight.detach().clone()
+        for i, b in enumerate(find_blocks(model))
+        for n, lin in find_linears(b).items()
+    }
 
 
-def test_two_stage_recover_lowers_loss_keeps_zeros_and_writes_everything(tiny_llama_6, calib_file, instructions, tmp_path):
+def test_two_stage_recover_lowers_loss_keeps_zeros_and_writes_everything(
+    tiny_llama_6, calib_file, instructions, tmp_path
+):
     out = tmp_path / "out"
-    args = ["recover", "--model", str(tiny_llama_6), "--out", str(out), "--data", str(instructions), "--calib", str(calib_file),
-            "--nsamples", "8", "--seqlen", "32", "--error-samples", "4", "--rmi-samples", "8", "--sparsity", "0.6",
-            "--stages", "2", "--steps-per-stage", "6,14", "--max-length", "256", "--batch-size", "4", "--lr", "5e-3",
-            "--rank-max", "8", "--alpha", "16", "--mean-ranks", "4,6", "--device", "cpu", "--json"]
+    args = [
+        "recover",
+        "--model",
+        str(tiny_llama_6),
+        "--out",
+        str(out),
+        "--data",
+        str(instructions),
+        "--calib",
+        str(calib_file),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+        "error_samples=4",
+        "rmi_samples=8",
+        "--sparsity",
+        "0.6",
+        "--stages",
+        "2",
+        "steps_per_stage=[6,14]",
+        "max_length=256",
+        "batch_size=4",
+        "--lr",
+        "5e-3",
+        "rank_max=8",
+        "alpha=16",
+        "mean_ranks=[4,6]",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -85,11 +134,42 @@ def test_two_stage_recover_lowers_loss_keeps_zeros_and_writes_everything(tiny_ll
 
 def test_recover_zeros_are_a_superset_of_the_input_zeros(tiny_llama_6, calib_file, plain_text, tmp_path):
     pruned = tmp_path / "pruned"
-    assert runner.invoke(app, ["prune", "--model", str(tiny_llama_6), "--out", str(pruned), "--calib", str(calib_file),
-                               "--nsamples", "4", "--seqlen", "32", "--sparsity", "0.5"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "prune",
+                "--model",
+                str(tiny_llama_6),
+                "--out",
+                str(pruned),
+                "--calib",
+                str(calib_file),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--sparsity",
+                "0.5",
+            ],
+        ).exit_code
+        == 0
+    )
     before = base_weights(pruned)
-    run_recover(config(pruned, tmp_path / "out", plain_text, calib_file, stages=1, total_steps=4, sparsity=0.5,
-                       mean_ranks=[4.0], allocation="uniform", rank_allocation="uniform"))
+    run_recover(
+        config(
+            pruned,
+            tmp_path / "out",
+            plain_text,
+            calib_file,
+            stages=1,
+            total_steps=4,
+            sparsity=0.5,
+            mean_ranks=[4.0],
+            allocation="uniform",
+            rank_allocation="uniform",
+        )
+    )
     after = base_weights(tmp_path / "out")
     for name in before:
         assert (after[name][before[name] == 0] == 0).all(), name
@@ -98,8 +178,8 @@ def test_recover_zeros_are_a_superset_of_the_input_zeros(tiny_llama_6, calib_fil
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_llama_6, calib_file, plain_text, tmp_path):
     straight = run_recover(config(tiny_llama_6, tmp_path / "a", plain_text, calib_file, dropout=0.1))
-    with pytest.raises(InterruptForTest):
-        run_recover(config(tiny_llama_6, tmp_path / "b", plain_text, calib_file, dropout=0.1), stop_after_steps=8)
+    with pytest.raises(StopRun):
+        run_recover(config(tiny_llama_6, tmp_path / "b", plain_text, calib_file, dropout=0.1), stop_after(8))
     assert (tmp_path / "b.checkpoint").is_dir() and not (tmp_path / "b").exists()
     resumed = run_recover(config(tiny_llama_6, tmp_path / "b", plain_text, calib_file, dropout=0.1, resume=True))
     assert resumed.resumed_from == {"stage": 2, "step": 0}  # checkpoint at the start of stage 2 (steps 6 + 2 of 12)
@@ -114,8 +194,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_llama_6, cal
 def test_resume_refuses_other_settings_and_stale_checkpoints(tiny_llama_6, calib_file, plain_text, tmp_path):
     from losa_cli.core.errors import ConfigError
 
-    with pytest.raises(InterruptForTest):
-        run_recover(config(tiny_llama_6, tmp_path / "c", plain_text, calib_file), stop_after_steps=2)
+    with pytest.raises(StopRun):
+        run_recover(config(tiny_llama_6, tmp_path / "c", plain_text, calib_file), stop_after(2))
     with pytest.raises(ConfigError, match="other settings .*sparsity"):
         run_recover(config(tiny_llama_6, tmp_path / "c", plain_text, calib_file, sparsity=0.5, resume=True))
     with pytest.raises(ConfigError, match="pass --resume"):
@@ -125,8 +205,8 @@ def test_resume_refuses_other_settings_and_stale_checkpoints(tiny_llama_6, calib
 
 
 def test_nan_loss_stops_and_keeps_the_checkpoint(tiny_llama_6, calib_file, plain_text, tmp_path, monkeypatch):
-    from losa_cli.recover import workflow as recover
     from losa_cli.core.errors import NumericalError
+    from losa_cli.recover import training as recover
 
     real = recover._restore_inactive
     calls = {"n": 0}
@@ -145,23 +225,52 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(tiny_llama_6, calib_file, plain
     assert (tmp_path / "n.checkpoint" / "losa_state.json").is_file() and not (tmp_path / "n").exists()
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--sparsity", "1.2"], "--sparsity must be in [0, 1)"),
-    (["--rank-max", "4"], "mean ranks"),
-    (["--stages", "2", "--steps-per-stage", "3"], "gives 1 values for 2 stages"),
-    (["--method", "magnitude"], "wanda or sparsegpt"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--sparsity", "1.2"], "--sparsity must be in [0, 1)"),
+        (["rank_max=4"], "mean ranks"),
+        (["--stages", "2", "steps_per_stage=[3]"], "steps_per_stage gives 1 values for 2 stages"),
+        (["--method", "magnitude"], "wanda or sparsegpt"),
+    ],
+)
 def test_recover_bad_settings(tiny_llama_6, calib_file, plain_text, tmp_path, extra, message):
-    result = runner.invoke(app, ["recover", "--model", str(tiny_llama_6), "--out", str(tmp_path / "o"), "--data", str(plain_text),
-                                 "--calib", str(calib_file), *extra])
+    result = runner.invoke(
+        app,
+        [
+            "recover",
+            "--model",
+            str(tiny_llama_6),
+            "--out",
+            str(tmp_path / "o"),
+            "--data",
+            str(plain_text),
+            "--calib",
+            str(calib_file),
+            *extra,
+        ],
+    )
     assert result.exit_code == 2 and message in result.stderr, result.stderr
 
 
 def test_recover_bad_data(tiny_llama_6, calib_file, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
-    args = ["recover", "--model", str(tiny_llama_6), "--out", str(tmp_path / "o"), "--calib", str(calib_file), "--nsamples", "4",
-            "--seqlen", "32", "--rmi-samples", "4", "--error-samples", "2"]
+    args = [
+        "recover",
+        "--model",
+        str(tiny_llama_6),
+        "--out",
+        str(tmp_path / "o"),
+        "--calib",
+        str(calib_file),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "rmi_samples=4",
+        "error_samples=2",
+    ]
     result = runner.invoke(app, args + ["--data", str(bad)])
     assert result.exit_code == 2 and "bad.jsonl:2: not valid JSON" in result.stderr, result.stderr
     result = runner.invoke(app, args + ["--data", str(tmp_path / "missing.jsonl")])
@@ -172,19 +281,62 @@ def test_recover_bad_data(tiny_llama_6, calib_file, tmp_path):
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama_6, calib_file, plain_text, tmp_path):
-    common = ["recover", "--model", str(tiny_llama_6), "--data", str(plain_text), "--calib", str(calib_file), "--nsamples", "8",
-              "--seqlen", "32", "--error-samples", "4", "--rmi-samples", "8", "--sparsity", "0.5", "--stages", "2",
-              "--steps-per-stage", "3,4", "--max-length", "48", "--lr", "5e-3", "--rank-max", "8", "--alpha", "16",
-              "--mean-ranks", "4,6", "--device", "cpu", "--full-loss", "--json"]
-    one = runner.invoke(app, common + ["--out", str(tmp_path / "one"), "--batch-size", "4"])
+    common = [
+        "recover",
+        "--model",
+        str(tiny_llama_6),
+        "--data",
+        str(plain_text),
+        "--calib",
+        str(calib_file),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+        "error_samples=4",
+        "rmi_samples=8",
+        "--sparsity",
+        "0.5",
+        "--stages",
+        "2",
+        "steps_per_stage=[3,4]",
+        "max_length=48",
+        "--lr",
+        "5e-3",
+        "rank_max=8",
+        "alpha=16",
+        "mean_ranks=[4,6]",
+        "--device",
+        "cpu",
+        "response_only=false",
+        "--json",
+    ]
+    one = runner.invoke(app, common + ["--out", str(tmp_path / "one"), "batch_size=4"])
     assert one.exit_code == 0, one.output
     losa = Path(sys.executable).parent / "losa"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                          str(losa), *common, "--out", str(tmp_path / "two"), "--batch-size", "2"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            str(losa),
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+            "batch_size=2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = json.loads(one.stdout), json.loads(two.stdout[two.stdout.index("{"):])
+    a, b = json.loads(one.stdout), json.loads(two.stdout[two.stdout.index("{") :])
     assert b["processes"] == 2 and a["processes"] == 1
     for sa, sb in zip(a["stages"], b["stages"]):
         assert sb["losses"] == pytest.approx(sa["losses"], rel=1e-4, abs=1e-5)
@@ -194,15 +346,16 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama_6
 
 
 @pytest.mark.parametrize("loss", ["ce", "squarehead"])
-def test_resume_mid_stage_restores_optimizer_moments_and_schedule(loss, tiny_llama_6, calib_file, plain_text, tmp_path,
-                                                                  monkeypatch):
+def test_resume_mid_stage_restores_optimizer_moments_and_schedule(
+    loss, tiny_llama_6, calib_file, plain_text, tmp_path, monkeypatch
+):
     """Stopped inside stage 2 (after AdamW has built moments and the schedule has moved), the
     resumed run ends exactly where an uninterrupted one does, with CE and with distillation from
     the dense teacher (kd + feature loss); checkpoints hold no pickles."""
     settings = dict(dropout=0.1, reset_optimizer=False, loss=loss)
     straight = run_recover(config(tiny_llama_6, tmp_path / "a", plain_text, calib_file, **settings))
-    with pytest.raises(InterruptForTest):
-        run_recover(config(tiny_llama_6, tmp_path / "b", plain_text, calib_file, **settings), stop_after_steps=10)
+    with pytest.raises(StopRun):
+        run_recover(config(tiny_llama_6, tmp_path / "b", plain_text, calib_file, **settings), stop_after(10))
     files = sorted(p.name for p in (tmp_path / "b.checkpoint").iterdir())
     assert all(name.endswith((".safetensors", ".json")) for name in files), files
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("resume must not unpickle anything"))
@@ -222,10 +375,12 @@ def _zero_masks(model_or_blocks):
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_nm_recover_ends_exactly_nm_and_never_revives(method, tiny_llama_6, calib_file, plain_text, tmp_path, monkeypatch):
+def test_nm_recover_ends_exactly_nm_and_never_revives(
+    method, tiny_llama_6, calib_file, plain_text, tmp_path, monkeypatch
+):
     """--pattern 2:4 ramps 1:4 -> 2:4 and ends with exactly 2 zeros in every group of 4; every
     stage's zeros contain the previous stage's (checked from outside, after each prune)."""
-    from losa_cli.recover import workflow
+    from losa_cli.recover import stages as workflow
 
     seen = []
     real_prune_blocks = workflow.prune_blocks
@@ -237,11 +392,41 @@ def test_nm_recover_ends_exactly_nm_and_never_revives(method, tiny_llama_6, cali
 
     monkeypatch.setattr(workflow, "prune_blocks", recording)
     out = tmp_path / "nm"
-    args = ["recover", "--model", str(tiny_llama_6), "--out", str(out), "--data", str(plain_text), "--calib", str(calib_file),
-            "--nsamples", "8", "--seqlen", "32", "--error-samples", "4", "--rmi-samples", "8", "--pattern", "2:4",
-            "--method", method, "--damp", "0.02", "--blocksize", "16", "--stages", "3", "--steps-per-stage", "2,2,2",
-            "--max-length", "48", "--lr", "5e-3", "--rank-max", "8", "--alpha", "16", "--mean-ranks", "4,5,6",
-            "--device", "cpu", "--json"]
+    args = [
+        "recover",
+        "--model",
+        str(tiny_llama_6),
+        "--out",
+        str(out),
+        "--data",
+        str(plain_text),
+        "--calib",
+        str(calib_file),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+        "error_samples=4",
+        "rmi_samples=8",
+        "--pattern",
+        "2:4",
+        "--method",
+        method,
+        "damp=0.02",
+        "blocksize=16",
+        "--stages",
+        "3",
+        "steps_per_stage=[2,2,2]",
+        "max_length=48",
+        "--lr",
+        "5e-3",
+        "rank_max=8",
+        "alpha=16",
+        "mean_ranks=[4,5,6]",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -262,7 +447,7 @@ def test_nm_recover_ends_exactly_nm_and_never_revives(method, tiny_llama_6, cali
 def test_recover_stops_when_a_stage_revives_a_weight(tiny_llama_6, calib_file, plain_text, tmp_path, monkeypatch):
     """The revival check compares with the previous stage's mask, so it can fail."""
     from losa_cli.core.errors import NumericalError
-    from losa_cli.recover import workflow
+    from losa_cli.recover import stages as workflow
 
     real_prune_blocks = workflow.prune_blocks
     calls = []
@@ -283,21 +468,56 @@ def test_recover_stops_when_a_stage_revives_a_weight(tiny_llama_6, calib_file, p
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--pattern", "2:4", "--sparsity", "0.7"], "--sparsity 0.7 contradicts --pattern 2:4"),
-    (["--damp", "0"], "--damp must be in (0, 1]"),
-    (["--blocksize", "0"], "--blocksize must be positive"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--pattern", "2:4", "--sparsity", "0.7"], "--sparsity 0.7 contradicts --pattern 2:4"),
+        (["damp=0"], "damp must be in (0, 1]"),
+        (["blocksize=0"], "blocksize must be positive"),
+    ],
+)
 def test_recover_nm_and_sparsegpt_settings_checked(tiny_llama_6, calib_file, plain_text, tmp_path, extra, message):
-    result = runner.invoke(app, ["recover", "--model", str(tiny_llama_6), "--out", str(tmp_path / "o"), "--data", str(plain_text),
-                                 "--calib", str(calib_file), *extra])
+    result = runner.invoke(
+        app,
+        [
+            "recover",
+            "--model",
+            str(tiny_llama_6),
+            "--out",
+            str(tmp_path / "o"),
+            "--data",
+            str(plain_text),
+            "--calib",
+            str(calib_file),
+            *extra,
+        ],
+    )
     assert result.exit_code == 2 and message in result.stderr, result.stderr
 
 
 def test_nm_recover_refuses_an_input_with_crowded_groups(tiny_llama_6, calib_file, plain_text, tmp_path):
     pruned = tmp_path / "pruned"
-    assert runner.invoke(app, ["prune", "--model", str(tiny_llama_6), "--out", str(pruned), "--calib", str(calib_file),
-                               "--nsamples", "4", "--seqlen", "32", "--sparsity", "0.6"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "prune",
+                "--model",
+                str(tiny_llama_6),
+                "--out",
+                str(pruned),
+                "--calib",
+                str(calib_file),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--sparsity",
+                "0.6",
+            ],
+        ).exit_code
+        == 0
+    )
     with pytest.raises(ConfigError, match="already has more than 2 zeros in some groups of 4"):
         run_recover(config(pruned, tmp_path / "out", plain_text, calib_file, sparsity=None, pattern="2:4"))
 
@@ -314,6 +534,8 @@ def test_recover_survives_activations_beyond_fp16(tiny_llama_6, calib_file, plai
         loaded.model.model.embed_tokens.weight[:, 0] = 1e5  # one channel, as in real models
     big = tmp_path / "big"
     save_model(loaded, big)
-    result = run_recover(config(big, tmp_path / "out", plain_text, calib_file, stages=1, total_steps=2, mean_ranks=[4.0]))
+    result = run_recover(
+        config(big, tmp_path / "out", plain_text, calib_file, stages=1, total_steps=2, mean_ranks=[4.0])
+    )
     assert all(math.isfinite(e) and e > 0 for e in result.stages[0].errors)
     assert len(set(result.stages[0].ranks)) > 1  # error-driven ranks, not the all-equal fallback

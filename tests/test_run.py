@@ -10,12 +10,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from losa_cli.run import pipeline as run_module
-from losa_cli.cli.main import app
+from conftest import StopRun, stop_after
+from losa_cli.cli import app
 from losa_cli.core.errors import ConfigError
 from losa_cli.core.manifest import lineage, manifest_hash, read_manifest
-from losa_cli.run.recipe import DEFAULT_RECIPE, RunConfig, collect_recipe, load_recipe, read_recipe_file
-from losa_cli.recover.workflow import InterruptForTest
+from losa_cli.run import DEFAULT_RECIPE, RunConfig, collect_recipe, load_recipe, read_recipe_file
+from losa_cli.run import pipeline as run_module
 from losa_cli.run.pipeline import run_pipeline
 
 runner = CliRunner()
@@ -26,14 +26,37 @@ EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 def tiny_recipe(model: Path, calib: Path, evaluation: Path, **sections) -> dict:
     """A recipe that runs every stage in seconds on the 6-block tiny Llama."""
     recipe = {
-        "model": str(model), "seed": 0, "device": "cpu",
+        "model": str(model),
+        "seed": 0,
+        "device": "cpu",
         "prune": {"method": "wanda", "sparsity": 0.3, "calib": str(calib), "nsamples": 4, "seqlen": 32},
-        "recover": {"sparsity": 0.5, "allocation": "uniform", "stages": 2, "steps_per_stage": [2, 2], "mean_ranks": [2, 3],
-                    "rank_max": 4, "alpha": 8.0, "data": str(calib), "calib": str(calib), "nsamples": 4, "seqlen": 32,
-                    "error_samples": 2, "max_length": 32, "batch_size": 2, "checkpoint_every": 1},
+        "recover": {
+            "sparsity": 0.5,
+            "allocation": "uniform",
+            "stages": 2,
+            "steps_per_stage": [2, 2],
+            "mean_ranks": [2, 3],
+            "rank_max": 4,
+            "alpha": 8.0,
+            "data": str(calib),
+            "calib": str(calib),
+            "nsamples": 4,
+            "seqlen": 32,
+            "error_samples": 2,
+            "max_length": 32,
+            "batch_size": 2,
+            "checkpoint_every": 1,
+        },
         "export": {"onnx": True},
         # --seqlen 16: DeepSparse 1.8 segfaults on dense width-32 graphs below 16 tokens
-        "bench": {"engines": "onnxruntime", "seqlen": 16, "decode_tokens": 2, "iterations": 1, "warmup": 0, "threads": 1},
+        "bench": {
+            "engines": "onnxruntime",
+            "seqlen": 16,
+            "decode_tokens": 2,
+            "iterations": 1,
+            "warmup": 0,
+            "threads": 1,
+        },
         "eval": {"data": str(evaluation), "seqlen": 32, "max_windows": 4},
     }
     recipe.update(sections)
@@ -72,12 +95,22 @@ def test_run_end_to_end_through_the_cli(tiny_llama_6, calib_file, eval_file, tmp
     assert [step["command"] for step in json.loads(inspect.stdout)["lineage"]] == ["export", "recover", "prune"]
     # the report: settings, per-block rates and ranks, perplexity, sparsity, speed; and its PNGs
     text = (out / "report.md").read_text()
-    for heading in ("## Stages", "## Per-block rates and ranks", "## Perplexity before and after", "## Sparsity verified",
-                    "## Speed", "## Lineage", "## Settings"):
+    for heading in (
+        "## Stages",
+        "## Per-block rates and ranks",
+        "## Perplexity before and after",
+        "## Sparsity verified",
+        "## Speed",
+        "## Lineage",
+        "## Settings",
+    ):
         assert heading in text
     assert "total_steps: 4" in text and "speed-up" in text and "identical zeros" in text
     # lean outputs: the dense baseline is graphs only; the export links the recovered weights; bytes per stage
-    assert not (out / "dense-export" / "model.safetensors").exists() and (out / "dense-export" / "onnx" / "weights.data").is_file()
+    assert (
+        not (out / "dense-export" / "model.safetensors").exists()
+        and (out / "dense-export" / "onnx" / "weights.data").is_file()
+    )
     assert (out / "export" / "model.safetensors").stat().st_ino == (out / "recover" / "model.safetensors").stat().st_ino
     assert "on disk" in text and "linked)" in text and "**all stages**" not in text and "all stages" in text
     for png in ("allocation.png", "loss.png", "bench/speed.png"):
@@ -88,8 +121,9 @@ def test_run_end_to_end_through_the_cli(tiny_llama_6, calib_file, eval_file, tmp
     assert {s["status"] for s in json.loads(again.stdout)["stages"]} == {"skipped"}
 
 
-def test_crash_after_stage_two_then_rerun_skips_stages_one_and_two(tiny_llama_6, calib_file, eval_file, tmp_path,
-                                                                    monkeypatch):
+def test_crash_after_stage_two_then_rerun_skips_stages_one_and_two(
+    tiny_llama_6, calib_file, eval_file, tmp_path, monkeypatch
+):
     recipe = tiny_recipe(tiny_llama_6, calib_file, eval_file, bench=None, eval=None)
     config = RunConfig(recipe=str(write_recipe(tmp_path / "r.yaml", recipe)), out=str(tmp_path / "run"))
     real_export = run_module.run_export
@@ -107,7 +141,11 @@ def test_crash_after_stage_two_then_rerun_skips_stages_one_and_two(tiny_llama_6,
 
     monkeypatch.setattr(run_module, "run_export", real_export)
     result = run_pipeline(config)
-    assert [(s.name, s.status) for s in result.stages] == [("prune", "skipped"), ("recover", "skipped"), ("export", "ran")]
+    assert [(s.name, s.status) for s in result.stages] == [
+        ("prune", "skipped"),
+        ("recover", "skipped"),
+        ("export", "ran"),
+    ]
     assert {name: (out / name / "losa_manifest.json").stat().st_mtime_ns for name in times} == times
     assert [m["command"] for m in lineage(out / "export")] == ["export", "recover", "prune"]
 
@@ -115,16 +153,20 @@ def test_crash_after_stage_two_then_rerun_skips_stages_one_and_two(tiny_llama_6,
     changed = run_pipeline(RunConfig(recipe=config.recipe, overrides=["recover.lr=0.001"], out=config.out))
     assert [s.status for s in changed.stages] == ["skipped", "ran", "ran"]
     # --restart redoes everything
-    restarted = run_pipeline(RunConfig(recipe=config.recipe, overrides=["recover.lr=0.001"], out=config.out, restart=True))
+    restarted = run_pipeline(
+        RunConfig(recipe=config.recipe, overrides=["recover.lr=0.001"], out=config.out, restart=True)
+    )
     assert [s.status for s in restarted.stages] == ["ran", "ran", "ran"]
 
 
-def test_interrupted_recover_stage_resumes_from_its_checkpoint(tiny_llama_6, calib_file, eval_file, tmp_path, monkeypatch):
+def test_interrupted_recover_stage_resumes_from_its_checkpoint(
+    tiny_llama_6, calib_file, eval_file, tmp_path, monkeypatch
+):
     recipe = tiny_recipe(tiny_llama_6, calib_file, eval_file, prune=None, export=None, bench=None, eval=None)
     config = RunConfig(recipe=str(write_recipe(tmp_path / "r.yaml", recipe)), out=str(tmp_path / "run"))
     real_recover = run_module.run_recover
-    monkeypatch.setattr(run_module, "run_recover", lambda cfg, progress=None: real_recover(cfg, progress, stop_after_steps=3))
-    with pytest.raises(InterruptForTest):
+    monkeypatch.setattr(run_module, "run_recover", lambda cfg, progress=None: real_recover(cfg, stop_after(3)))
+    with pytest.raises(StopRun):
         run_pipeline(config)
     assert (tmp_path / "run" / "recover.checkpoint").is_dir()
     monkeypatch.setattr(run_module, "run_recover", real_recover)
@@ -144,42 +186,58 @@ def test_recipe_problems_are_reported_together_before_any_work(tiny_llama_6, cal
     result = runner.invoke(app, ["run", str(config), "eval.seqlen=oops", "--out", str(out)])
     assert result.exit_code == 2
     message = " ".join(result.output.split())
-    for expected in ("unknown key 'totl_steps'; did you mean 'total_steps'?", "unknown key 'benchmark'",
-                     "prune.pattern and prune.allocation rmi cannot be combined",
-                     "mean ranks [3.0] lie outside [recover.rank_min, recover.rank_max] = [2, 2]",
-                     "prune.pattern 2:4 needs recover.pattern 2:4", "export.seqlen 8 fixes",
-                     "eval.seqlen must be an integer, got 'oops'", "missing.jsonl does not exist"):
+    for expected in (
+        "unknown key 'totl_steps'; did you mean 'total_steps'?",
+        "unknown key 'benchmark'",
+        "prune.pattern and prune.allocation rmi cannot be combined",
+        "mean ranks [3.0] lie outside [recover.rank_min, recover.rank_max] = [2, 2]",
+        "prune.pattern 2:4 needs recover.pattern 2:4",
+        "export.seqlen 8 fixes",
+        "eval.seqlen must be an integer, got 'oops'",
+        "missing.jsonl does not exist",
+    ):
         assert expected in message, expected
     assert not out.exists()  # nothing was run or written
 
 
 def test_recipe_calibration_sampling_reaches_prune_and_recover(tiny_llama_6, calib_file, eval_file, tmp_path):
-    from losa_cli.run.recipe import plan_stages
-
     recipe = tiny_recipe(tiny_llama_6, calib_file, eval_file)
     recipe["prune"]["sampling"] = "document"
     recipe["recover"]["sampling"] = "document"
-    plans = {plan.name: plan for plan in plan_stages(load_recipe(str(write_recipe(tmp_path / "r.yaml", recipe))), tmp_path)}
+    _, planned = load_recipe(str(write_recipe(tmp_path / "r.yaml", recipe)), out=tmp_path)
+    plans = {plan.name: plan for plan in planned}
     assert plans["prune"].config.calibration.sampling == "document"
     assert plans["recover"].config.calibration.sampling == "document"
 
 
 def test_recipe_encoding_reaches_calibration_and_eval_and_is_checked():
-    from losa_cli.run.recipe import plan_stages
-
-    recipe = load_recipe(None, ["prune.calib=c4", "prune.encoding=latin-1", "recover.encoding=cp1252", "eval.encoding=utf-16"])
-    plans = {plan.name: plan for plan in plan_stages(recipe, "OUT")}
+    _, planned = load_recipe(
+        None, ["prune.calib=c4", "prune.encoding=latin-1", "recover.encoding=cp1252", "eval.encoding=utf-16"]
+    )
+    plans = {plan.name: plan for plan in planned}
     assert plans["prune"].config.calibration.encoding == "latin-1"
     assert plans["recover"].config.calibration.encoding == "cp1252"
     assert plans["eval"].config.encoding == "utf-16"
-    _, problems = collect_recipe(None, ["eval.encoding=no-such-codec"])
-    assert problems == ["eval: eval.encoding 'no-such-codec' is not a text encoding Python knows; give auto or a codec "
-                        "such as utf-8, latin-1, cp1252"]
+    _, _, problems = collect_recipe(None, ["eval.encoding=no-such-codec"], Path("OUT"))
+    assert problems == [
+        "eval: eval.encoding 'no-such-codec' is not a text encoding Python knows; give auto or a codec "
+        "such as utf-8, latin-1, cp1252"
+    ]
 
 
 def test_overrides_and_yaml_values():
-    recipe = load_recipe(None, ["prune.pattern=2:4", "prune.calib=c4", "recover.pattern=2:4", "recover.sparsity=0.5",
-                                "recover.lr=1e-3", "bench=null", "recover.mean_ranks=[4, 5, 6, 7, 8]"])
+    recipe, _ = load_recipe(
+        None,
+        [
+            "prune.pattern=2:4",
+            "prune.calib=c4",
+            "recover.pattern=2:4",
+            "recover.sparsity=0.5",
+            "recover.lr=1e-3",
+            "bench=null",
+            "recover.mean_ranks=[4, 5, 6, 7, 8]",
+        ],
+    )
     assert recipe.section("prune") == {"pattern": "2:4", "calib": "c4"}  # not YAML 1.1's base-60 124
     assert recipe.section("recover")["lr"] == 0.001 and recipe.section("bench") is None
     assert recipe.stages() == ["prune", "recover", "export", "eval"]
@@ -197,7 +255,7 @@ def test_default_recipe_is_examples_default_yaml():
 def test_every_shipped_example_validates(path, monkeypatch):
     text = path.read_text()
     assert text.startswith(f"# losa run examples/{path.name} --out "), "each example is headed by its command"
-    recipe, problems = collect_recipe(str(path))
+    recipe, _, problems = collect_recipe(str(path), [], Path("OUT"))
     assert problems == []
     assert recipe.stages()
     # inputs too, where they are available offline (the 7B recipe needs the Hub and your Alpaca-GPT4 file)

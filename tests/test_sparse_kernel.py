@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from losa_cli.core.modeling import block_linears, find_blocks, load_model
 from losa_cli.runtime.kernels.native import available_paths, dense_weight, sparse_matmul
 from losa_cli.runtime.kernels.packed import load_packed, pack, reference_matmul, save_packed, unpack
-from losa_cli.runtime.kernels.sparse_linear import DENSE_FROM, SparseLinear, block_linear_names, load_packed_into, sparsify
-from losa_cli.core.modeling import block_linears, find_blocks, load_model
+from losa_cli.runtime.kernels.sparse_linear import (
+    DENSE_FROM,
+    SparseLinear,
+    block_linear_names,
+    load_packed_into,
+    sparsify,
+)
 
 PATHS = available_paths()
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-5, "int8": 1e-5}  # kernel vs reference on the same packed values
@@ -136,11 +142,19 @@ def test_generate_on_the_kernel_equals_dense_and_sampling_is_seeded(tiny_models)
 
     from typer.testing import CliRunner
 
-    from losa_cli.cli.main import app
+    from losa_cli.cli import app
 
     runner = CliRunner()
-    base = ["generate", "--model", str(tiny_models["llama"]), "--prompt", "the river and the city", "--max-new-tokens", "6",
-            "--json"]
+    base = [
+        "generate",
+        "--model",
+        str(tiny_models["llama"]),
+        "--prompt",
+        "the river and the city",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ]
     outputs = {}
     for kernel in ("off", "fp32"):
         result = runner.invoke(app, base + ["--kernel", kernel])
@@ -148,8 +162,12 @@ def test_generate_on_the_kernel_equals_dense_and_sampling_is_seeded(tiny_models)
         outputs[kernel] = json.loads(result.stdout)
     assert outputs["fp32"]["text"] == outputs["off"]["text"] and outputs["fp32"]["new_tokens"] == 6
     assert outputs["fp32"]["sparse_layers"] == 14 and outputs["fp32"]["kernel_path"] == PATHS[0]
-    sampled = [json.loads(runner.invoke(app, base + ["--sample", "--seed", "3", "--kernel", "int8"]).stdout)["text"]
-               for _ in range(2)]
+    sampled = [
+        json.loads(runner.invoke(app, base + ["--sample", "--seed", "3", "--kernel", "int8"]).stdout)["text"]
+        for _ in range(2)
+    ]
     assert sampled[0] == sampled[1]
-    bad = runner.invoke(app, ["generate", "--model", str(tiny_models["llama"]), "--prompt", "x", "--max-new-tokens", "0"])
+    bad = runner.invoke(
+        app, ["generate", "--model", str(tiny_models["llama"]), "--prompt", "x", "--max-new-tokens", "0"]
+    )
     assert bad.exit_code != 0 and "--max-new-tokens must be at least 1" in bad.output and "Traceback" not in bad.output

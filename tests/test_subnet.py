@@ -6,17 +6,16 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_recover import base_weights, config
 from torch import nn
 from typer.testing import CliRunner
 
-from losa_cli.cli.main import app
+from conftest import StopRun, stop_after, synthetic_text
+from losa_cli.cli import app
 from losa_cli.core.modeling import block_linears, find_blocks, load_model
+from losa_cli.recover import run_recover
 from losa_cli.recover.subnet import SubnetLinear, step_subnets
-from losa_cli.recover.workflow import InterruptForTest, run_recover
 from losa_cli.run.recipe import section_keys
-
-from conftest import synthetic_text
-from test_recover import base_weights, config
 
 runner = CliRunner()
 
@@ -98,7 +97,7 @@ def test_relocalisation_picks_the_rows_and_columns_with_the_largest_scores():
 def test_losia_recover_keeps_every_pruned_weight_zero(tiny_llama_6, calib_file, plain_text, tmp_path, monkeypatch):
     """A short two-stage run with --adapter losia: the saved model's zeros contain the last
     pruning's zeros (recorded from outside), training moved the kept weights, the loss falls."""
-    from losa_cli.recover import workflow
+    from losa_cli.recover import stages as workflow
 
     seen = []
     real_prune_blocks = workflow.prune_blocks
@@ -132,8 +131,8 @@ def test_losia_resume_mid_stage_matches_an_uninterrupted_run(tiny_llama_6, calib
     the resumed run ends exactly where an uninterrupted one does."""
     settings = dict(adapter="losia", losia_ratio=0.25, losia_period=2, reset_optimizer=False)
     straight = run_recover(config(tiny_llama_6, tmp_path / "a", plain_text, calib_file, **settings))
-    with pytest.raises(InterruptForTest):
-        run_recover(config(tiny_llama_6, tmp_path / "b", plain_text, calib_file, **settings), stop_after_steps=10)
+    with pytest.raises(StopRun):
+        run_recover(config(tiny_llama_6, tmp_path / "b", plain_text, calib_file, **settings), stop_after(10))
     resumed = run_recover(config(tiny_llama_6, tmp_path / "b", plain_text, calib_file, resume=True, **settings))
     assert resumed.resumed_from == {"stage": 2, "step": 3}
     for ours, reference in zip(resumed.stages, straight.stages):
@@ -145,8 +144,8 @@ def test_losia_resume_mid_stage_matches_an_uninterrupted_run(tiny_llama_6, calib
 
 @pytest.mark.parametrize("extra,message", [
     (["--adapter", "lora"], "--adapter 'lora' is unknown; choose one of masked-lora, losia"),
-    (["--adapter", "losia", "--losia-ratio", "0"], "--losia-ratio must be in (0, 1]"),
-    (["--adapter", "losia", "--losia-period", "0"], "--losia-period must be at least 1"),
+    (["--adapter", "losia", "losia_ratio=0"], "losia_ratio must be in (0, 1]"),
+    (["--adapter", "losia", "losia_period=0"], "losia_period must be at least 1"),
 ])
 def test_bad_adapter_settings_get_one_line(tiny_llama_6, calib_file, plain_text, tmp_path, extra, message):
     result = runner.invoke(app, ["recover", "--model", str(tiny_llama_6), "--out", str(tmp_path / "o"), "--data",
@@ -166,7 +165,8 @@ def test_unmerge_with_a_new_mask_rereads_it_and_relocalises_after_the_next_step(
         layer.delta.normal_()  # a trained delta to take back out
     layer.merge()
     kept = (layer.base.weight != 0).nonzero()
-    row, col = next((int(r), int(c)) for r, c in kept if int(r) in layer.rows.tolist() and int(c) in layer.cols.tolist())
+    rows, cols = layer.rows.tolist(), layer.cols.tolist()
+    row, col = next((int(r), int(c)) for r, c in kept if int(r) in rows and int(c) in cols)
     with torch.no_grad():
         layer.base.weight[row, col] = 0.0  # "pruning"
     x = torch.randn(3, 16)

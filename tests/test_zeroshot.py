@@ -12,10 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import WORDS, build_tiny_model
-from losa_cli.cli.main import app
-from losa_cli.core.config import EvalConfig
+from losa_cli.cli import app
 from losa_cli.core.errors import ConfigError, DataError
 from losa_cli.core.modeling import load_model
+from losa_cli.runtime import EvalConfig
 from losa_cli.runtime.zeroshot import read_local_task, resolve_tasks, run_zeroshot
 
 pytest.importorskip("lm_eval")
@@ -76,7 +76,11 @@ def accuracy_by_hand(folder: Path, rows: list[dict]) -> tuple[float, float, int]
         scores = [choice_loglikelihood(loaded.model, loaded.tokenizer, query, choice) for choice in row["choices"]]
         pick = max(range(len(scores)), key=scores.__getitem__)
         pick_norm = max(range(len(scores)), key=lambda i: scores[i] / len(row["choices"][i]))
-        right, right_norm, disagree = right + (pick == gold), right_norm + (pick_norm == gold), disagree + (pick != pick_norm)
+        right, right_norm, disagree = (
+            right + (pick == gold),
+            right_norm + (pick_norm == gold),
+            disagree + (pick != pick_norm),
+        )
     return right / len(rows), right_norm / len(rows), disagree
 
 
@@ -98,7 +102,9 @@ def test_accuracy_equals_computation_by_hand(models, tmp_path, connections, arch
 def test_limit_scores_the_first_questions(models, tmp_path):
     rows = questions(seed=1)
     loaded = load_model(str(models["llama"]))
-    result = run_zeroshot(loaded.model, loaded.tokenizer, resolve_tasks([str(write_task(tmp_path / "t.jsonl", rows))]), limit=4)
+    result = run_zeroshot(
+        loaded.model, loaded.tokenizer, resolve_tasks([str(write_task(tmp_path / "t.jsonl", rows))]), limit=4
+    )
     acc, acc_norm, _ = accuracy_by_hand(models["llama"], rows[:4])
     assert result.tasks[0].samples == 4 and result.limit == 4
     assert (result.tasks[0].acc, result.tasks[0].acc_norm) == (pytest.approx(acc), pytest.approx(acc_norm))
@@ -115,7 +121,9 @@ def test_cli_table_json_and_recorded_settings(models, tmp_path, connections, mon
     assert table.exit_code == 0, table.output
     assert "my_task" in table.stdout and "acc_norm" in table.stdout and "lm-eval 0.4.13" in table.stdout
     # lm-eval's logging and bars are kept off: stderr holds losa's progress lines only
-    assert all(line.startswith("zero-shot requests") for line in table.stderr.splitlines() if line.strip()), table.stderr
+    assert all(line.startswith("zero-shot requests") for line in table.stderr.splitlines() if line.strip()), (
+        table.stderr
+    )
     result = runner.invoke(app, args + ["--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)  # stdout holds the JSON only
@@ -135,20 +143,23 @@ def test_read_local_task_accepts_the_alternative_keys(tmp_path):
     assert [set(row) for row in task.rows] == [{"query", "choices", "gold"}] * 3
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"query": "a", "choices": ["x", "y"], "gold": 2}\n', "gold index 2 is out of range for 2 choices"),
-    ('{"query": "  ", "choices": ["x", "y"], "gold": 0}\n', "non-blank text field"),
-    ('{"query": "a", "choices": ["x", "y"], "gold": -1}\n', "out of range"),
-    ('{"query": "a", "choices": ["x", "y"], "gold": 0}\n{"query": "b", "choices": ["x"', ":2: not valid JSON"),
-    ('{"query": "a", "choices": ["x"], "gold": 0}\n', "at least two non-empty strings"),
-    ('{"query": "a", "choices": ["x", ""], "gold": 0}\n', "at least two non-empty strings"),
-    ('{"query": "a", "choices": ["x", "y"], "gold": "x"}\n', "integer gold"),
-    ('{"query": "a", "choices": ["x", "y"], "gold": true}\n', "integer gold"),
-    ('{"prompt": "a", "choices": ["x", "y"], "gold": 0}\n', "query / context / question"),
-    ('["a", "b"]\n', "expected a JSON object"),
-    ("\n\n", "has no questions"),
-    (b"\xff\xfe\x00", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"query": "a", "choices": ["x", "y"], "gold": 2}\n', "gold index 2 is out of range for 2 choices"),
+        ('{"query": "  ", "choices": ["x", "y"], "gold": 0}\n', "non-blank text field"),
+        ('{"query": "a", "choices": ["x", "y"], "gold": -1}\n', "out of range"),
+        ('{"query": "a", "choices": ["x", "y"], "gold": 0}\n{"query": "b", "choices": ["x"', ":2: not valid JSON"),
+        ('{"query": "a", "choices": ["x"], "gold": 0}\n', "at least two non-empty strings"),
+        ('{"query": "a", "choices": ["x", ""], "gold": 0}\n', "at least two non-empty strings"),
+        ('{"query": "a", "choices": ["x", "y"], "gold": "x"}\n', "integer gold"),
+        ('{"query": "a", "choices": ["x", "y"], "gold": true}\n', "integer gold"),
+        ('{"prompt": "a", "choices": ["x", "y"], "gold": 0}\n', "query / context / question"),
+        ('["a", "b"]\n', "expected a JSON object"),
+        ("\n\n", "has no questions"),
+        (b"\xff\xfe\x00", "not UTF-8"),
+    ],
+)
 def test_bad_task_files_are_refused_with_the_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -183,13 +194,19 @@ def test_eval_options_checked_together(models):
     assert result.exit_code == 2
     assert "--limit must be at least 1" in result.stderr and "--num-fewshot must be at least 0" in result.stderr
     with pytest.raises(ConfigError, match="--tasks needs comma-separated"):
-        EvalConfig(tasks=["a.jsonl", " "]).validate()
+        EvalConfig(tasks=["a.jsonl", " "])
 
 
 def test_losa_run_records_accuracy_in_the_eval_manifest_and_report(models, tmp_path, eval_file):
     task = write_task(tmp_path / "my_task.jsonl", questions(count=4))
-    recipe = {"model": str(models["llama"]), "device": "cpu", "recover": None, "export": None, "bench": None,
-              "eval": {"data": str(eval_file), "seqlen": 16, "max_windows": 2, "tasks": [str(task)], "num_fewshot": 1}}
+    recipe = {
+        "model": str(models["llama"]),
+        "device": "cpu",
+        "recover": None,
+        "export": None,
+        "bench": None,
+        "eval": {"data": str(eval_file), "seqlen": 16, "max_windows": 2, "tasks": [str(task)], "num_fewshot": 1},
+    }
     (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))  # JSON is YAML
     result = runner.invoke(app, ["run", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
@@ -197,5 +214,10 @@ def test_losa_run_records_accuracy_in_the_eval_manifest_and_report(models, tmp_p
     assert manifest["settings"]["tasks"] == [str(task)] and manifest["settings"]["num_fewshot"] == 1
     for model in ("input", "final"):
         (recorded,) = manifest["results"][model]["zeroshot"]["tasks"]
-        assert (recorded["task"], recorded["version"], recorded["num_fewshot"], recorded["samples"]) == ("my_task", "1.0", 1, 4)
+        assert (recorded["task"], recorded["version"], recorded["num_fewshot"], recorded["samples"]) == (
+            "my_task",
+            "1.0",
+            1,
+            4,
+        )
     assert "| my_task | 1.0 | 1 | 4 |" in (tmp_path / "run" / "report.md").read_text()

@@ -45,7 +45,7 @@ class DiskWindows:
     def __iter__(self) -> Iterator[torch.Tensor]:
         return (self[index] for index in range(self.count))
 
-    def successor(self) -> "DiskWindows":
+    def successor(self) -> DiskWindows:
         """An empty store beside this one, for the next block's outputs."""
         return DiskWindows(self.root, self.generation + 1)
 

@@ -25,12 +25,22 @@ def check_output(path: str | Path, force: bool, inputs: tuple[str | Path, ...] =
     problem = output_problem(out, inputs, option)
     if problem:
         raise ConfigError(problem)
+    refusal = existing_output(out, path, force, option, folder)
+    if refusal:
+        raise OutputExistsError(refusal)
+    return out
+
+
+def existing_output(
+    out: Path, given: str | Path, force: bool, option: str = "--out", folder: bool = True
+) -> str | None:
+    """Why an existing output may not be replaced (without ``force``, or of the wrong kind); None when it may."""
     if out.exists() and not force:
-        raise OutputExistsError(f"output {path} already exists; pass --force to replace it or choose another {option}")
+        return f"output {given} already exists; pass --force to replace it or choose another {option}"
     if out.exists() and out.is_dir() != folder:
         kind = "not a folder" if folder else "a folder"
-        raise OutputExistsError(f"output {path} exists and is {kind}; remove it or choose another {option}")
-    return out
+        return f"output {given} exists and is {kind}; remove it or choose another {option}"
+    return None
 
 
 def output_problem(out: Path, inputs: tuple[str | Path, ...] = (), option: str = "--out") -> str | None:

@@ -12,7 +12,6 @@ each window from one document (``document_windows``), as the Wanda / SparseGPT l
 
 from __future__ import annotations
 
-import codecs
 import json
 import random
 from collections.abc import Iterator
@@ -24,9 +23,15 @@ import torch
 from .config import AUTO_ENCODING
 from .errors import DataError
 from .hub import LOCAL_DATA, hub_unreachable, offline_by_env
+from .text import decode_text
 
 HUB_DATASETS = {
-    "c4": {"path": "allenai/c4", "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}, "split": "train", "field": "text"},
+    "c4": {
+        "path": "allenai/c4",
+        "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"},
+        "split": "train",
+        "field": "text",
+    },
     "wikitext2": {"path": "wikitext", "name": "wikitext-2-raw-v1", "split": "test", "field": "text"},
 }
 ALPACA_WITH_INPUT = (
@@ -45,87 +50,6 @@ def format_instruction(record: dict) -> tuple[str, str]:
     template = ALPACA_WITH_INPUT if record.get("input") else ALPACA_NO_INPUT
     prompt = template.format(instruction=record["instruction"], input=record.get("input", ""))
     return prompt, str(record.get("output", ""))
-
-
-UTF8 = "utf-8"
-WESTERN = "cp1252"  # Windows' Western code page: Latin-1's printable characters, plus € “ ” – in 0x80-0x9F
-#: byte-order marks that name their encoding; UTF-32's are checked before UTF-16's, which they start with
-BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, UTF8),
-                    (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
-
-
-@dataclass(frozen=True)
-class DecodedText:
-    """A text file's content and how its bytes became that text."""
-
-    text: str
-    encoding: str  # the Python codec used
-    reason: str  # "given" (--encoding), "utf-8", "byte-order mark" or "detected"
-
-    def warning(self, what: str) -> str | None:
-        """The line telling the user that ``auto`` read the file as something other than UTF-8, so
-        a wrong guess is seen (and fixed with --encoding) rather than silently trained on."""
-        if self.reason not in ("byte-order mark", "detected"):
-            return None
-        return f"{what} is not UTF-8; read it as {self.encoding} ({self.reason}); pass --encoding to choose"
-
-
-def _strict_decode(raw: bytes, codec: str, path: Path, skipped: int = 0) -> str:
-    """``raw`` decoded with ``codec``, never dropping or replacing a byte; a failure names the offset
-    in the file (``skipped``: bytes of a byte-order mark before ``raw``)."""
-    try:
-        return raw.decode(codec)
-    except UnicodeDecodeError as exc:
-        offset = skipped + exc.start
-        bad = " ".join(f"0x{byte:02x}" for byte in raw[exc.start : min(exc.end, exc.start + 4)])
-        raise DataError(f"{path} is not {codec} text: {bad} at byte offset {offset} ({exc.reason}); "
-                        "pass another --encoding (e.g. cp1252, latin-1), or auto to detect it") from None
-
-
-def _detected_encodings(raw: bytes) -> Iterator[str]:
-    """Codecs that read ``raw`` as plausible text, most likely first (judged by ``charset_normalizer``).
-
-    cp1252 comes first whenever its reading is clean: most non-UTF-8 corpora are Western (it is
-    also what browsers assume for unlabelled pages), and on mostly-ASCII text detection alone is
-    weak -- it reads the pound sign of English news as cp1250's "Ł" and French as mac_latin2.
-    Cyrillic, Greek, CJK, Hebrew and Arabic read messily in cp1252 and keep their detected codec;
-    Turkish or Hungarian text may be read as cp1252, which the warning names, so --encoding fixes it.
-    """
-    from charset_normalizer import from_bytes
-
-    if from_bytes(raw, cp_isolation=[WESTERN]).best() is not None:
-        yield WESTERN
-    yield from (match.encoding for match in from_bytes(raw))
-
-
-def decode_text(path: Path, encoding: str = AUTO_ENCODING) -> DecodedText:
-    """Read a text file in ``encoding``, or with ``auto``: its byte-order mark (UTF-8/16/32), else UTF-8
-    when it decodes strictly, else the detected encoding (``_detected_encodings``).  Corpora come in
-    many encodings (a Latin-1 news file with a pound sign is common); every byte is decoded strictly,
-    so no character is ever dropped or replaced, and an encoding found by auto is reported (``warning``)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if encoding != AUTO_ENCODING:
-        codec = codecs.lookup(encoding).name
-        skipped = len(codecs.BOM_UTF8) if codec == UTF8 and raw.startswith(codecs.BOM_UTF8) else 0
-        return DecodedText(_strict_decode(raw[skipped:], codec, path, skipped), codec, "given")
-    for mark, codec in BYTE_ORDER_MARKS:
-        if raw.startswith(mark):
-            reason = "utf-8" if codec == UTF8 else "byte-order mark"
-            return DecodedText(_strict_decode(raw[len(mark):], codec, path, len(mark)), codec, reason)
-    try:
-        return DecodedText(raw.decode(UTF8), UTF8, "utf-8")
-    except UnicodeDecodeError:
-        pass
-    for codec in _detected_encodings(raw):
-        try:
-            return DecodedText(raw.decode(codec), codec, "detected")
-        except UnicodeDecodeError:
-            continue  # a large file is judged on samples: the next candidate may read all of it
-    raise DataError(f"{path} is not UTF-8 and its encoding cannot be detected (is it text?); "
-                    "pass --encoding, e.g. --encoding cp1252 or --encoding latin-1")
 
 
 def _txt_documents(text: str) -> list[str]:
@@ -185,15 +109,17 @@ def _read_hub(name: str) -> list[str]:
     field = spec.pop("field")
     offline = None if offline_by_env() else hub_unreachable()  # offline mode reads the local cache quickly
     if offline:
-        raise DataError(f"{name!r} is a Hub dataset and the Hub cannot be reached ({offline}); "
-                        f"give {LOCAL_DATA} instead")
+        raise DataError(
+            f"{name!r} is a Hub dataset and the Hub cannot be reached ({offline}); give {LOCAL_DATA} instead"
+        )
     try:
         from datasets import load_dataset
 
         dataset = load_dataset(**spec)
     except Exception as exc:  # noqa: BLE001 - any network/Hub failure means the same to the user
-        raise DataError(f"cannot fetch the Hub dataset {name!r} ({type(exc).__name__}); "
-                        f"give {LOCAL_DATA} instead") from None
+        raise DataError(
+            f"cannot fetch the Hub dataset {name!r} ({type(exc).__name__}); give {LOCAL_DATA} instead"
+        ) from None
     return [t for t in dataset[field] if t and t.strip()]
 
 
@@ -217,7 +143,9 @@ def load_documents(source: str, encoding: str, what: str, warnings: list[str]) -
     if path.is_dir():
         return _nonempty(source, Documents(_read_saved_dataset(path)))
     if path.suffix not in (".jsonl", ".txt", ".text", ".md", ""):
-        raise DataError(f"{source}: unsupported data format {path.suffix!r}; use .txt, .jsonl or a saved datasets folder")
+        raise DataError(
+            f"{source}: unsupported data format {path.suffix!r}; use .txt, .jsonl or a saved datasets folder"
+        )
     decoded = decode_text(path, encoding)
     if (warning := decoded.warning(f"{what} {source}")) is not None:
         warnings.append(warning)
@@ -259,7 +187,9 @@ def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
     return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
 
 
-def sample_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, bos: int | None, source: str) -> torch.Tensor:
+def sample_windows(
+    stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, bos: int | None, source: str
+) -> torch.Tensor:
     """``nsamples`` distinct, non-overlapping windows of ``seqlen`` tokens chosen with ``seed``.
 
     With a BOS token each window is BOS + ``seqlen - 1`` text tokens, so the model sees what it
@@ -281,7 +211,9 @@ def sample_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, 
     return _with_bos(windows, bos)
 
 
-def document_windows(tokenizer, documents: list[str], nsamples: int, seqlen: int, seed: int, source: str) -> torch.Tensor:
+def document_windows(
+    tokenizer, documents: list[str], nsamples: int, seqlen: int, seed: int, source: str
+) -> torch.Tensor:
     """``nsamples`` windows drawn as the Wanda / SparseGPT C4 loaders draw them, so that a paper's
     protocol can be reproduced window for window.
 
@@ -304,8 +236,10 @@ def document_windows(tokenizer, documents: list[str], nsamples: int, seqlen: int
             if len(tokens[index]) > seqlen:
                 break
             if len(tokens) == len(documents) and longest <= seqlen:
-                raise DataError(f"no document of {source} is longer than {seqlen} tokens (the longest has {longest}); "
-                                "lower --seqlen or use --sampling stream")
+                raise DataError(
+                    f"no document of {source} is longer than {seqlen} tokens (the longest has {longest}); "
+                    "lower --seqlen or use --sampling stream"
+                )
         start = rng.randint(0, len(tokens[index]) - seqlen - 1)
         windows.append(tokens[index][start : start + seqlen])
     return torch.tensor(windows, dtype=torch.long)
@@ -318,7 +252,9 @@ def consecutive_windows(stream: torch.Tensor, seqlen: int, max_windows: int | No
     if max_windows is not None:
         count = min(count, max_windows)
     if count == 0:
-        raise DataError(f"the evaluation text holds {len(stream)} tokens, fewer than one window of {seqlen}; lower --seqlen")
+        raise DataError(
+            f"the evaluation text holds {len(stream)} tokens, fewer than one window of {seqlen}; lower --seqlen"
+        )
     windows = stream[: count * body].view(count, body)
     return _with_bos(windows, bos)
 
@@ -334,8 +270,9 @@ def _instruction_records(documents: Documents, source: str) -> list[dict] | None
     return [record for _, record in records]
 
 
-def training_examples(tokenizer, source: str, documents: Documents, max_length: int,
-                      response_only: bool) -> list[dict[str, torch.Tensor]]:
+def training_examples(
+    tokenizer, source: str, documents: Documents, max_length: int, response_only: bool
+) -> list[dict[str, torch.Tensor]]:
     """Fine-tuning examples from ``documents`` (``load_documents(source, ...)``): ``input_ids`` and
     ``labels`` (-100 where no loss is taken).
 
@@ -363,17 +300,21 @@ def training_examples(tokenizer, source: str, documents: Documents, max_length: 
         for window in consecutive_windows(stream, max_length, None, bos):
             examples.append({"input_ids": window.clone(), "labels": window.clone()})
     if not examples:
-        raise DataError(f"{source} yields no training examples: every response lies beyond --max-length {max_length} "
-                        "tokens (or the text is shorter than one window); raise --max-length")
+        raise DataError(
+            f"{source} yields no training examples: every response lies beyond --max-length {max_length} "
+            "tokens (or the text is shorter than one window); raise --max-length"
+        )
     return examples
 
 
 def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; padding gets attention 0 and label -100."""
     length = max(len(e["input_ids"]) for e in examples)
-    batch = {"input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
-             "labels": torch.full((len(examples), length), -100, dtype=torch.long),
-             "attention_mask": torch.zeros((len(examples), length), dtype=torch.long)}
+    batch = {
+        "input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
+        "labels": torch.full((len(examples), length), -100, dtype=torch.long),
+        "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
+    }
     for row, example in enumerate(examples):
         n = len(example["input_ids"])
         batch["input_ids"][row, :n] = example["input_ids"]

@@ -12,7 +12,7 @@ import os
 import platform
 import resource
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -61,19 +61,31 @@ def peak_rss_mib() -> float:
     return peak / 1024 if sys.platform != "darwin" else peak / 2**20
 
 
+def peak_memory_mib(device) -> float:
+    """The peak memory a run used where its tensors lived: the GPU's allocations when ``device`` is
+    CUDA, else this process's peak resident memory (one rule for every command)."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mib()
+
+
 def manifest_hash(manifest: dict) -> str:
     """SHA-256 of a manifest's canonical JSON: how a child names its parent."""
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
-def build_manifest(command: str, inputs: dict, settings: dict, results: dict, parent_folder: Path | None = None) -> dict:
+def build_manifest(
+    command: str, inputs: dict, settings: dict, results: dict, parent_folder: Path | None = None
+) -> dict:
     """Assemble a manifest; ``parent_folder`` is the input model's folder, linked by its manifest's hash."""
     parent = read_manifest(parent_folder) if parent_folder is not None else None
     return {
         "losa_manifest_version": 1,
         "command": command,
         "argv": sys.argv,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "inputs": inputs,
         "settings": settings,
         "results": results,
@@ -81,7 +93,11 @@ def build_manifest(command: str, inputs: dict, settings: dict, results: dict, pa
         "machine": machine_info(),
         "parent_manifest": None
         if parent is None
-        else {"command": parent.get("command"), "sha256": manifest_hash(parent), "path": str(Path(parent_folder).resolve())},
+        else {
+            "command": parent.get("command"),
+            "sha256": manifest_hash(parent),
+            "path": str(Path(parent_folder).resolve()),
+        },
     }
 
 

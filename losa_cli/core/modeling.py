@@ -76,7 +76,9 @@ def resolve_source(spec: str) -> ModelSource:
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         if len(ggufs) == 1:
             return ModelSource(spec, str(path), ggufs[0])
-        raise ModelError(f"--model {spec} is a folder without config.json (nor a single .gguf file); is it a model folder?")
+        raise ModelError(
+            f"--model {spec} is a folder without config.json (nor a single .gguf file); is it a model folder?"
+        )
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
     if looks_like_hub_id:
         return ModelSource(spec, spec, is_local=False)
@@ -101,8 +103,10 @@ def _load_config(source: ModelSource, trust_remote_code: bool, hub: dict, offlin
 def _unreadable(source: ModelSource, exc: BaseException, offline: str | None) -> str:
     """One line for a config that cannot be read: a Hub id offline, or a broken local file."""
     if offline:
-        return (f"--model {source.spec} is not a local path, the Hub cannot be reached ({offline}) and it is not in "
-                f"the local cache: give a model folder, a .gguf file or {SMOLLM2_ALIAS}")
+        return (
+            f"--model {source.spec} is not a local path, the Hub cannot be reached ({offline}) and it is not in "
+            f"the local cache: give a model folder, a .gguf file or {SMOLLM2_ALIAS}"
+        )
     where = "on the Hub (wrong id?)" if not source.is_local else f"in {source.location}"
     return f"cannot read the model config {where} (corrupt or incomplete file?): {_first_line(exc)}"
 
@@ -146,7 +150,9 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors, GGUF and torch errors of a broken file
-        raise ModelError(f"cannot load the model from {source.location} (corrupt or incomplete checkpoint?): {_first_line(exc)}") from exc
+        raise ModelError(
+            f"cannot load the model from {source.location} (corrupt or incomplete checkpoint?): {_first_line(exc)}"
+        ) from exc
     if source.gguf_file:
         model = _drop_gguf_quantization(model)
     model.eval()
@@ -163,8 +169,10 @@ def load_model_skeleton(spec: str, dtype: str = "float32", trust_remote_code: bo
     """
     source = resolve_source(spec)
     if not source.is_local or source.gguf_file or not any(Path(source.location).glob("*.safetensors")):
-        raise ModelError(f"--low-memory reads a local folder of .safetensors weights, and {spec} is not one: "
-                         "convert or download it first, or drop --low-memory")
+        raise ModelError(
+            f"--low-memory reads a local folder of .safetensors weights, and {spec} is not one: "
+            "convert or download it first, or drop --low-memory"
+        )
     read_manifest(Path(source.location))
     config = _load_config(source, trust_remote_code, {}, None)
     torch_dtype = DTYPES[dtype]
@@ -240,7 +248,9 @@ def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
 
 def block_linears(blocks: nn.ModuleList) -> dict[str, nn.Linear]:
     """Every linear layer of the blocks, named ``block_index.path`` (the names manifests use)."""
-    return {f"{index}.{name}": linear for index, block in enumerate(blocks) for name, linear in find_linears(block).items()}
+    return {
+        f"{index}.{name}": linear for index, block in enumerate(blocks) for name, linear in find_linears(block).items()
+    }
 
 
 def resolve_device(device: str) -> torch.device:

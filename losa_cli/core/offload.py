@@ -39,7 +39,7 @@ class Checkpoint:
     weight_map: dict[str, str]
 
     @classmethod
-    def open(cls, folder: str | Path) -> "Checkpoint":
+    def open(cls, folder: str | Path) -> Checkpoint:
         from safetensors import safe_open
 
         folder = Path(folder)

@@ -1,4 +1,4 @@
-"""PNG figures (matplotlib, headless): the per-block allocation and the similarity heatmap."""
+"""PNG figures (matplotlib, headless): the per-block allocation, the similarity heatmap, the training loss."""
 
 from __future__ import annotations
 
@@ -62,3 +62,25 @@ def save_figure(fig, path: Path) -> Path:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
     return path
+
+
+def plot_losses(path: Path, stages: list[dict]) -> Path | None:
+    """Training loss over the steps of every recover stage (stage boundaries marked)."""
+    losses = [(s["stage"], loss) for s in stages for loss in s.get("losses", [])]
+    if not losses:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(range(1, len(losses) + 1), [loss for _, loss in losses], color="#4c72b0", linewidth=1)
+    step = 0
+    for s in stages[:-1]:
+        step += len(s.get("losses", []))
+        ax.axvline(step + 0.5, color="#999999", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("optimizer step (dotted: stage boundaries, pruning in between)")
+    ax.set_ylabel("training loss")
+    ax.set_title("LoSA fine-tuning loss")
+    return save_figure(fig, path)

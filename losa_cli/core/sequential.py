@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -28,6 +28,12 @@ BlockLoader = ResidentBlocks | MappedBlocks
 ProgressFn = Callable[..., None]
 
 
+class Observer(Protocol):
+    """What watches a linear layer's inputs during a sequential pass (``BlockStep.observe_linear_inputs``)."""
+
+    def add(self, inputs: torch.Tensor) -> None: ...
+
+
 class _StopForward(Exception):
     """Raised by a recorder to end a forward pass once it has what it needs."""
 
@@ -35,7 +41,7 @@ class _StopForward(Exception):
 class _BlockRecorder(nn.Module):
     """Stands in for a decoder block: records its inputs and returns them unchanged."""
 
-    def __init__(self, block: nn.Module, index: int, last: bool, sink: "_Capture") -> None:
+    def __init__(self, block: nn.Module, index: int, last: bool, sink: _Capture) -> None:
         super().__init__()
         self.block = block
         self.index = index
@@ -53,7 +59,9 @@ class _BlockRecorder(nn.Module):
         if self.index == 0:
             self.sink.hidden.append(hidden)
         if self.sink.record_kwargs:
-            self.sink.kwargs.append({"args": args[1:], "kwargs": {k: v for k, v in kwargs.items() if k != "hidden_states"}})
+            self.sink.kwargs.append(
+                {"args": args[1:], "kwargs": {k: v for k, v in kwargs.items() if k != "hidden_states"}}
+            )
         if self.last or not self.sink.record_kwargs:
             raise _StopForward
         return hidden
@@ -96,8 +104,9 @@ def move_all_but_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.d
                 module._buffers[name] = buffer.to(device)
 
 
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device,
-                         store: DiskWindows | None = None) -> tuple[list[torch.Tensor] | DiskWindows, list[dict]]:
+def capture_block_inputs(
+    model: nn.Module, windows: torch.Tensor, device: torch.device, store: DiskWindows | None = None
+) -> tuple[list[torch.Tensor] | DiskWindows, list[dict]]:
     """Inputs of block 0 for every window (in ``store`` when given), and the extra arguments each block receives."""
     blocks = find_blocks(model)
     move_all_but_blocks(model, blocks, device)
@@ -105,8 +114,9 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
         return _record(model, blocks, windows, device, [] if store is None else store)
 
 
-def _record(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device,
-            hidden: list | DiskWindows) -> tuple[list | DiskWindows, list]:
+def _record(
+    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device, hidden: list | DiskWindows
+) -> tuple[list | DiskWindows, list]:
     capture = _Capture(hidden=hidden, kwargs=[], record_kwargs=True)
     originals = list(blocks)
     for i, block in enumerate(originals):
@@ -146,23 +156,25 @@ class BlockStep:
                 outputs.append(_output_tensor(self.block(x.to(self.device), *self.call["args"], **self.call["kwargs"])))
         return outputs
 
-    def observe_linear_inputs(self, make_observer: Callable[[str, nn.Linear], Callable[[torch.Tensor], None]]) -> None:
-        """Run the block once with a hook feeding each linear layer's inputs to its observer."""
+    def observe_linear_inputs(self, make: Callable[[nn.Linear], Observer]) -> dict[str, Observer]:
+        """Run the block once, every linear layer's inputs going to the ``add`` of its own observer
+        (``make(linear)``: an input-norm or Hessian accumulator); returns them by layer name."""
+        observers = {name: make(linear) for name, linear in find_linears(self.block).items()}
+
         def hook_for(observe: Callable[[torch.Tensor], None]):
             def hook(_module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
                 observe(args[0])  # returns None: a forward hook's return value would replace the output
 
             return hook
 
-        handles = [
-            linear.register_forward_hook(hook_for(make_observer(name, linear)))
-            for name, linear in find_linears(self.block).items()
-        ]
+        linears = find_linears(self.block)
+        handles = [linears[name].register_forward_hook(hook_for(observer.add)) for name, observer in observers.items()]
         try:
             self.run()
         finally:
             for handle in handles:
                 handle.remove()
+        return observers
 
 
 def sequential_blocks(

@@ -88,7 +88,9 @@ def weight_key(array: np.ndarray) -> str:
 def _constant_matmuls(proto) -> list[int]:
     """Indices of the MatMul nodes whose second input is a 2-D float initializer (the linear layers)."""
     floats = {init.name for init in proto.graph.initializer if init.data_type == 1 and len(init.dims) == 2}
-    return [index for index, node in enumerate(proto.graph.node) if node.op_type == "MatMul" and node.input[1] in floats]
+    return [
+        index for index, node in enumerate(proto.graph.node) if node.op_type == "MatMul" and node.input[1] in floats
+    ]
 
 
 def activation_ranges(prefill_path: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
@@ -100,7 +102,7 @@ def activation_ranges(prefill_path: Path, feeds: list[dict[str, np.ndarray]]) ->
     import onnx
     from onnx import numpy_helper
 
-    from .onnx_graphs import ort_session
+    from ..runtime import ort_session
 
     proto = onnx.load(str(prefill_path), load_external_data=True)
     arrays = {init.name: init for init in proto.graph.initializer}
@@ -114,8 +116,14 @@ def activation_ranges(prefill_path: Path, feeds: list[dict[str, np.ndarray]]) ->
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     with tempfile.TemporaryDirectory(prefix="losa-calib-") as scratch:
         path = Path(scratch) / "calib.onnx"
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="calib.onnx.data", size_threshold=1024)
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="calib.onnx.data",
+            size_threshold=1024,
+        )
         session = ort_session(path)
         names = [out.name for out in session.get_outputs()]
         ranges: dict[str, tuple[float, float]] = {}
@@ -147,23 +155,28 @@ def _per_token_quantize(x: str, tag: str, nodes: list, inits: list) -> tuple[str
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    inits += [numpy_helper.from_array(np.array(INT8_MAX, np.float32), f"{tag}_127"),
-              numpy_helper.from_array(np.array(1e-12, np.float32), f"{tag}_eps"),
-              numpy_helper.from_array(np.array(MIDPOINT, np.float32), f"{tag}_mid"),
-              numpy_helper.from_array(np.array(MIDPOINT, np.uint8), f"{tag}_zp")]
-    nodes += [helper.make_node("Abs", [x], [f"{tag}_abs"]),
-              helper.make_node("ReduceMax", [f"{tag}_abs"], [f"{tag}_max"], axes=[-1], keepdims=1),
-              helper.make_node("Div", [f"{tag}_max", f"{tag}_127"], [f"{tag}_raw_scale"]),
-              helper.make_node("Max", [f"{tag}_raw_scale", f"{tag}_eps"], [f"{tag}_scale"]),
-              helper.make_node("Div", [x, f"{tag}_scale"], [f"{tag}_scaled"]),
-              helper.make_node("Round", [f"{tag}_scaled"], [f"{tag}_rounded"]),
-              helper.make_node("Add", [f"{tag}_rounded", f"{tag}_mid"], [f"{tag}_shifted"]),
-              helper.make_node("Cast", [f"{tag}_shifted"], [f"{tag}_q"], to=TensorProto.UINT8)]
+    inits += [
+        numpy_helper.from_array(np.array(INT8_MAX, np.float32), f"{tag}_127"),
+        numpy_helper.from_array(np.array(1e-12, np.float32), f"{tag}_eps"),
+        numpy_helper.from_array(np.array(MIDPOINT, np.float32), f"{tag}_mid"),
+        numpy_helper.from_array(np.array(MIDPOINT, np.uint8), f"{tag}_zp"),
+    ]
+    nodes += [
+        helper.make_node("Abs", [x], [f"{tag}_abs"]),
+        helper.make_node("ReduceMax", [f"{tag}_abs"], [f"{tag}_max"], axes=[-1], keepdims=1),
+        helper.make_node("Div", [f"{tag}_max", f"{tag}_127"], [f"{tag}_raw_scale"]),
+        helper.make_node("Max", [f"{tag}_raw_scale", f"{tag}_eps"], [f"{tag}_scale"]),
+        helper.make_node("Div", [x, f"{tag}_scale"], [f"{tag}_scaled"]),
+        helper.make_node("Round", [f"{tag}_scaled"], [f"{tag}_rounded"]),
+        helper.make_node("Add", [f"{tag}_rounded", f"{tag}_mid"], [f"{tag}_shifted"]),
+        helper.make_node("Cast", [f"{tag}_shifted"], [f"{tag}_q"], to=TensorProto.UINT8),
+    ]
     return f"{tag}_q", f"{tag}_scale", f"{tag}_zp"
 
 
-def quantize_graph(source: Path, target: Path, activations: str = "dynamic",
-                   ranges: dict[str, tuple[float, float]] | None = None) -> QuantizeReport:
+def quantize_graph(
+    source: Path, target: Path, activations: str = "dynamic", ranges: dict[str, tuple[float, float]] | None = None
+) -> QuantizeReport:
     """Write ``target``: ``source`` with int8 weights in every constant-weight MatMul.
 
     ``static`` needs ``ranges`` from ``activation_ranges``; a MatMul whose weight has no range
@@ -206,12 +219,18 @@ def quantize_graph(source: Path, target: Path, activations: str = "dynamic",
             stored = (quantized.astype(np.int16) + 128).astype(np.uint8)
             zero_point = np.full(scale.shape, 128, np.uint8)
             names = (f"{weight_name}_int8", f"{weight_name}_int8_zp", f"{weight_name}_int8_scale")
-            new_inits += [numpy_helper.from_array(stored, names[0]), numpy_helper.from_array(zero_point, names[1]),
-                          numpy_helper.from_array(scale, names[2])]
+            new_inits += [
+                numpy_helper.from_array(stored, names[0]),
+                numpy_helper.from_array(zero_point, names[1]),
+                numpy_helper.from_array(scale, names[2]),
+            ]
             done[weight_name] = (*names, scale)
             zeros_fp32, zeros_int8 = int(np.count_nonzero(weight == 0)), int(np.count_nonzero(quantized == 0))
-            report.layers.append(QuantizedLayer(weight_name, list(weight.shape), zeros_fp32, zeros_int8,
-                                                bool(np.all(quantized[weight == 0] == 0))))
+            report.layers.append(
+                QuantizedLayer(
+                    weight_name, list(weight.shape), zeros_fp32, zeros_int8, bool(np.all(quantized[weight == 0] == 0))
+                )
+            )
             report.weights_quantized += 1
             report.weight_bytes_fp32 += weight.nbytes
             report.weight_bytes_int8 += quantized.nbytes + scale.nbytes
@@ -230,9 +249,11 @@ def quantize_graph(source: Path, target: Path, activations: str = "dynamic",
         else:
             xq, xzp, rescale = f"{tag}_xq", f"{tag}_xzp", [f"{tag}_scale"]
             x_scale, x_zero = _uint8_params(*ranges[key])
-            new_inits += [numpy_helper.from_array(np.array(x_scale, np.float32), f"{tag}_xs"),
-                          numpy_helper.from_array(np.array(x_zero, np.uint8), xzp),
-                          numpy_helper.from_array((x_scale * scale).astype(np.float32), f"{tag}_scale")]
+            new_inits += [
+                numpy_helper.from_array(np.array(x_scale, np.float32), f"{tag}_xs"),
+                numpy_helper.from_array(np.array(x_zero, np.uint8), xzp),
+                numpy_helper.from_array((x_scale * scale).astype(np.float32), f"{tag}_scale"),
+            ]
             new_nodes.append(helper.make_node("QuantizeLinear", [x, f"{tag}_xs", xzp], [xq]))
         new_nodes.append(helper.make_node("MatMulInteger", [xq, q_name, xzp, zp_name], [f"{tag}_i32"]))
         new_nodes.append(helper.make_node("Cast", [f"{tag}_i32"], [f"{tag}_f32"], to=TensorProto.FLOAT))
@@ -250,8 +271,14 @@ def quantize_graph(source: Path, target: Path, activations: str = "dynamic",
     proto.graph.initializer.extend(kept + [init for init in new_inits if init.name in used])
     target.parent.mkdir(parents=True, exist_ok=True)
     if sum(init.ByteSize() for init in proto.graph.initializer) >= EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=target.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            proto,
+            str(target),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=target.name + ".data",
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(proto, str(target))
     return report
@@ -259,12 +286,15 @@ def quantize_graph(source: Path, target: Path, activations: str = "dynamic",
 
 #: the text the int8 graphs are compared on: random token ids make outlier activations that real
 #: text does not, so agreement on them says little about the model a user runs
-COMPARISON_TEXT = ("The city council met on Tuesday to discuss the new budget for public schools. After a long debate, "
-                   "the members agreed to raise teachers' salaries and to repair the roofs of three old buildings.")
+COMPARISON_TEXT = (
+    "The city council met on Tuesday to discuss the new budget for public schools. After a long debate, "
+    "the members agreed to raise teachers' salaries and to repair the roofs of three old buildings."
+)
 
 
-def export_int8(fp32_folder: Path, int8_folder: Path, prompt_ids: np.ndarray | None = None, greedy_steps: int = 8,
-                seed: int = 0) -> dict:
+def export_int8(
+    fp32_folder: Path, int8_folder: Path, prompt_ids: np.ndarray | None = None, greedy_steps: int = 8, seed: int = 0
+) -> dict:
     """Quantize an export's graphs (per-token activations) into ``int8_folder`` and compare them with fp32.
 
     Returns the reports of both graphs plus the comparison on ``prompt_ids`` (a batch of token
@@ -272,10 +302,8 @@ def export_int8(fp32_folder: Path, int8_folder: Path, prompt_ids: np.ndarray | N
     fp32 logit, the top-1 agreement over its positions, and the share of greedy tokens (prefill +
     decode) equal to the fp32 graphs'.  Raises when a pruned weight is lost.
     """
-    import json
-
     from ..core.errors import NumericalError
-    from .onnx_graphs import SIDECAR_FILE, onnx_greedy, ort_session, read_graph_spec
+    from ..runtime import GraphSpec, onnx_greedy, ort_session, read_graph_spec, write_graph_spec
     from .onnx_weights import share_weights
 
     spec = read_graph_spec(fp32_folder)
@@ -287,21 +315,32 @@ def export_int8(fp32_folder: Path, int8_folder: Path, prompt_ids: np.ndarray | N
             raise NumericalError(f"int8 {graph}: a pruned weight became non-zero; nothing was written")
         reports[graph] = {k: v for k, v in report.to_dict().items() if k != "layers"}
     shared = share_weights(int8_folder, {graph: int8_folder / graph for graph in reports})
-    (int8_folder / SIDECAR_FILE).write_text(json.dumps({**spec.to_dict(), "precision": "int8"}, indent=2) + "\n")
+    write_graph_spec(int8_folder, GraphSpec(**{**spec.to_dict(), "precision": "int8"}))
     ids = prompt_ids
     if ids is None:
-        ids = np.random.default_rng(seed).integers(0, spec.vocab_size, (spec.batch or 2, spec.seqlen or 16), dtype=np.int64)
+        ids = np.random.default_rng(seed).integers(
+            0, spec.vocab_size, (spec.batch or 2, spec.seqlen or 16), dtype=np.int64
+        )
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     fp32_prefill, int8_prefill = ort_session(fp32_folder / spec.prefill), ort_session(int8_folder / spec.prefill)
     reference, quantized = fp32_prefill.run(["logits"], feed)[0], int8_prefill.run(["logits"], feed)[0]
-    comparison = {"prefill_max_abs_diff": float(np.abs(reference - quantized).max()),
-                  "logits_max_abs": float(np.abs(reference).max()),
-                  "top1_agreement": float((reference.argmax(-1) == quantized.argmax(-1)).mean())}
+    comparison = {
+        "prefill_max_abs_diff": float(np.abs(reference - quantized).max()),
+        "logits_max_abs": float(np.abs(reference).max()),
+        "top1_agreement": float((reference.argmax(-1) == quantized.argmax(-1)).mean()),
+    }
     if spec.decode and greedy_steps > 0:
-        tokens = [onnx_greedy(prefill, ort_session(folder / spec.decode), ids, greedy_steps, spec.num_layers)
-                  for prefill, folder in ((fp32_prefill, fp32_folder), (int8_prefill, int8_folder))]
+        tokens = [
+            onnx_greedy(prefill, ort_session(folder / spec.decode), ids, greedy_steps, spec.num_layers)
+            for prefill, folder in ((fp32_prefill, fp32_folder), (int8_prefill, int8_folder))
+        ]
         comparison["greedy_agreement"] = float((tokens[0] == tokens[1]).mean())
         comparison["greedy_steps"] = greedy_steps
     comparison["inputs"] = "random token ids" if prompt_ids is None else f"COMPARISON_TEXT ({ids.shape[1]} tokens)"
-    return {"graphs": reports, "shared_weights": shared, "comparison": comparison, "activations": "per token, symmetric (computed in the graph)",
-            "weights": "per output channel, symmetric, stored as uint8 with zero point 128"}
+    return {
+        "graphs": reports,
+        "shared_weights": shared,
+        "comparison": comparison,
+        "activations": "per token, symmetric (computed in the graph)",
+        "weights": "per output channel, symmetric, stored as uint8 with zero point 128",
+    }

@@ -14,6 +14,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from ..runtime import external_files
+
 SHARED_WEIGHTS = "weights.data"
 #: offsets are page-aligned so a runtime can memory-map each tensor in place
 ALIGNMENT = 4096
@@ -64,12 +66,3 @@ def share_weights(folder: Path, sources: dict[str, Path]) -> dict:
         path.unlink(missing_ok=True)
     return {"file": SHARED_WEIGHTS, "bytes": (folder / SHARED_WEIGHTS).stat().st_size, "tensors": len(stored),
             "references": references, "graphs": list(sources)}
-
-
-def external_files(graph: Path) -> set[str]:
-    """Names of the external data files a graph reads (beside it)."""
-    import onnx
-
-    proto = onnx.load(str(graph), load_external_data=False)
-    return {entry.value for tensor in proto.graph.initializer for entry in tensor.external_data if entry.key == "location"}
-

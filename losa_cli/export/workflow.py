@@ -14,11 +14,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..core.atomic import atomic_folder, check_output, link_identical
-from ..core.config import ExportConfig, to_dict
-from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
+from ..core.config import to_dict
+from ..core.manifest import build_manifest, peak_memory_mib, write_manifest
 from ..core.modeling import load_model, save_model, sparsity_report
+from ..core.sequential import ProgressFn
+from ..runtime import DEEPSPARSE_MAX_OPSET, check_onnx_environment
+from .config import ExportConfig
 from .int8 import COMPARISON_TEXT, export_int8
-from .onnx_graphs import DEEPSPARSE_MAX_OPSET, ProgressFn, check_onnx_environment, export_graphs, verify_export
+from .onnx_graphs import export_graphs
+from .verify import verify_export
 
 ONNX_FOLDER = "onnx"
 INT8_FOLDER = "onnx-int8"
@@ -60,8 +64,9 @@ def _onnx_summary(spec, verification, environment: dict) -> dict:
             "greedy_tokens_onnx": verification.greedy_tokens_onnx,
             "weights_checked": verification.layers_checked,
             "zero_mismatches": verification.zero_mismatches,
-            "max_zero_fraction_diff": max((abs(c.model_zeros - c.onnx_zeros) for c in checks if c.onnx_zeros is not None),
-                                          default=0.0),
+            "max_zero_fraction_diff": max(
+                (abs(c.model_zeros - c.onnx_zeros) for c in checks if c.onnx_zeros is not None), default=0.0
+            ),
             "transposed_weights": sum(c.transposed for c in checks),
         },
     }
@@ -96,40 +101,58 @@ def _save_weights(loaded, staging: Path, safetensors: bool, progress: ProgressFn
 
 def run_export(config: ExportConfig, progress: ProgressFn | None = None) -> ExportResult:
     """Export a (pruned, possibly recovered) model; see the module docstring for the steps."""
-    config.validate()
     started = time.perf_counter()
     out = check_output(config.out, config.force, inputs=(config.model,))
     warnings: list[str] = []
     environment = check_onnx_environment(config.opset) if config.onnx else {}
     if config.onnx and config.opset > DEEPSPARSE_MAX_OPSET:
-        warnings.append(f"opset {config.opset} is above {DEEPSPARSE_MAX_OPSET}: DeepSparse 1.8 will refuse these graphs")
+        warnings.append(
+            f"opset {config.opset} is above {DEEPSPARSE_MAX_OPSET}: DeepSparse 1.8 will refuse these graphs"
+        )
     loaded = load_model(config.model, "float32", config.trust_remote_code)
     per_layer, per_block, global_sparsity, checksum = sparsity_report(loaded.model)
     onnx_summary = int8_summary = None
     with atomic_folder(out) as staging:
         linked = _save_weights(loaded, staging, config.safetensors, progress)
         if config.onnx:
-            spec, export_warnings = export_graphs(loaded.model, staging / ONNX_FOLDER, config.batch, config.seqlen,
-                                                  config.opset, config.decode, progress)
+            spec, export_warnings = export_graphs(
+                loaded.model, staging / ONNX_FOLDER, config.batch, config.seqlen, config.opset, config.decode, progress
+            )
             warnings += export_warnings
             verification = verify_export(loaded.model, staging / ONNX_FOLDER, spec, config.tolerance, progress=progress)
             onnx_summary = _onnx_summary(spec, verification, environment)
         if config.int8:
             if progress:
                 progress("int8 graphs", 0, 1)
-            int8_summary = {"folder": INT8_FOLDER, **export_int8(staging / ONNX_FOLDER, staging / INT8_FOLDER,
-                                                                 _comparison_ids(loaded.tokenizer, config))}
+            int8_summary = {
+                "folder": INT8_FOLDER,
+                **export_int8(staging / ONNX_FOLDER, staging / INT8_FOLDER, _comparison_ids(loaded.tokenizer, config)),
+            }
             if progress:
                 progress("int8 graphs", 1, 1)
-        results = {"global_sparsity": global_sparsity, "per_block_sparsity": per_block, "per_layer_sparsity": per_layer,
-                   "mask_checksum": checksum, "onnx": onnx_summary, "onnx_int8": int8_summary,
-                   "safetensors": "hard link to the input's identical file" if linked else config.safetensors,
-                   "warnings": warnings}
+        results = {
+            "global_sparsity": global_sparsity,
+            "per_block_sparsity": per_block,
+            "per_layer_sparsity": per_layer,
+            "mask_checksum": checksum,
+            "onnx": onnx_summary,
+            "onnx_int8": int8_summary,
+            "safetensors": "hard link to the input's identical file" if linked else config.safetensors,
+            "warnings": warnings,
+        }
         parent = Path(loaded.source.location) if loaded.source.is_local else None
-        manifest = build_manifest("export", {"model": config.model}, to_dict(config),
-                                  results, parent_folder=parent)
+        manifest = build_manifest("export", {"model": config.model}, to_dict(config), results, parent_folder=parent)
         manifest["versions"].update({k: v for k, v in environment.items() if k in ("onnx", "onnxruntime")})
         write_manifest(staging, manifest)
-    return ExportResult(out=str(out), model=config.model, global_sparsity=global_sparsity, mask_checksum=checksum,
-                        per_block_sparsity=per_block, onnx=onnx_summary, onnx_int8=int8_summary,
-                        wall_time_s=time.perf_counter() - started, peak_memory_mib=peak_rss_mib(), warnings=warnings)
+    return ExportResult(
+        out=str(out),
+        model=config.model,
+        global_sparsity=global_sparsity,
+        mask_checksum=checksum,
+        per_block_sparsity=per_block,
+        onnx=onnx_summary,
+        onnx_int8=int8_summary,
+        wall_time_s=time.perf_counter() - started,
+        peak_memory_mib=peak_memory_mib("cpu"),
+        warnings=warnings,
+    )

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from ..core.config import parse_nm  # noqa: F401 - the N:M parser, re-exported beside the masks that use it
-
 
 def prune_count(total: int, sparsity: float) -> int:
     """Number of weights to prune out of ``total`` for a target rate (nearest integer)."""

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from ..core.config import CalibrationConfig
-from ..core.sequential import BlockLoader, ProgressFn, move_all_but_blocks, sequential_blocks
 from ..core.data import bos_token_to_prepend, document_windows, load_documents, sample_windows, token_stream
 from ..core.errors import ConfigError, NumericalError
-from .masks import layerwise_mask, nm_mask, parse_nm, rowwise_mask, satisfies_nm
 from ..core.modeling import clip_seqlen, find_blocks, find_linears
+from ..core.sequential import BlockLoader, ProgressFn, move_all_but_blocks, sequential_blocks
+from .config import parse_nm
+from .masks import layerwise_mask, nm_mask, rowwise_mask, satisfies_nm
 from .sparsegpt import CholeskyError, HessianAccumulator, sparsegpt_prune
 from .wanda import InputNormAccumulator, magnitude_scores, wanda_scores
 
@@ -46,7 +47,8 @@ def check_nm_widths(model: nn.Module, pattern: str) -> None:
         for name, linear in find_linears(block).items():
             if linear.in_features % m:
                 raise ConfigError(
-                    f"--pattern {pattern}: block {index} {name} has input width {linear.in_features}, not a multiple of {m}"
+                    f"--pattern {pattern}: block {index} {name} has input width {linear.in_features}, not a "
+                    f"multiple of {m}"
                 )
 
 
@@ -57,8 +59,9 @@ class CalibrationWindows(NamedTuple):
     encoding: str | None  # None: a saved or Hub dataset, already text
 
 
-def calibration_windows(model: nn.Module, tokenizer, calibration: CalibrationConfig,
-                        warnings: list[str]) -> CalibrationWindows:
+def calibration_windows(
+    model: nn.Module, tokenizer, calibration: CalibrationConfig, warnings: list[str]
+) -> CalibrationWindows:
     """Sample the windows ``calibration`` describes (``sampling``: "stream" or "document", see
     ``core/data.py``), clipping its ``seqlen`` to the model's context (with a warning).  Taking the
     whole config keeps every caller on the same file, encoding, count, length, seed and sampling."""
@@ -90,10 +93,13 @@ def prune_linear(linear: nn.Linear, criterion: Criterion, rate: float, stats, wh
     warnings = []
     if criterion.method == "sparsegpt":
         try:
-            result = sparsegpt_prune(weight, stats.hessian, rate, criterion.nm, criterion.blocksize, criterion.damp,
-                                     prune_first=already)
+            result = sparsegpt_prune(
+                weight, stats.hessian, rate, criterion.nm, criterion.blocksize, criterion.damp, prune_first=already
+            )
         except CholeskyError as exc:
-            raise NumericalError(f"{where}: {exc}; raise --damp (now {criterion.damp:g}) or use more calibration data") from None
+            raise NumericalError(
+                f"{where}: {exc}; raise --damp (now {criterion.damp:g}) or use more calibration data"
+            ) from None
         weight.copy_(result.weight.to(weight.dtype))
         warnings = [f"{where}: {w}" for w in result.warnings]
     else:
@@ -102,14 +108,24 @@ def prune_linear(linear: nn.Linear, criterion: Criterion, rate: float, stats, wh
         weight.masked_fill_(_select_mask(scores, rate, criterion.nm, per_row=criterion.method == "wanda"), 0.0)
     came_back = int((weight[already] != 0).sum())
     if came_back:
-        raise NumericalError(f"{where}: {came_back} weights that were zero became non-zero while pruning; "
-                             "not saving -- this is a bug in losa, please report it")
+        raise NumericalError(
+            f"{where}: {came_back} weights that were zero became non-zero while pruning; "
+            "not saving -- this is a bug in losa, please report it"
+        )
     return warnings
 
 
-def prune_blocks(model: nn.Module, criterion: Criterion, rates: list[float], windows: torch.Tensor | None,
-                 device: torch.device, progress: ProgressFn | None = None, on_outputs: OutputsFn | None = None,
-                 loader: BlockLoader | None = None, activations_dir: Path | None = None) -> list[str]:
+def prune_blocks(
+    model: nn.Module,
+    criterion: Criterion,
+    rates: list[float],
+    windows: torch.Tensor | None,
+    device: torch.device,
+    progress: ProgressFn | None = None,
+    on_outputs: OutputsFn | None = None,
+    loader: BlockLoader | None = None,
+    activations_dir: Path | None = None,
+) -> list[str]:
     """Prune every block's linear layers in place, sequentially; returns warnings.
 
     ``windows`` may be None for magnitude pruning, which needs no activations.  ``on_outputs``
@@ -134,16 +150,15 @@ def prune_blocks(model: nn.Module, criterion: Criterion, rates: list[float], win
         return warnings
     accumulator = HessianAccumulator if criterion.method == "sparsegpt" else InputNormAccumulator
     for step in sequential_blocks(model, windows, device, progress, on_outputs, loader, activations_dir):
-        stats: dict[str, object] = {}
-        if criterion.method != "magnitude":
-
-            def observer(name: str, linear: nn.Linear):
-                stats[name] = accumulator(linear.in_features, device)
-                return stats[name].add
-
-            step.observe_linear_inputs(observer)
+        stats = (
+            {}
+            if criterion.method == "magnitude"
+            else step.observe_linear_inputs(lambda linear: accumulator(linear.in_features, device))
+        )
         for name, linear in find_linears(step.block).items():
-            warnings += prune_linear(linear, criterion, rates[step.index], stats.get(name), f"block {step.index} {name}")
+            warnings += prune_linear(
+                linear, criterion, rates[step.index], stats.get(name), f"block {step.index} {name}"
+            )
     return warnings
 
 
@@ -187,8 +202,9 @@ def untie_lm_head(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def prune_lm_head(model: nn.Module, criterion: Criterion, rate: float, windows: torch.Tensor | None,
-                  device: torch.device) -> list[str]:
+def prune_lm_head(
+    model: nn.Module, criterion: Criterion, rate: float, windows: torch.Tensor | None, device: torch.device
+) -> list[str]:
     """Prune the output head (untied first) with the same criterion, on the inputs it sees.
 
     Its inputs are the final-normed hidden states of the already pruned blocks, recorded by a

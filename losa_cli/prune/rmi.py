@@ -16,8 +16,6 @@ import math
 
 import torch
 
-from ..core.config import OWL_LAMBDA, OWL_M
-
 DEFAULT_BETA = {"wanda": 1.0, "sparsegpt": 100.0, "magnitude": 1.0}
 
 
@@ -63,7 +61,9 @@ def importance(similarity: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.exp(-beta * redundancy / redundancy.sum())
 
 
-def allocate_exact(scores: torch.Tensor, target: float, lower: float | list[float], upper: float | list[float]) -> list[float]:
+def allocate_exact(
+    scores: torch.Tensor, target: float, lower: float | list[float], upper: float | list[float]
+) -> list[float]:
     """Exact minimiser of sum_l s_l * scores_l subject to mean(s) = target, lower_l <= s_l <= upper_l.
 
     A linear program over a box with one equality: start every block at its lower bound and hand
@@ -88,8 +88,9 @@ def allocate_exact(scores: torch.Tensor, target: float, lower: float | list[floa
     return rates
 
 
-def rmi_rates(similarity: torch.Tensor, sparsity: float, delta: float, beta: float,
-              floor: list[float] | None = None) -> tuple[list[float], torch.Tensor]:
+def rmi_rates(
+    similarity: torch.Tensor, sparsity: float, delta: float, beta: float, floor: list[float] | None = None
+) -> tuple[list[float], torch.Tensor]:
     """Per-block rates from the similarity matrix; also returns the importance I_l.
 
     ``floor`` raises a block's lower bound to the sparsity it already has (pruning never revives
@@ -106,13 +107,13 @@ def rmi_rates(similarity: torch.Tensor, sparsity: float, delta: float, beta: flo
     return allocate_exact(weights, sparsity, lows, highs), weights
 
 
-def outlier_ratio(scores: list[torch.Tensor], multiple: float = OWL_M) -> float:
+def outlier_ratio(scores: list[torch.Tensor], multiple: float) -> float:
     """Fraction of all of a block's scores above ``multiple`` times their mean."""
     flat = torch.cat([s.reshape(-1).float() for s in scores])
     return float((flat > multiple * flat.mean()).float().mean())
 
 
-def owl_rates(ratios: list[float], sparsity: float, lam: float = OWL_LAMBDA) -> list[float]:
+def owl_rates(ratios: list[float], sparsity: float, lam: float) -> list[float]:
     """OWL's published rule (Yin et al., the authors' code): rescale the outlier ratios linearly
     onto [0, 2 lam] (z_l), give block l the density 1 - s + z_l - mean(z), i.e. the rate
     s_l = s - (z_l - mean(z)).  The mean is s exactly, rates span 2 lam, and the block richest in

@@ -70,7 +70,11 @@ def inverse_cholesky_upper(hessian: torch.Tensor, damp: float, max_damp: float =
         if current * 10 > max_damp + 1e-12 or not torch.isfinite(hessian).all():
             raise CholeskyError(
                 f"Cholesky of the Hessian failed with damping {', '.join(f'{d:g}' for d in tried)}"
-                + (" (the Hessian holds NaN/inf: check the calibration activations)" if not torch.isfinite(hessian).all() else "")
+                + (
+                    " (the Hessian holds NaN/inf: check the calibration activations)"
+                    if not torch.isfinite(hessian).all()
+                    else ""
+                )
             )
         current *= 10
 

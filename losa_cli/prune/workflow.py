@@ -16,18 +16,26 @@ from pathlib import Path
 
 import torch
 
-from .allocation import Allocation, owl_allocation, rmi_allocation
-from ..core.atomic import atomic_folder, check_output
-from ..core.sequential import BlockLoader, ProgressFn
-from ..core.config import PruneConfig, load_per_layer, to_dict
-from ..core.manifest import build_manifest, peak_rss_mib, write_manifest
-from .masks import parse_nm
-from ..core.modeling import (DTYPES, LoadedModel, SparsityTally, find_blocks, load_model, load_model_skeleton,
-                             resolve_device, save_model, sparsity_report)
 from ..core.activations import activation_bytes
+from ..core.atomic import atomic_folder, check_output
+from ..core.config import to_dict
+from ..core.manifest import build_manifest, peak_memory_mib, write_manifest
+from ..core.modeling import (
+    DTYPES,
+    LoadedModel,
+    SparsityTally,
+    find_blocks,
+    load_model,
+    load_model_skeleton,
+    resolve_device,
+    save_model,
+    sparsity_report,
+)
 from ..core.offload import MappedBlocks, ShardWriter, available_memory_bytes, module_name, should_stream
+from ..core.sequential import ProgressFn
+from .allocation import RateRule, block_rates
+from .config import Method, PruneConfig, parse_nm
 from .pruning import Criterion, calibration_windows, check_nm_widths, prune_blocks, prune_lm_head, untie_lm_head
-from .rmi import DEFAULT_BETA, default_delta
 
 
 @dataclass
@@ -56,35 +64,18 @@ class PruneResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def block_rates(config: PruneConfig, loaded: LoadedModel, windows: torch.Tensor | None, device: torch.device,
-                progress: ProgressFn | None = None, loader: BlockLoader | None = None,
-                activations_dir: Path | None = None) -> Allocation:
-    """Per-block target rates: N:M's n/m, an explicit file, RMI, OWL, or uniform ``--sparsity``."""
-    num_blocks = len(find_blocks(loaded.model))
-    if config.pattern:
-        n, m = parse_nm(config.pattern)
-        return Allocation("nm", [n / m] * num_blocks)
-    if config.per_layer:
-        return Allocation("file", load_per_layer(config.per_layer, num_blocks), {"file": config.per_layer})
-    if config.allocation == "rmi":
-        delta = config.delta if config.delta is not None else default_delta(config.sparsity)
-        beta = config.beta if config.beta is not None else DEFAULT_BETA[config.method]
-        return rmi_allocation(loaded.model, windows[: config.rmi_samples], device, config.sparsity, delta, beta, progress,
-                              loader=loader, activations_dir=activations_dir)
-    if config.allocation == "owl":
-        return owl_allocation(loaded.model, windows, device, config.sparsity, config.owl_lambda, config.owl_m, progress,
-                              loader=loader, activations_dir=activations_dir)
-    return Allocation("uniform", [config.sparsity] * num_blocks)
-
-
 def _prune_head(model: torch.nn.Module, criterion: Criterion, rate: float, windows: torch.Tensor | None,
                 device: torch.device, warnings: list[str]) -> dict:
     """``--prune-lm-head``: untie the head from the embedding if needed, prune it at the blocks' mean rate."""
     untied = untie_lm_head(model)
     warnings += prune_lm_head(model, criterion, rate, windows, device)
     weight = model.get_output_embeddings().weight
-    return {"untied_from_embedding": untied, "rate": rate, "sparsity": float((weight == 0).float().mean()),
-            "note": "the head is a separate copy of the embedding matrix, saved beside it" if untied else "already untied"}
+    return {
+        "untied_from_embedding": untied,
+        "rate": rate,
+        "sparsity": float((weight == 0).float().mean()),
+        "note": "the head is a separate copy of the embedding matrix, saved beside it" if untied else "already untied",
+    }
 
 
 def _low_memory(config: PruneConfig) -> bool:
@@ -128,8 +119,9 @@ class _Streamed:
 
 
 @contextmanager
-def _activation_folder(config: PruneConfig, model: torch.nn.Module, windows: torch.Tensor | None,
-                       out: Path) -> Iterator[Path | None]:
+def _activation_folder(
+    config: PruneConfig, model: torch.nn.Module, windows: torch.Tensor | None, out: Path
+) -> Iterator[Path | None]:
     """A temporary folder for the windows' hidden states when they go to disk, else None.
 
     ``--activations-on-disk`` unset: on disk when a block's inputs plus outputs would take over a
@@ -147,8 +139,7 @@ def _activation_folder(config: PruneConfig, model: torch.nn.Module, windows: tor
 
 
 def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneResult:
-    """``losa prune``: validate, load, prune, save atomically; never touches the input model."""
-    config.validate()
+    """``losa prune``: load, prune, save atomically; never touches the input model (``config`` checked itself)."""
     out = check_output(config.out, config.force, inputs=(config.model,))
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -159,22 +150,49 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
     if config.pattern:
         check_nm_widths(loaded.model, config.pattern)
     warnings: list[str] = []
-    calibration = calibration_windows(loaded.model, loaded.tokenizer, config.calibration, warnings) \
-        if config.needs_calibration else None
+    calibration = (
+        calibration_windows(loaded.model, loaded.tokenizer, config.calibration, warnings)
+        if config.needs_calibration
+        else None
+    )
     windows = calibration.windows if calibration is not None else None
-    activations = None if config.method == "magnitude" else windows  # magnitude needs no activations
-    criterion = Criterion(config.method, parse_nm(config.pattern) if config.pattern else None, config.damp, config.blocksize)
+    activations = None if config.method == Method.MAGNITUDE else windows  # magnitude needs no activations
+    nm = parse_nm(config.pattern) if config.pattern else None
+    criterion = Criterion(config.method, nm, config.damp, config.blocksize)
     with atomic_folder(out) as staging, _activation_folder(config, loaded.model, windows, out) as activations_dir:
         streamed = _Streamed(loaded, staging, DTYPES[config.dtype]) if low_memory else None
-        allocation = block_rates(config, loaded, windows, device, progress, streamed and streamed.reader(keep=False),
-                                 activations_dir)
+        allocation = block_rates(
+            loaded.model,
+            RateRule.of(config),
+            config.sparsity,
+            windows,
+            device,
+            nm=nm,
+            per_layer=config.per_layer,
+            progress=progress,
+            loader=streamed and streamed.reader(keep=False),
+            activations_dir=activations_dir,
+        )
         rates = allocation.rates
-        warnings += prune_blocks(loaded.model, criterion, rates, activations, device, progress,
-                                 loader=streamed and streamed.reader(keep=True), activations_dir=activations_dir)
-        head = _prune_head(loaded.model, criterion, sum(rates) / len(rates), activations, device, warnings) \
-            if config.prune_lm_head else None
-        per_layer, per_block, global_sparsity, checksum = streamed.tally.report() if streamed else sparsity_report(loaded.model)
-        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
+        warnings += prune_blocks(
+            loaded.model,
+            criterion,
+            rates,
+            activations,
+            device,
+            progress,
+            loader=streamed and streamed.reader(keep=True),
+            activations_dir=activations_dir,
+        )
+        head = (
+            _prune_head(loaded.model, criterion, sum(rates) / len(rates), activations, device, warnings)
+            if config.prune_lm_head
+            else None
+        )
+        per_layer, per_block, global_sparsity, checksum = (
+            streamed.tally.report() if streamed else sparsity_report(loaded.model)
+        )
+        peak = peak_memory_mib(device)
         result = PruneResult(
             out=str(out),
             method=config.method,
@@ -204,8 +222,11 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
         result.wall_time_s = time.perf_counter() - started
         manifest = build_manifest(
             "prune",
-            inputs={"model": loaded.source.describe(), "calibration": config.calibration.calib,
-                    "calibration_encoding": calibration.encoding if calibration is not None else None},
+            inputs={
+                "model": loaded.source.describe(),
+                "calibration": config.calibration.calib,
+                "calibration_encoding": calibration.encoding if calibration is not None else None,
+            },
             settings=to_dict(config),
             results={k: v for k, v in result.__dict__.items() if k != "out"},
             parent_folder=Path(loaded.source.location) if loaded.source.is_local else None,

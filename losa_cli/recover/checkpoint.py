@@ -92,7 +92,9 @@ class Checkpoints:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise LosaError(f"the checkpoint in {self.folder} is unreadable ({exc}); start over with --force") from None
 
-    def save(self, accelerator, blocks: nn.ModuleList, optimizer: torch.optim.Optimizer, scheduler, state: dict) -> None:
+    def save(
+        self, accelerator, blocks: nn.ModuleList, optimizer: torch.optim.Optimizer, scheduler, state: dict
+    ) -> None:
         """Every process writes its random state; the main process writes the rest, then swaps."""
         from safetensors.torch import save_file
 
@@ -102,12 +104,19 @@ class Checkpoints:
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
         rng_tensors, rng_meta = rng_to_safe()
-        save_file(rng_tensors, str(staging / _rng_file(accelerator.process_index)), metadata={"json": json.dumps(rng_meta)})
+        save_file(
+            rng_tensors, str(staging / _rng_file(accelerator.process_index)), metadata={"json": json.dumps(rng_meta)}
+        )
         if accelerator.is_main_process:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in blocks.state_dict().items()}, str(staging / BLOCKS_FILE))
+            save_file(
+                {k: v.detach().to("cpu").contiguous() for k, v in blocks.state_dict().items()},
+                str(staging / BLOCKS_FILE),
+            )
             tensors, meta = optimizer_to_safe(optimizer.state_dict())
             save_file(tensors, str(staging / OPTIMIZER_FILE))
-            (staging / TRAINER_FILE).write_text(json.dumps({"optimizer": meta, "scheduler": scheduler.state_dict()}) + "\n")
+            (staging / TRAINER_FILE).write_text(
+                json.dumps({"optimizer": meta, "scheduler": scheduler.state_dict()}) + "\n"
+            )
             (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -127,15 +136,19 @@ class Checkpoints:
         try:
             blocks.load_state_dict(load_file(str(self.folder / BLOCKS_FILE)))
             trainer = json.loads((self.folder / TRAINER_FILE).read_text())
-            optimizer.load_state_dict(optimizer_from_safe(load_file(str(self.folder / OPTIMIZER_FILE)), trainer["optimizer"]))
+            optimizer.load_state_dict(
+                optimizer_from_safe(load_file(str(self.folder / OPTIMIZER_FILE)), trainer["optimizer"])
+            )
             scheduler.load_state_dict(trainer["scheduler"])
             rng_path = str(self.folder / _rng_file(accelerator.process_index))
             with safe_open(rng_path, framework="pt") as handle:
                 rng_meta = json.loads(handle.metadata()["json"])
             rng_from_safe(load_file(rng_path), rng_meta)
         except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as exc:
-            raise LosaError(f"the checkpoint in {self.folder} is unreadable or does not fit this run ({exc}); "
-                            "start over with --force") from None
+            raise LosaError(
+                f"the checkpoint in {self.folder} is unreadable or does not fit this run ({exc}); "
+                "start over with --force"
+            ) from None
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

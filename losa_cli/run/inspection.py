@@ -35,7 +35,9 @@ class InspectResult:
         return asdict(self)
 
 
-def run_inspect(model: str, plot: str | None = None, force: bool = False, trust_remote_code: bool = False) -> InspectResult:
+def run_inspect(
+    model: str, plot: str | None = None, force: bool = False, trust_remote_code: bool = False
+) -> InspectResult:
     """Count zeros per block, read what the manifest chain says, and draw the PNG if asked."""
     if plot is not None:
         if not plot.lower().endswith(".png"):
@@ -59,7 +61,9 @@ def run_inspect(model: str, plot: str | None = None, force: bool = False, trust_
         lineage=[{"command": m.get("command"), "created": m.get("created"), "argv": m.get("argv")} for m in chain],
     )
     if plot is not None:
-        title = f"{model}: {global_sparsity:.1%} zeros" + (f", {result.allocation} allocation" if result.allocation else "")
+        title = f"{model}: {global_sparsity:.1%} zeros" + (
+            f", {result.allocation} allocation" if result.allocation else ""
+        )
         plot_allocation(Path(plot), title, per_block, result.per_block_rates, result.ranks, result.similarity)
         result.plot = plot
     return result

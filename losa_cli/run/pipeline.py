@@ -21,34 +21,39 @@ report: ``report.md`` and PNGs in --out, from the stages' manifests (``report.py
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from ..core.atomic import atomic_folder, output_problem
-from ..runtime.bench import run_bench
-from ..core.sequential import ProgressFn
 from ..core.config import to_dict
 from ..core.errors import ConfigError, LosaError
-from ..runtime.evaluate import run_eval
-from ..export.workflow import run_export
 from ..core.manifest import build_manifest, manifest_hash, read_manifest, write_manifest
-from ..prune.workflow import run_prune
-from .recipe import Recipe, RunConfig, StagePlan, collect_recipe, dump_recipe, final_model_stage, format_problems, plan_stages
-from ..recover.workflow import STATE_FILE, run_recover
+from ..core.sequential import ProgressFn
+from ..export import bench_graphs, run_export
+from ..prune import run_prune
+from ..recover import STATE_FILE, run_recover
+from ..runtime import plot_report, run_bench, run_eval
+from .markers import (
+    DATA_KEYS,
+    STAGE_MARKER,
+    completed_marker,
+    input_fingerprint,
+    read_json,
+    stage_hash,
+    stage_marker,
+    write_json,
+)
+from .plan import StagePlan, collect_recipe, dump_recipe, final_model_stage, format_problems
+from .recipe import Recipe, RunConfig
 from .report import write_report
 
-STAGE_MARKER = "losa_run_stage.json"
 RUN_RECORD = "losa_run.json"
 RECIPE_COPY = "recipe.yaml"
-#: settings that do not change what a stage produces, or that the inputs' fingerprints already cover
-HASH_FREE = ("out", "force", "resume", "model", "dense_baseline", "report")
-DATA_KEYS = ("calib", "data", "per_layer")
+SPEED_CHART = "speed.png"
 
 
 @dataclass
@@ -102,91 +107,24 @@ def input_problems(recipe: Recipe, out: Path) -> list[str]:
         resolve_source(recipe.model)
     except ModelError as exc:
         found.append(f"model: {exc}")
-    for plan in plan_stages(recipe, out):
-        section = recipe.section(plan.name) or {}
+    for name in recipe.stages():
+        section = recipe.section(name)
         for key in DATA_KEYS:
             value = section.get(key)
-            if isinstance(value, str) and value and not _is_hub_dataset(value) and not Path(value).expanduser().exists():
-                found.append(f"{plan.name}.{key}: {value} does not exist (paths are relative to the current folder, "
-                             f"{Path.cwd()})")
+            if (
+                isinstance(value, str)
+                and value
+                and not _is_hub_dataset(value)
+                and not Path(value).expanduser().exists()
+            ):
+                found.append(
+                    f"{name}.{key}: {value} does not exist (paths are relative to the current folder, {Path.cwd()})"
+                )
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RUN_RECORD).is_file())):
         found.append(f"--out {out} exists and is not a losa run folder (no {RUN_RECORD}); choose another folder")
     elif problem := output_problem(out, (recipe.model,)):
         found.append(problem)
     return found
-
-
-# ----------------------------------------------------------------------------- fingerprints and markers
-
-
-def _stamp(path: Path) -> list:
-    """Names, sizes and modification times of a file or a folder's files: cheap change detection."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())[:2000]
-    return [[str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-
-
-def input_fingerprint(spec: str) -> dict:
-    """The input model: its manifest's hash when it has one, else its files' sizes and times, else its id."""
-    from ..core.modeling import resolve_source
-
-    source = resolve_source(spec)
-    if not source.is_local:
-        return {"hub": spec}
-    folder = Path(source.location)
-    manifest = read_manifest(folder)
-    if manifest is not None:
-        return {"manifest": manifest_hash(manifest)}
-    if source.gguf_file:
-        return {"files": _stamp(folder / source.gguf_file)}
-    return {"files": [s for s in _stamp(folder) if "/" not in s[0]]}
-
-
-def _data_stamps(config: Any) -> dict:
-    stamps = {}
-    settings = to_dict(config)
-    values = {**settings, **settings.get("calibration", {})}
-    for key in DATA_KEYS:
-        value = values.get(key)
-        if isinstance(value, str) and value and Path(value).expanduser().exists():
-            stamps[key] = _stamp(Path(value).expanduser())
-    return stamps
-
-
-def stage_hash(plan: StagePlan, fingerprints: dict[str, dict]) -> str:
-    settings = {k: v for k, v in to_dict(plan.config).items() if k not in HASH_FREE}
-    payload = {"stage": plan.name, "settings": settings, "data": _data_stamps(plan.config),
-               "inputs": [fingerprints[p] for p in plan.parents]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def completed_marker(folder: Path, settings_sha256: str) -> dict | None:
-    """The stage's marker when the folder is complete and made by these settings and inputs."""
-    marker = _read_json(folder / STAGE_MARKER)
-    manifest = read_manifest(folder) if folder.is_dir() else None
-    if marker is None or manifest is None:
-        return None
-    if marker.get("settings_sha256") != settings_sha256 or marker.get("manifest_sha256") != manifest_hash(manifest):
-        return None
-    return marker
-
-
-def _marker(name: str, settings_sha256: str, manifest: dict, wall_time_s: float, status: str) -> dict:
-    return {"stage": name, "settings_sha256": settings_sha256, "manifest_sha256": manifest_hash(manifest),
-            "status": status, "wall_time_s": wall_time_s,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    staging.replace(path)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -205,63 +143,87 @@ def _prefixed(progress: ProgressFn | None, stage: str) -> ProgressFn | None:
 def _bench_stage(config, folder: Path, settings_sha256: str, progress: ProgressFn | None) -> tuple[dict, list[str]]:
     started = time.perf_counter()
     with atomic_folder(folder) as staging:
-        result = run_bench(replace(config, report=str(staging / "speed.png"), force=True), progress)
-        result.report = str(folder / "speed.png")
+        with bench_graphs(config, progress) as graphs:
+            result = run_bench(config, graphs, progress)
+        plot_report(staging / SPEED_CHART, result)
+        result.report = str(folder / SPEED_CHART)
         results = result.to_dict()
         (staging / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
         model = Path(config.model)
         dense = read_manifest(Path(config.dense_baseline))
-        inputs = {"model": config.model, "dense_baseline": config.dense_baseline,
-                  "dense_baseline_manifest_sha256": manifest_hash(dense) if dense else None}
-        manifest = build_manifest("bench", inputs, to_dict(config), results, parent_folder=model if model.is_dir() else None)
+        inputs = {
+            "model": config.model,
+            "dense_baseline": config.dense_baseline,
+            "dense_baseline_manifest_sha256": manifest_hash(dense) if dense else None,
+        }
+        manifest = build_manifest(
+            "bench", inputs, to_dict(config), results, parent_folder=model if model.is_dir() else None
+        )
         write_manifest(staging, manifest)
-        _write_json(staging / STAGE_MARKER, _marker("bench", settings_sha256, manifest, time.perf_counter() - started, "ran"))
+        elapsed = time.perf_counter() - started
+        write_json(staging / STAGE_MARKER, stage_marker("bench", settings_sha256, manifest, elapsed, "ran"))
     return manifest, result.warnings
 
 
-def _eval_stage(config, input_model: str, folder: Path, settings_sha256: str,
-                progress: ProgressFn | None) -> tuple[dict, list[str]]:
+def _eval_stage(
+    config, input_model: str, folder: Path, settings_sha256: str, progress: ProgressFn | None
+) -> tuple[dict, list[str]]:
     """Perplexity of the input model and of the final model on the same windows, and the final zeros."""
     started = time.perf_counter()
     before = run_eval(replace(config, model=input_model, sparsity=False), _prefixed(progress, "input model"))
     after = run_eval(config, _prefixed(progress, "final model"))
     warnings = [f"input model: {w}" for w in before.warnings] + [f"final model: {w}" for w in after.warnings]
-    results = {"input": before.to_dict(), "final": after.to_dict(),
-               "perplexity_before": before.perplexity.perplexity if before.perplexity else None,
-               "perplexity_after": after.perplexity.perplexity if after.perplexity else None,
-               "global_sparsity": after.sparsity.global_sparsity if after.sparsity else None, "warnings": warnings}
+    results = {
+        "input": before.to_dict(),
+        "final": after.to_dict(),
+        "perplexity_before": before.perplexity.perplexity if before.perplexity else None,
+        "perplexity_after": after.perplexity.perplexity if after.perplexity else None,
+        "global_sparsity": after.sparsity.global_sparsity if after.sparsity else None,
+        "warnings": warnings,
+    }
     with atomic_folder(folder) as staging:
         (staging / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         model = Path(config.model)
-        inputs = {"input_model": input_model, "final_model": config.model, "data": config.data,
-                  "data_encoding": after.perplexity.encoding if after.perplexity else None}
-        manifest = build_manifest("eval", inputs, to_dict(config), results,
-                                  parent_folder=model if model.is_dir() else None)
+        inputs = {
+            "input_model": input_model,
+            "final_model": config.model,
+            "data": config.data,
+            "data_encoding": after.perplexity.encoding if after.perplexity else None,
+        }
+        manifest = build_manifest(
+            "eval", inputs, to_dict(config), results, parent_folder=model if model.is_dir() else None
+        )
         write_manifest(staging, manifest)
-        _write_json(staging / STAGE_MARKER, _marker("eval", settings_sha256, manifest, time.perf_counter() - started, "ran"))
+        elapsed = time.perf_counter() - started
+        write_json(staging / STAGE_MARKER, stage_marker("eval", settings_sha256, manifest, elapsed, "ran"))
     return manifest, warnings
 
 
-def _run_stage(plan: StagePlan, folder: Path, settings_sha256: str, recipe: Recipe, restart: bool,
-               progress: ProgressFn | None) -> tuple[str, list[str]]:
+def _run_stage(
+    plan: StagePlan, folder: Path, settings_sha256: str, recipe: Recipe, restart: bool, progress: ProgressFn | None
+) -> tuple[str, list[str]]:
     """Run one stage into ``folder`` (replacing whatever is there); return its status and warnings."""
     pending_path = folder.parent / f".{folder.name}.pending.json"
-    pending = _read_json(pending_path)
-    _write_json(pending_path, {"stage": plan.name, "settings_sha256": settings_sha256})
+    pending = read_json(pending_path)
+    write_json(pending_path, {"stage": plan.name, "settings_sha256": settings_sha256})
     started = time.perf_counter()
     status = "ran"
     config = plan.config
     if plan.name == "prune":
-        warnings = run_prune(replace(config, force=True), progress).warnings
+        warnings = run_prune(config, progress).warnings
     elif plan.name == "recover":
         checkpoint = folder.parent / f"{folder.name}.checkpoint"
-        resume = (not restart and (checkpoint / STATE_FILE).is_file() and pending is not None
-                  and pending.get("settings_sha256") == settings_sha256)
-        result = run_recover(replace(config, force=True, resume=resume), progress)
+        resume = (
+            not restart
+            and (checkpoint / STATE_FILE).is_file()
+            and pending is not None
+            and pending.get("settings_sha256") == settings_sha256
+        )
+        result = run_recover(replace(config, resume=True) if resume else config, progress)
         status = "resumed" if result.resumed_from else "ran"
         warnings = result.warnings
     elif plan.name in ("export", "dense-export"):
-        warnings = run_export(replace(config, force=True), progress).warnings
+        warnings = run_export(config, progress).warnings
     elif plan.name == "bench":
         _, warnings = _bench_stage(config, folder, settings_sha256, progress)
     elif plan.name == "eval":
@@ -270,7 +232,8 @@ def _run_stage(plan: StagePlan, folder: Path, settings_sha256: str, recipe: Reci
         raise LosaError(f"unknown stage {plan.name}")
     if plan.name not in ("bench", "eval"):  # workflows wrote the folder; mark it complete now
         manifest = read_manifest(folder)
-        _write_json(folder / STAGE_MARKER, _marker(plan.name, settings_sha256, manifest, time.perf_counter() - started, status))
+        elapsed = time.perf_counter() - started
+        write_json(folder / STAGE_MARKER, stage_marker(plan.name, settings_sha256, manifest, elapsed, status))
     pending_path.unlink(missing_ok=True)
     return status, warnings
 
@@ -279,26 +242,35 @@ def _run_stage(plan: StagePlan, folder: Path, settings_sha256: str, recipe: Reci
 
 
 def _record(out: Path, recipe: Recipe, outcomes: list[StageOutcome], state: str, started: str) -> None:
-    _write_json(out / RUN_RECORD, {"losa_run_version": 1, "state": state, "argv": sys.argv, "started": started,
-                                   "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                   "recipe": recipe.to_dict(), "stages": [asdict(o) for o in outcomes]})
+    write_json(
+        out / RUN_RECORD,
+        {
+            "losa_run_version": 1,
+            "state": state,
+            "argv": sys.argv,
+            "started": started,
+            "updated": datetime.now(UTC).isoformat(timespec="seconds"),
+            "recipe": recipe.to_dict(),
+            "stages": [asdict(o) for o in outcomes],
+        },
+    )
 
 
 def run_pipeline(config: RunConfig, progress: ProgressFn | None = None) -> RunResult:
     """``losa run``: check everything, then run (or skip) each stage in order, then write the report."""
-    config.validate()
     out = Path(config.out).expanduser().resolve()
-    recipe, problems = collect_recipe(config.recipe, config.overrides)
+    recipe, plans, problems = collect_recipe(config.recipe, config.overrides, out)
     problems += input_problems(recipe, out)
     if problems:
         raise ConfigError(format_problems(problems, config.recipe))
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    header = (f"# The resolved recipe of this run. Re-run (skipping finished stages) with:\n"
-              f"#   losa run {out / RECIPE_COPY} --out {out}\n")
+    header = (
+        f"# The resolved recipe of this run. Re-run (skipping finished stages) with:\n"
+        f"#   losa run {out / RECIPE_COPY} --out {out}\n"
+    )
     (out / RECIPE_COPY).write_text(dump_recipe(recipe, header))
-    plans = plan_stages(recipe, out)
     fingerprints: dict[str, dict] = {"input": input_fingerprint(recipe.model)}
     outcomes: list[StageOutcome] = []
     _record(out, recipe, outcomes, "running", started_at)
@@ -313,20 +285,31 @@ def run_pipeline(config: RunConfig, progress: ProgressFn | None = None) -> RunRe
             manifest = read_manifest(folder)
             warnings = list(manifest.get("results", {}).get("warnings") or [])
         else:
-            status, warnings = _run_stage(plan, folder, settings_sha256, recipe, config.restart,
-                                          _prefixed(progress, plan.name))
+            status, warnings = _run_stage(
+                plan, folder, settings_sha256, recipe, config.restart, _prefixed(progress, plan.name)
+            )
             manifest = read_manifest(folder)
-            marker = _read_json(folder / STAGE_MARKER) or {}
+            marker = read_json(folder / STAGE_MARKER) or {}
         fingerprints[plan.name] = {"manifest": manifest_hash(manifest)}
-        outcomes.append(StageOutcome(plan.name, str(folder), status, settings_sha256, manifest_hash(manifest),
-                                     float(marker.get("wall_time_s", 0.0)), warnings))
+        outcomes.append(
+            StageOutcome(
+                plan.name,
+                str(folder),
+                status,
+                settings_sha256,
+                manifest_hash(manifest),
+                float(marker.get("wall_time_s", 0.0)),
+                warnings,
+            )
+        )
         _record(out, recipe, outcomes, "running", started_at)
     if progress:
         progress("losa run", len(plans), len(plans), "report")
     final_stage = final_model_stage(recipe)
     final_model = str(out / final_stage) if final_stage != "input" else recipe.model
-    written = write_report(out, recipe.to_dict(), [asdict(o) for o in outcomes], final_model,
-                           f"losa run {out / RECIPE_COPY} --out {out}")
+    written = write_report(
+        out, recipe.to_dict(), [asdict(o) for o in outcomes], final_model, f"losa run {out / RECIPE_COPY} --out {out}"
+    )
     _record(out, recipe, outcomes, "finished", started_at)
     evaluation = read_manifest(out / "eval") if recipe.section("eval") is not None else None
     eval_results = (evaluation or {}).get("results", {})
@@ -336,9 +319,16 @@ def run_pipeline(config: RunConfig, progress: ProgressFn | None = None) -> RunRe
     if sparsity is None and final_manifest is not None:
         sparsity = final_manifest.get("results", {}).get("global_sparsity")
     return RunResult(
-        out=str(out), recipe=recipe.to_dict(), stages=outcomes, final_model=final_model, report=str(written.report),
-        plots=[str(p) for p in written.plots], perplexity_before=eval_results.get("perplexity_before"),
-        perplexity_after=eval_results.get("perplexity_after"), global_sparsity=sparsity,
+        out=str(out),
+        recipe=recipe.to_dict(),
+        stages=outcomes,
+        final_model=final_model,
+        report=str(written.report),
+        plots=[str(p) for p in written.plots],
+        perplexity_before=eval_results.get("perplexity_before"),
+        perplexity_after=eval_results.get("perplexity_after"),
+        global_sparsity=sparsity,
         speedups=(bench or {}).get("results", {}).get("speedups", []),
-        warnings=[f"{o.name}: {w}" for o in outcomes for w in o.warnings], wall_time_s=time.perf_counter() - started,
+        warnings=[f"{o.name}: {w}" for o in outcomes for w in o.warnings],
+        wall_time_s=time.perf_counter() - started,
     )

@@ -9,15 +9,13 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
 
 from ..core.manifest import lineage, manifest_hash, read_manifest
-from ..core.plots import plot_allocation, save_figure
-
-REPORT_NAME = "report.md"
+from ..core.plots import plot_allocation, plot_losses
 
 
 @dataclass
@@ -26,6 +24,7 @@ class ReportFiles:
     plots: list[Path] = field(default_factory=list)
 
 
+REPORT_NAME = "report.md"
 _NUMBER = re.compile(r"^[*`]*[-+]?[0-9.]+(?:e[-+]?[0-9]+)?(?: s|x|%)?[*`]*$|^-$")
 
 
@@ -39,28 +38,6 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _fmt(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
-
-
-def _plot_losses(path: Path, stages: list[dict]) -> Path | None:
-    """Training loss over the steps of every recover stage (stage boundaries marked)."""
-    losses = [(s["stage"], loss) for s in stages for loss in s.get("losses", [])]
-    if not losses:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    ax.plot(range(1, len(losses) + 1), [loss for _, loss in losses], color="#4c72b0", linewidth=1)
-    step = 0
-    for s in stages[:-1]:
-        step += len(s.get("losses", []))
-        ax.axvline(step + 0.5, color="#999999", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("optimizer step (dotted: stage boundaries, pruning in between)")
-    ax.set_ylabel("training loss")
-    ax.set_title("LoSA fine-tuning loss")
-    return save_figure(fig, path)
 
 
 def disk_usage(folders: list[Path]) -> list[tuple[int, int]]:
@@ -119,20 +96,37 @@ def _blocks_section(out: Path, manifests: dict[str, dict], plots: list[Path]) ->
         rows.append(row)
     lines += _table(header, rows)
     similarity = (results.get("allocation") or {}).get("similarity")
-    plot = plot_allocation(out / "allocation.png", f"{source}: {results.get('global_sparsity', 0):.1%} zeros", zeros, rates,
-                           ranks, similarity)
+    plot = plot_allocation(
+        out / "allocation.png",
+        f"{source}: {results.get('global_sparsity', 0):.1%} zeros",
+        zeros,
+        rates,
+        ranks,
+        similarity,
+    )
     plots.append(plot)
     lines += ["![per-block sparsity and ranks](allocation.png)", ""]
     if source == "recover":
         stage_rows = []
         for s in results.get("stages", []):
             losses = s.get("losses") or []
-            stage_rows.append([str(s["stage"]), _fmt(s["target_sparsity"], ".3f"), _fmt(s["sparsity"]),
-                               _fmt(sum(s["ranks"]) / len(s["ranks"]) if s["ranks"] else None, ".2f"), str(s["steps"]),
-                               _fmt(losses[0] if losses else None, ".3f"), _fmt(losses[-1] if losses else None, ".3f")])
-        lines += ["LoSA schedule:", "",
-                  *_table(["stage", "target", "zeros", "mean rank", "steps", "first loss", "last loss"], stage_rows)]
-        loss_plot = _plot_losses(out / "loss.png", results.get("stages", []))
+            stage_rows.append(
+                [
+                    str(s["stage"]),
+                    _fmt(s["target_sparsity"], ".3f"),
+                    _fmt(s["sparsity"]),
+                    _fmt(sum(s["ranks"]) / len(s["ranks"]) if s["ranks"] else None, ".2f"),
+                    str(s["steps"]),
+                    _fmt(losses[0] if losses else None, ".3f"),
+                    _fmt(losses[-1] if losses else None, ".3f"),
+                ]
+            )
+        lines += [
+            "LoSA schedule:",
+            "",
+            *_table(["stage", "target", "zeros", "mean rank", "steps", "first loss", "last loss"], stage_rows),
+        ]
+        loss_plot = plot_losses(out / "loss.png", results.get("stages", []))
         if loss_plot is not None:
             plots.append(loss_plot)
             lines += ["![training loss](loss.png)", ""]
@@ -147,18 +141,31 @@ def _perplexity_section(manifests: dict[str, dict]) -> list[str]:
     for label, key in (("input (dense)", "input"), ("final (sparse)", "final")):
         p = (results.get(key) or {}).get("perplexity")
         if p:
-            rows.append([label, f"`{results[key]['model']}`", f"{p['perplexity']:.4f}", f"{p['windows']} x {p['seqlen']}",
-                         str(p["predicted_tokens"]), "yes" if p["bos_per_window"] else "no", f"{p['dtype']} on {p['device']}"])
+            rows.append(
+                [
+                    label,
+                    f"`{results[key]['model']}`",
+                    f"{p['perplexity']:.4f}",
+                    f"{p['windows']} x {p['seqlen']}",
+                    str(p["predicted_tokens"]),
+                    "yes" if p["bos_per_window"] else "no",
+                    f"{p['dtype']} on {p['device']}",
+                ]
+            )
     lines = ["## Perplexity before and after", ""]
-    lines += _table(["model", "folder", "perplexity", "windows x tokens", "predicted tokens", "BOS per window", "dtype"],
-                    rows)
+    lines += _table(
+        ["model", "folder", "perplexity", "windows x tokens", "predicted tokens", "BOS per window", "dtype"], rows
+    )
     before, after = results.get("perplexity_before"), results.get("perplexity_after")
     if before and after:
         perplexity = (results.get("final") or {}).get("perplexity", {})
         data, encoding = perplexity.get("data"), perplexity.get("encoding")
         read_as = f" (read as {encoding})" if encoding not in (None, "utf-8") else ""
-        lines += [f"Same windows of `{data}`{read_as} for both models: perplexity x{after / before:.2f} "
-                  f"({before:.2f} -> {after:.2f}).", ""]
+        lines += [
+            f"Same windows of `{data}`{read_as} for both models: perplexity x{after / before:.2f} "
+            f"({before:.2f} -> {after:.2f}).",
+            "",
+        ]
     return lines
 
 
@@ -168,10 +175,23 @@ def _accuracy_section(manifests: dict[str, dict]) -> list[str]:
     before, after = ((results.get(key) or {}).get("zeroshot") for key in ("input", "final"))
     if not before or not after:
         return []
-    rows = [[b["task"], b["version"], str(b["num_fewshot"]), str(b["samples"]), _fmt(b["acc"]), _fmt(a["acc"]),
-             _fmt(b["acc_norm"]), _fmt(a["acc_norm"])] for b, a in zip(before["tasks"], after["tasks"])]
+    rows = [
+        [
+            b["task"],
+            b["version"],
+            str(b["num_fewshot"]),
+            str(b["samples"]),
+            _fmt(b["acc"]),
+            _fmt(a["acc"]),
+            _fmt(b["acc_norm"]),
+            _fmt(a["acc_norm"]),
+        ]
+        for b, a in zip(before["tasks"], after["tasks"])
+    ]
     lines = [f"## Accuracy before and after (lm-eval {after['lm_eval_version']})", ""]
-    return lines + _table(["task", "version", "shots", "n", "acc input", "acc final", "acc_norm input", "acc_norm final"], rows)
+    return lines + _table(
+        ["task", "version", "shots", "n", "acc input", "acc final", "acc_norm input", "acc_norm final"], rows
+    )
 
 
 def _sparsity_section(manifests: dict[str, dict], final_stage: str | None) -> list[str]:
@@ -180,30 +200,42 @@ def _sparsity_section(manifests: dict[str, dict], final_stage: str | None) -> li
     if "eval" in manifests:
         sparsity = manifests["eval"]["results"].get("final", {}).get("sparsity") or {}
         if sparsity:
-            items.append(f"- Counted from the final model's weights: **{sparsity['global_sparsity']:.4%}** of the decoder "
-                         f"blocks' linear weights are zero (mask sha256 `{sparsity['mask_checksum'][:16]}`).")
+            items.append(
+                f"- Counted from the final model's weights: **{sparsity['global_sparsity']:.4%}** of the decoder "
+                f"blocks' linear weights are zero (mask sha256 `{sparsity['mask_checksum'][:16]}`)."
+            )
     if "recover" in manifests:
         r = manifests["recover"]["results"]
-        items.append(f"- recover: each stage's zeros checked to contain the stage before's, and every pruned weight checked to be "
-                     "exactly zero after the final merge; "
-                     f"{r['global_sparsity']:.4%} zeros, mask sha256 `{r['mask_checksum'][:16]}`.")
+        items.append(
+            "- recover: each stage's zeros checked to contain the stage before's, and every pruned weight checked "
+            "to be "
+            "exactly zero after the final merge; "
+            f"{r['global_sparsity']:.4%} zeros, mask sha256 `{r['mask_checksum'][:16]}`."
+        )
     elif "prune" in manifests:
         r = manifests["prune"]["results"]
         items.append(f"- prune: {r['global_sparsity']:.4%} zeros, mask sha256 `{r['mask_checksum'][:16]}`.")
     if "export" in manifests:
         r = manifests["export"]["results"]
-        items.append(f"- export: {r['global_sparsity']:.4%} zeros in the saved safetensors, mask sha256 "
-                     f"`{r['mask_checksum'][:16]}`.")
+        items.append(
+            f"- export: {r['global_sparsity']:.4%} zeros in the saved safetensors, mask sha256 "
+            f"`{r['mask_checksum'][:16]}`."
+        )
         onnx = r.get("onnx")
         if onnx:
             v = onnx["verification"]
             mismatches = len(v.get("zero_mismatches") or [])
             greedy = {True: "match", False: "DIFFER", None: "not checked"}[v.get("greedy_match")]
-            items.append(f"- ONNX: {v['weights_checked'] - mismatches}/{v['weights_checked']} pruned weights have identical "
-                         f"zeros in the graphs; max |logits diff| {_fmt(v.get('prefill_max_abs_diff'), '.3g')} (prefill), "
-                         f"{_fmt(v.get('decode_max_abs_diff'), '.3g')} (decode); greedy tokens {greedy}.")
-    checksums = {name: m["results"].get("mask_checksum") for name, m in manifests.items()
-                 if name in ("prune", "recover", "export") and m["results"].get("mask_checksum")}
+            items.append(
+                f"- ONNX: {v['weights_checked'] - mismatches}/{v['weights_checked']} pruned weights have identical "
+                f"zeros in the graphs; max |logits diff| {_fmt(v.get('prefill_max_abs_diff'), '.3g')} (prefill), "
+                f"{_fmt(v.get('decode_max_abs_diff'), '.3g')} (decode); greedy tokens {greedy}."
+            )
+    checksums = {
+        name: m["results"].get("mask_checksum")
+        for name, m in manifests.items()
+        if name in ("prune", "recover", "export") and m["results"].get("mask_checksum")
+    }
     if "eval" in manifests:
         final_sparsity = manifests["eval"]["results"].get("final", {}).get("sparsity") or {}
         if final_sparsity.get("mask_checksum"):
@@ -219,35 +251,64 @@ def _speed_section(out: Path, manifests: dict[str, dict], plots: list[Path]) -> 
         return []
     results = manifests["bench"]["results"]
     settings = results["settings"]
-    lines = ["## Speed", "",
-             f"Batch {settings['batch']}, prefill of {settings['seqlen']} tokens, decode of {settings['decode_tokens']} "
-             f"tokens with a past of {settings['seqlen']}; {settings['threads']} thread(s); {settings['iterations']} timed "
-             f"runs after {settings['warmup']} warm-up. Sparse: `{results['model']}` "
-             f"({results['sparse']['matmul_zero_fraction']:.1%} zeros in MatMul weights); dense: "
-             f"`{results['dense']['source']}`.", ""]
-    rows = [[r["phase"], r["sparse"], r["dense"], f"{r['dense_median_ms']:.2f}", f"{r['sparse_median_ms']:.2f}",
-             f"**{r['speedup']:.2f}x**"] for r in results.get("speedups", [])]
+    lines = [
+        "## Speed",
+        "",
+        f"Batch {settings['batch']}, prefill of {settings['seqlen']} tokens, decode of {settings['decode_tokens']} "
+        f"tokens with a past of {settings['seqlen']}; {settings['threads']} thread(s); {settings['iterations']} timed "
+        f"runs after {settings['warmup']} warm-up. Sparse: `{results['model']}` "
+        f"({results['sparse']['matmul_zero_fraction']:.1%} zeros in MatMul weights); dense: "
+        f"`{results['dense']['source']}`.",
+        "",
+    ]
+    rows = [
+        [
+            r["phase"],
+            r["sparse"],
+            r["dense"],
+            f"{r['dense_median_ms']:.2f}",
+            f"{r['sparse_median_ms']:.2f}",
+            f"**{r['speedup']:.2f}x**",
+        ]
+        for r in results.get("speedups", [])
+    ]
     lines += _table(["phase", "sparse", "dense", "dense median ms", "sparse median ms", "speed-up"], rows)
     run_rows = []
     for r in results.get("runs", []):
         t = r.get("timing")
         ceiling = r.get("ceiling")
-        run_rows.append([r["engine"], r["model"], r.get("precision", "fp32"), r["phase"], _fmt(t and t["median_ms"], ".2f"),
-                         _fmt(t and t["p90_ms"], ".2f"),
-                         _fmt(t and t["tokens_per_s"], ".1f") if t else f"failed: {r.get('error')}",
-                         f"{ceiling['ceiling_ms']:.2f} ({ceiling['format']})" if ceiling else "",
-                         f"{ceiling['share']:.0%}" if ceiling else ""])
-    lines += _table(["engine", "model", "precision", "phase", "median ms", "p90 ms", "tokens/s", "ceiling ms", "share"], run_rows)
+        run_rows.append(
+            [
+                r["engine"],
+                r["model"],
+                r.get("precision", "fp32"),
+                r["phase"],
+                _fmt(t and t["median_ms"], ".2f"),
+                _fmt(t and t["p90_ms"], ".2f"),
+                _fmt(t and t["tokens_per_s"], ".1f") if t else f"failed: {r.get('error')}",
+                f"{ceiling['ceiling_ms']:.2f} ({ceiling['format']})" if ceiling else "",
+                f"{ceiling['share']:.0%}" if ceiling else "",
+            ]
+        )
+    lines += _table(
+        ["engine", "model", "precision", "phase", "median ms", "p90 ms", "tokens/s", "ceiling ms", "share"], run_rows
+    )
     if machine_bandwidth := results.get("machine", {}).get("read_bandwidth_gb_s"):
-        lines += [f"Ceiling: the bytes one batch-1 decode step reads in the engine's weight format (dense for ONNX Runtime, "
-                  f"for DeepSparse per layer the smaller of dense and packed values + 1-bit mask, for losa the bytes of its own "
-                  f"packed layers) over the measured read bandwidth, "
-                  f"{machine_bandwidth:.1f} GB/s; share = ceiling / median.", ""]
+        lines += [
+            f"Ceiling: the bytes one batch-1 decode step reads in the engine's weight format (dense for ONNX Runtime, "
+            "for DeepSparse per layer the smaller of dense and packed values + 1-bit mask, for losa the bytes of "
+            "its own "
+            f"packed layers) over the measured read bandwidth, "
+            f"{machine_bandwidth:.1f} GB/s; share = ceiling / median.",
+            "",
+        ]
     machine = results.get("machine", {})
     load = results.get("load_average_before"), results.get("load_average_after")
-    lines += [f"Machine: {machine.get('cpu')} ({machine.get('cores')} cores); load average "
-              f"{_fmt(load[0][0] if load[0] else None, '.2f')} before, {_fmt(load[1][0] if load[1] else None, '.2f')} after.",
-              ""]
+    lines += [
+        f"Machine: {machine.get('cpu')} ({machine.get('cores')} cores); load average "
+        f"{_fmt(load[0][0] if load[0] else None, '.2f')} before, {_fmt(load[1][0] if load[1] else None, '.2f')} after.",
+        "",
+    ]
     lines += [f"Note: {n}" for n in results.get("notes", [])] + [""]
     if (out / "bench" / "speed.png").is_file():
         plots.append(out / "bench" / "speed.png")
@@ -262,12 +323,19 @@ def _lineage_section(final_model: str) -> list[str]:
     chain = lineage(folder)
     if not chain:
         return []
-    lines = ["## Lineage", "", f"`losa inspect {final_model}` shows this chain (each manifest names its parent by hash):", ""]
+    lines = [
+        "## Lineage",
+        "",
+        f"`losa inspect {final_model}` shows this chain (each manifest names its parent by hash):",
+        "",
+    ]
     for depth, manifest in enumerate(chain):
         parent = manifest.get("parent_manifest")
         link = f", parent sha256 `{parent['sha256'][:12]}`" if parent else ""
-        lines.append(f"{'  ' * depth}- `{manifest['command']}` ({manifest.get('created')}): sha256 "
-                     f"`{manifest_hash(manifest)[:12]}`{link}")
+        lines.append(
+            f"{'  ' * depth}- `{manifest['command']}` ({manifest.get('created')}): sha256 "
+            f"`{manifest_hash(manifest)[:12]}`{link}"
+        )
     return lines + [""]
 
 
@@ -278,9 +346,17 @@ def write_report(out: Path, recipe: dict, stages: list[dict], final_model: str, 
     manifests = {k: v for k, v in manifests.items() if v is not None}
     final_stage = next((s["name"] for s in stages if str(Path(s["folder"])) == str(Path(final_model))), None)
     plots: list[Path] = []
-    lines = ["# losa run report", "",
-             f"Written {datetime.now(timezone.utc).isoformat(timespec='seconds')}. Reproduce (finished stages are skipped, "
-             f"`--restart` redoes them):", "", "```bash", command, "```", ""]
+    lines = [
+        "# losa run report",
+        "",
+        f"Written {datetime.now(UTC).isoformat(timespec='seconds')}. Reproduce (finished stages are skipped, "
+        f"`--restart` redoes them):",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+    ]
     lines += _stages_section(out, stages)
     lines += _blocks_section(out, manifests, plots)
     lines += _perplexity_section(manifests)
@@ -291,9 +367,17 @@ def write_report(out: Path, recipe: dict, stages: list[dict], final_model: str, 
     warnings = [f"- {s['name']}: {w}" for s in stages for w in s.get("warnings", [])]
     if warnings:
         lines += ["## Warnings", "", *warnings, ""]
-    lines += ["## Settings", "", "The resolved recipe (also in `recipe.yaml`):", "", "```yaml",
-              yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
-    path = out / "report.md"
+    lines += [
+        "## Settings",
+        "",
+        "The resolved recipe (also in `recipe.yaml`):",
+        "",
+        "```yaml",
+        yaml.safe_dump(recipe, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    path = out / REPORT_NAME
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(path)

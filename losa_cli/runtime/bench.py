@@ -1,11 +1,11 @@
 """Workflow of ``losa bench --cpu``: sparse vs dense latency on ONNX Runtime, DeepSparse and losa's own kernel.
 
-the graph sets (``graph_sets.py``: sparse, dense, and their int8 copies with ``--precisions``)
--> the machine's read bandwidth -> for every engine, precision, phase and model: compile and
-time in a child process -> latency statistics, throughput, speed-ups against dense fp32 ONNX
-Runtime and against the same engine's dense model, and for decode the bandwidth ceiling of the
-format the engine reads (``ceiling.py``) and the share of it reached; the machine's load before
-and after.
+the graph sets the caller made (``export/bench_inputs.py``: sparse, dense, and their int8 copies with
+``--precisions``; None when no ONNX engine runs) -> the machine's read bandwidth -> for every engine,
+precision, phase and model: compile and time in a child process -> latency statistics, throughput,
+speed-ups against dense fp32 ONNX Runtime and against the same engine's dense model, and for decode
+the bandwidth ceiling of the format the engine reads (``ceiling.py``) and the share of it reached;
+the machine's load before and after.
 
 The ``losa`` engine (``losa_engine.py``) times the model folder itself in PyTorch: its sparse rows
 on losa's bitmask kernel (``--precisions`` fp32, bf16, int8), its dense row in plain PyTorch, with
@@ -19,36 +19,31 @@ engine (DeepSparse compiles static shapes) times the same computation.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..core.atomic import check_output
-from ..core.config import BenchConfig, to_dict
+from ..core.config import to_dict
 from ..core.errors import ConfigError
 from ..core.manifest import library_versions
-from ..core.modeling import resolve_source
-from ..export.onnx_graphs import ProgressFn, check_onnx_environment, weight_sparsity
+from ..core.sequential import ProgressFn
+from .bench_plan import ONNX_ENGINES, LosaModel, bench_threads, engines_to_run, losa_plan, onnx_plan
 from .ceiling import ENGINE_FORMAT, ceiling_ms, decode_bytes, measure_bandwidth
+from .config import BenchConfig, Engine
 from .engines import (
     EngineFailure,
     cpu_info,
-    deepsparse_unavailable,
     engine_versions,
     run_job,
-    safe_threads,
     summarize,
 )
-from .graph_sets import GraphSet, check_shapes, densified, int8_sets, resolve_graphs
+from .graph_sets import BenchGraphs, GraphSet
 from .losa_engine import describe_format
 
-DECODE_PROTOCOL = ("one new token per sequence attending to a fixed past of --seqlen tokens; "
-                   "--decode-tokens steps per iteration; the cache is not grown between steps")
-ORT_NOTE = "ONNX Runtime runs sparse weights as dense matrices: its sparse and dense timings should match"
-ONNX_ENGINES = ("onnxruntime", "deepsparse")
-LOSA_NOTE = ("losa dense = the same model in plain PyTorch (dense F.linear, zeros multiplied); losa sparse = its "
-             "block linears (and head, for bf16/int8) bitmask-packed on losa's kernel")
+DECODE_PROTOCOL = (
+    "one new token per sequence attending to a fixed past of --seqlen tokens; "
+    "--decode-tokens steps per iteration; the cache is not grown between steps"
+)
 
 
 @dataclass
@@ -78,27 +73,35 @@ class BenchResult:
 # ----------------------------------------------------------------------------- timing
 
 
-@dataclass
-class LosaModel:
-    """The model folder as the losa engine runs it: ``kernel`` on (sparse rows) or off (plain PyTorch)."""
-
-    role: str
-    source: str
-    precision: str
-    kernel: bool
-    form: str | None = None  # the int8 activation form of ONNX rows; none here
-
-
 def _job(graphs: GraphSet | LosaModel, engine: str, phase: str, config: BenchConfig, threads: int) -> dict:
-    common = {"engine": engine, "phase": phase, "batch": config.batch, "seqlen": config.seqlen,
-              "decode_tokens": config.decode_tokens, "threads": threads, "warmup": config.warmup,
-              "iterations": config.iterations, "seed": 0}
+    common = {
+        "engine": engine,
+        "phase": phase,
+        "batch": config.batch,
+        "seqlen": config.seqlen,
+        "decode_tokens": config.decode_tokens,
+        "threads": threads,
+        "warmup": config.warmup,
+        "iterations": config.iterations,
+        "seed": 0,
+    }
     if isinstance(graphs, LosaModel):
-        return {**common, "source": graphs.source, "precision": graphs.precision, "kernel": graphs.kernel,
-                "trust_remote_code": config.trust_remote_code, "compile": config.compile}
+        return {
+            **common,
+            "source": graphs.source,
+            "precision": graphs.precision,
+            "kernel": graphs.kernel,
+            "trust_remote_code": config.trust_remote_code,
+            "compile": config.compile,
+        }
     spec = graphs.spec
-    return {**common, "graph": str(graphs.path(phase)), "vocab_size": spec.vocab_size, "kv_heads": spec.kv_heads,
-            "head_dim": spec.head_dim}
+    return {
+        **common,
+        "graph": str(graphs.path(phase)),
+        "vocab_size": spec.vocab_size,
+        "kv_heads": spec.kv_heads,
+        "head_dim": spec.head_dim,
+    }
 
 
 def _label(row: dict) -> str:
@@ -108,7 +111,9 @@ def _label(row: dict) -> str:
 def _speedups(runs: list[dict]) -> list[dict]:
     """Fill each row's speed-ups; return the sparse-over-dense pairs (same engine and precision) and
     every sparse row over dense fp32 ONNX Runtime, the baseline a user starts from."""
-    median = {(r["engine"], r["model"], r["precision"], r["phase"]): r["timing"]["median_ms"] for r in runs if r["timing"]}
+    median = {
+        (r["engine"], r["model"], r["precision"], r["phase"]): r["timing"]["median_ms"] for r in runs if r["timing"]
+    }
     pairs = []
     for row in runs:
         if not row["timing"]:
@@ -128,8 +133,16 @@ def _speedups(runs: list[dict]) -> list[dict]:
             bases.append((("onnxruntime", "dense", "fp32"), reference))
         for key, base in bases:
             if base is not None:
-                pairs.append({"phase": row["phase"], "sparse": _label(row), "dense": " ".join(key),
-                              "dense_median_ms": base, "sparse_median_ms": own, "speedup": base / own})
+                pairs.append(
+                    {
+                        "phase": row["phase"],
+                        "sparse": _label(row),
+                        "dense": " ".join(key),
+                        "dense_median_ms": base,
+                        "sparse_median_ms": own,
+                        "speedup": base / own,
+                    }
+                )
     return pairs
 
 
@@ -142,174 +155,144 @@ def _ceiling(row: dict, graphs: GraphSet, config: BenchConfig, bandwidth_gb_s: f
     if isinstance(graphs, LosaModel):
         total = sum(counted.values())
         limit = ceiling_ms(total, bandwidth_gb_s)
-        return {"format": describe_format(graphs.precision) if graphs.kernel else "dense fp32", "bytes_per_token": total,
-                "ceiling_ms": limit, "share": limit / row["timing"]["median_ms"], "bytes": counted,
-                "bandwidth_gb_s": bandwidth_gb_s}
+        return {
+            "format": describe_format(graphs.precision) if graphs.kernel else "dense fp32",
+            "bytes_per_token": total,
+            "ceiling_ms": limit,
+            "share": limit / row["timing"]["median_ms"],
+            "bytes": counted,
+            "bandwidth_gb_s": bandwidth_gb_s,
+        }
     if graphs.spec.kv_heads is None:
         return None
     path = graphs.path("decode")
     if path not in cache:
-        cache[path] = decode_bytes(path, config.seqlen, graphs.spec.num_layers, graphs.spec.kv_heads, graphs.spec.head_dim)
+        cache[path] = decode_bytes(
+            path, config.seqlen, graphs.spec.num_layers, graphs.spec.kv_heads, graphs.spec.head_dim
+        )
     counted = cache[path]
     weight_format = ENGINE_FORMAT[row["engine"]]
     limit = ceiling_ms(counted.total(weight_format), bandwidth_gb_s)
-    return {"format": weight_format, "bytes_per_token": counted.total(weight_format), "ceiling_ms": limit,
-            "share": limit / row["timing"]["median_ms"], "bytes": counted.to_dict(), "bandwidth_gb_s": bandwidth_gb_s}
+    return {
+        "format": weight_format,
+        "bytes_per_token": counted.total(weight_format),
+        "ceiling_ms": limit,
+        "share": limit / row["timing"]["median_ms"],
+        "bytes": counted.to_dict(),
+        "bandwidth_gb_s": bandwidth_gb_s,
+    }
 
 
-def losa_unavailable(source: str) -> str | None:
-    """None when the losa engine can load ``source``, else why not (one line).  It runs the weights in
-    PyTorch, so it needs a model folder (or an export folder that kept its safetensors), not graphs."""
-    path = Path(source).expanduser()
-    if path.suffix == ".onnx" or (path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.gguf"))):
-        return (f"the losa engine runs a model's safetensors and {source} has none (ONNX graphs only): give the model "
-                "folder, or an export made without --no-safetensors")
-    return None
+def run_bench(
+    config: BenchConfig, graphs: BenchGraphs | None = None, progress: ProgressFn | None = None
+) -> BenchResult:
+    """Time the sparse model and its dense counterpart on each engine; see the module docstring.
 
-
-def _engines(config: BenchConfig, warnings: list[str], notes: list[str]) -> list[str]:
-    engines = config.engine_list()
-    if "losa" in engines:
-        reason = losa_unavailable(config.model)
-        if reason:
-            warnings.append(reason)
-            engines.remove("losa")
-        else:
-            resolve_source(config.model)  # a wrong path fails here, in one line, not in every child
-            notes.append(LOSA_NOTE)
-    if "bf16" in config.precision_list() and any(e in ONNX_ENGINES for e in engines):
-        notes.append("bf16 is timed on the losa engine only; ONNX Runtime and DeepSparse run fp32 and int8")
-    if "deepsparse" in engines:
-        reason = deepsparse_unavailable()
-        if reason:
-            warnings.append(reason)
-            engines.remove("deepsparse")
-    elif "onnxruntime" in engines and "losa" not in engines:
-        notes.append("DeepSparse not requested: " + ORT_NOTE.lower() + ", so only dense-vs-dense speed is measured")
-    if "onnxruntime" in engines:
-        notes.append(ORT_NOTE)
-    if not engines:
-        raise ConfigError("no engine can run here: add onnxruntime or losa to --engines, or install DeepSparse")
-    return engines
-
-
-def _threads(config: BenchConfig, cores: int, warnings: list[str]) -> int:
-    if config.threads is None:
-        return safe_threads(cores)
-    if config.threads > cores:
-        warnings.append(f"--threads {config.threads} is above the {cores} cores here: timings will be oversubscribed")
-    elif config.threads == cores and cores > 1:
-        warnings.append(f"--threads {config.threads} uses every core: DeepSparse slows 10x+ when anything else runs")
-    return config.threads
-
-
-def _onnx_plan(config: BenchConfig, engines: list[str], precisions: list[str], scratch: Path,
-               progress: ProgressFn | None, warnings: list[str]) -> tuple[GraphSet, GraphSet, list[str], list[tuple]]:
-    """The sparse and dense graphs (int8 copies as asked), the phases they allow, and their timing plan."""
-    sparse = resolve_graphs(config.model, scratch, "sparse", config, progress, warnings)
-    if config.dense_baseline:
-        dense = resolve_graphs(config.dense_baseline, scratch, "dense", config, progress, warnings)
-    else:
-        dense = densified(sparse, scratch)
-    for graphs in (sparse, dense):
-        check_shapes(graphs, config)
-        graphs.zero_fraction = weight_sparsity([graphs.path("prefill")])
-    if sparse.zero_fraction < 0.05:
-        warnings.append(f"the sparse model has only {sparse.zero_fraction:.1%} zero weights: no speed-up to expect")
-    if dense.zero_fraction > 0.05:
-        warnings.append(f"the dense baseline has {dense.zero_fraction:.1%} zero weights: is it really dense?")
-    phases = ["prefill"]
-    if config.decode_tokens > 0 and sparse.spec.decode and dense.spec.decode:
-        phases.append("decode")
-    elif config.decode_tokens > 0:
-        warnings.append("decode not timed: a decode graph is missing (export with losa export --onnx from a model folder)")
-    onnx_precisions = [p for p in precisions if p != "bf16"]
-    quantized = int8_sets([sparse, dense], scratch) if "int8" in onnx_precisions else {}
-    plan = [(engine, phase, fp32 if precision == "fp32" else quantized[fp32.role])
-            for engine in engines for precision in onnx_precisions for phase in phases for fp32 in (sparse, dense)]
-    return sparse, dense, phases, plan
-
-
-def _losa_plan(config: BenchConfig, precisions: list[str], phases: list[str]) -> list[tuple]:
-    """The losa engine's rows: the sparse model per precision on the kernel, and once in dense PyTorch."""
-    models = [LosaModel("sparse", config.model, precision, True) for precision in precisions]
-    models.insert(1, LosaModel("dense", config.model, "fp32", False))
-    return [("losa", phase, model) for model in models for phase in phases]
-
-
-def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> BenchResult:
-    """Time the sparse model and its dense counterpart on each engine; see the module docstring."""
-    config.validate()
+    ``graphs``: what the ONNX engines time, made by the caller (``export.bench_graphs``); None when
+    only the losa engine runs."""
     started = time.perf_counter()
-    if config.report is not None:
-        check_output(config.report, config.force, option="--report", folder=False)
     warnings: list[str] = []
     notes: list[str] = []
     machine = cpu_info()
-    threads = _threads(config, machine["cores"], warnings)
-    engines = _engines(config, warnings, notes)
-    precisions = config.precision_list()
+    threads = bench_threads(config, machine["cores"], warnings)
+    engines = engines_to_run(config, warnings, notes)
+    precisions = list(config.precisions)
     onnx_engines = [e for e in engines if e in ONNX_ENGINES]
+    if onnx_engines and graphs is None:
+        raise ConfigError(f"{', '.join(onnx_engines)} time ONNX graphs: make them first (export.bench_graphs)")
+    warnings += graphs.warnings if graphs is not None and onnx_engines else []
     if onnx_engines:
-        check_onnx_environment(config.opset)
-    with tempfile.TemporaryDirectory(prefix="losa-bench-") as scratch_name:
-        if onnx_engines:
-            sparse, dense, phases, plan = _onnx_plan(config, onnx_engines, precisions, Path(scratch_name), progress, warnings)
-            described = {"sparse": sparse.describe(), "dense": dense.describe()}
-        else:
-            phases, plan = ["prefill", "decode"] if config.decode_tokens > 0 else ["prefill"], []
-            described = {role: {"source": config.model if role == "sparse" else f"{config.model} in dense PyTorch",
-                                "origin": "model folder (losa engine)", "matmul_zero_fraction": None}
-                         for role in ("sparse", "dense")}
-        if "losa" in engines:
-            plan += _losa_plan(config, precisions, phases)
-        load_before = list(os.getloadavg())
-        machine["read_bandwidth_gb_s"] = measure_bandwidth(threads)
-        runs, byte_counts = [], {}
-        for done, (engine, phase, graphs) in enumerate(plan):
-            if progress:
-                progress("bench", done, len(plan))
-            runs.append(_timed_run(graphs, engine, phase, config, threads, warnings))
+        phases, plan = onnx_plan(config, graphs, onnx_engines, precisions, warnings)
+        described = {"sparse": graphs.sparse.describe(), "dense": graphs.dense.describe()}
+    else:
+        phases, plan = ["prefill", "decode"] if config.decode_tokens > 0 else ["prefill"], []
+        described = {
+            role: {
+                "source": config.model if role == "sparse" else f"{config.model} in dense PyTorch",
+                "origin": "model folder (losa engine)",
+                "matmul_zero_fraction": None,
+            }
+            for role in ("sparse", "dense")
+        }
+    if Engine.LOSA in engines:
+        plan += losa_plan(config, precisions, phases)
+    load_before = list(os.getloadavg())
+    machine["read_bandwidth_gb_s"] = measure_bandwidth(threads)
+    runs, byte_counts = [], {}
+    for done, (engine, phase, timed) in enumerate(plan):
         if progress:
-            progress("bench", len(plan), len(plan))
-        load_after = list(os.getloadavg())
-        if runs and all(row["error"] for row in runs):
-            raise EngineFailure(f"every timing failed; the first: {runs[0]['error']}")
-        speedups = _speedups(runs)
-        for row, (_, _, graphs) in zip(runs, plan):
-            row["ceiling"] = _ceiling(row, graphs, config, machine["read_bandwidth_gb_s"], byte_counts)
-            zeros = row.pop("block_zero_fraction", None)
-            if zeros is not None and described[row["model"]]["matmul_zero_fraction"] is None:
-                described[row["model"]]["matmul_zero_fraction"] = zeros
+            progress("bench", done, len(plan))
+        runs.append(_timed_run(timed, engine, phase, config, threads, warnings))
+    if progress:
+        progress("bench", len(plan), len(plan))
+    load_after = list(os.getloadavg())
+    if runs and all(row["error"] for row in runs):
+        raise EngineFailure(f"every timing failed; the first: {runs[0]['error']}")
+    speedups = _speedups(runs)
+    for row, (_, _, timed) in zip(runs, plan):
+        row["ceiling"] = _ceiling(row, timed, config, machine["read_bandwidth_gb_s"], byte_counts)
+        zeros = row.pop("block_zero_fraction", None)
+        if zeros is not None and described[row["model"]]["matmul_zero_fraction"] is None:
+            described[row["model"]]["matmul_zero_fraction"] = zeros
     if max(load_before[0], load_after[0]) > threads + 0.5:  # more than this benchmark's own threads
-        warnings.append(f"the machine was busy (load average {load_before[0]:.2f} before, {load_after[0]:.2f} after, "
-                        f"{machine['cores']} cores): timings are pessimistic and noisy")
+        warnings.append(
+            f"the machine was busy (load average {load_before[0]:.2f} before, {load_after[0]:.2f} after, "
+            f"{machine['cores']} cores): timings are pessimistic and noisy"
+        )
     result = BenchResult(
-        model=config.model, sparse=described["sparse"], dense=described["dense"],
-        settings={**to_dict(config), "threads": threads, "engines_run": engines, "phases": phases, "precisions": precisions},
-        decode_protocol=DECODE_PROTOCOL, machine=machine, load_average_before=load_before, load_average_after=load_after,
-        versions={**library_versions(), **engine_versions()}, runs=runs, speedups=speedups, notes=notes,
-        warnings=warnings, wall_time_s=time.perf_counter() - started,
+        model=config.model,
+        sparse=described["sparse"],
+        dense=described["dense"],
+        settings={
+            **to_dict(config),
+            "threads": threads,
+            "engines_run": engines,
+            "phases": phases,
+            "precisions": precisions,
+        },
+        decode_protocol=DECODE_PROTOCOL,
+        machine=machine,
+        load_average_before=load_before,
+        load_average_after=load_after,
+        versions={**library_versions(), **engine_versions()},
+        runs=runs,
+        speedups=speedups,
+        notes=notes,
+        warnings=warnings,
+        wall_time_s=time.perf_counter() - started,
     )
     if config.report:
         result.report = str(plot_report(Path(config.report), result))
     return result
 
 
-def _timed_run(graphs: GraphSet | LosaModel, engine: str, phase: str, config: BenchConfig, threads: int,
-               warnings: list[str]) -> dict:
+def _timed_run(
+    graphs: GraphSet | LosaModel, engine: str, phase: str, config: BenchConfig, threads: int, warnings: list[str]
+) -> dict:
     """One child-process timing; an engine failure is recorded, not fatal."""
-    row = {"engine": engine, "model": graphs.role, "precision": graphs.precision, "int8_activations": graphs.form,
-           "phase": phase, "timing": None, "error": None}
+    row = {
+        "engine": engine,
+        "model": graphs.role,
+        "precision": graphs.precision,
+        "int8_activations": graphs.form,
+        "phase": phase,
+        "timing": None,
+        "error": None,
+    }
     if isinstance(graphs, LosaModel):
         row["kernel_path"] = None
     try:
         raw = run_job(_job(graphs, engine, phase, config, threads), config.timeout_s)
     except EngineFailure as exc:
         row["error"] = str(exc)
-        hint = "; DeepSparse 1.8 crashes on some shapes (seen: tiny dense graphs under 16 tokens), try another --seqlen" \
-            if engine == "deepsparse" else ""
-        warnings.append(f"{engine} {graphs.role} {graphs.precision} {phase}: {exc}{hint}; the other timings are unaffected")
+        hint = (
+            "; DeepSparse 1.8 crashes on some shapes (seen: tiny dense graphs under 16 tokens), try another --seqlen"
+            if engine == "deepsparse"
+            else ""
+        )
+        warnings.append(
+            f"{engine} {graphs.role} {graphs.precision} {phase}: {exc}{hint}; the other timings are unaffected"
+        )
         return row
     tokens = config.batch * (config.seqlen if phase == "prefill" else 1)
     row["timing"] = summarize(raw["latencies_ms"], tokens, raw["compile_s"]).to_dict()
@@ -340,8 +323,11 @@ def plot_report(path: Path, result: BenchResult) -> Path:
         unit = f"{settings['seqlen']} tokens" if phase == "prefill" else f"1 token, past {settings['seqlen']}"
         ax.set_title(f"{phase} (batch {settings['batch']}, {unit})")
         ax.set_ylabel("median latency, ms (bar: p90)")
-    fig.suptitle(f"{Path(result.model).name}: {result.sparse['matmul_zero_fraction']:.0%} zeros in MatMul weights, "
-                 f"{settings['threads']} thread(s), {result.machine['cpu']}", fontsize=9)
+    fig.suptitle(
+        f"{Path(result.model).name}: {result.sparse['matmul_zero_fraction']:.0%} zeros in MatMul weights, "
+        f"{settings['threads']} thread(s), {result.machine['cpu']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp.png")

@@ -27,7 +27,18 @@ from ..core.errors import LosaError
 
 ENGINES = ("onnxruntime", "deepsparse", "losa")
 #: the ISA flags that decide which kernels the engines can use
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 ENGINE_ENV = {"NM_DISABLE_ANALYTICS": "1", "SPARSEZOO_DISABLE_ANALYTICS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
@@ -60,8 +71,16 @@ def summarize(latencies_ms: list[float], tokens_per_run: int, compile_s: float) 
         return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
     median = quantile(0.5)
-    return Timing(median, quantile(0.9), sum(ordered) / count, ordered[0], count, tokens_per_run,
-                  tokens_per_run / (median / 1000.0) if median > 0 else float("inf"), compile_s)
+    return Timing(
+        median,
+        quantile(0.9),
+        sum(ordered) / count,
+        ordered[0],
+        count,
+        tokens_per_run,
+        tokens_per_run / (median / 1000.0) if median > 0 else float("inf"),
+        compile_s,
+    )
 
 
 # ----------------------------------------------------------------------------- machine facts
@@ -78,8 +97,12 @@ def cpu_info() -> dict:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"cpu": model, "isa_flags": [f for f in ISA_FLAGS if f in flags], "cores": os.cpu_count() or 1,
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    return {
+        "cpu": model,
+        "isa_flags": [f for f in ISA_FLAGS if f in flags],
+        "cores": os.cpu_count() or 1,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
 
 
 def safe_threads(cores: int) -> int:
@@ -94,8 +117,10 @@ def safe_threads(cores: int) -> int:
 def deepsparse_unavailable() -> str | None:
     """None when DeepSparse can run here, else why not (one line, for the user)."""
     if importlib.util.find_spec("deepsparse") is None:
-        return ("DeepSparse is not installed (pip install 'losa[deepsparse]', Python 3.11, x86 with AVX2); "
-                "ONNX Runtime does not exploit unstructured zeros, so only dense-vs-dense speed is measured")
+        return (
+            "DeepSparse is not installed (pip install 'losa[deepsparse]', Python 3.11, x86 with AVX2); "
+            "ONNX Runtime does not exploit unstructured zeros, so only dense-vs-dense speed is measured"
+        )
     info = cpu_info()
     if "avx2" not in info["isa_flags"]:
         return f"DeepSparse needs a CPU with AVX2; {info['cpu']} has none, so only ONNX Runtime runs"
@@ -131,8 +156,13 @@ def run_job(job: dict, timeout_s: float) -> dict:
         job_path, result_path = Path(scratch) / "job.json", Path(scratch) / "result.json"
         job_path.write_text(json.dumps({**job, "scratch": scratch}))
         try:
-            done = subprocess.run([sys.executable, "-m", "losa_cli.runtime.engines", str(job_path), str(result_path)],
-                                  env=env, capture_output=True, text=True, timeout=timeout_s)
+            done = subprocess.run(
+                [sys.executable, "-m", "losa_cli.runtime.engines", str(job_path), str(result_path)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
         except subprocess.TimeoutExpired:
             raise EngineFailure(f"{job['engine']} did not finish within {timeout_s:.0f} s") from None
         if done.returncode != 0 or not result_path.is_file():
@@ -186,7 +216,9 @@ def _feeds(job: dict, phase: str, names: list[str]):
         elif name.startswith("past_key_values"):
             arrays.append(rng.standard_normal((batch, job["kv_heads"], seqlen, job["head_dim"])).astype(np.float32))
         else:
-            raise ValueError(f"unexpected graph input {name!r}; losa bench feeds input_ids, attention_mask, past_key_values.*")
+            raise ValueError(
+                f"unexpected graph input {name!r}; losa bench feeds input_ids, attention_mask, past_key_values.*"
+            )
     return arrays
 
 
@@ -194,7 +226,7 @@ def _private_copy(graph: Path, scratch: Path) -> Path:
     """A copy of ``graph`` in ``scratch`` that an engine may rewrite; its external data files are linked, not copied."""
     import shutil
 
-    from ..export.onnx_weights import external_files
+    from .onnx_io import external_files
 
     copy = scratch / graph.name
     shutil.copyfile(graph, copy)
@@ -223,8 +255,12 @@ def _make_runner(job: dict, path: str, arrays: list):
         from deepsparse import Engine
 
         # DeepSparse 1.8 writes the input shapes into the file it is given: hand it a private copy
-        engine = Engine(model=str(_private_copy(Path(path), Path(job["scratch"]))), batch_size=job["batch"],
-                        num_cores=threads, input_shapes=[list(a.shape) for a in arrays])
+        engine = Engine(
+            model=str(_private_copy(Path(path), Path(job["scratch"]))),
+            batch_size=job["batch"],
+            num_cores=threads,
+            input_shapes=[list(a.shape) for a in arrays],
+        )
         return lambda: engine.run(arrays)
     raise ValueError(f"unknown engine {job['engine']!r}")
 

@@ -13,13 +13,14 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..core.sequential import ProgressFn
-from ..core.config import EvalConfig
-from ..core.errors import ConfigError
 from ..core.data import bos_token_to_prepend, consecutive_windows, load_documents, token_stream
+from ..core.errors import ConfigError
 from ..core.modeling import clip_seqlen, load_model, resolve_device, sparsity_report
+from ..core.sequential import ProgressFn
+from .config import EvalConfig
+from .nll import onnx_window_nll, window_nll
+from .onnx_io import onnx_prefill_graph, tokenizer_folder
 from .zeroshot import ZeroShotResult, resolve_tasks, run_zeroshot
 
 
@@ -58,32 +59,6 @@ class EvalResult:
         return asdict(self)
 
 
-def summed_nll(logits_of, windows: torch.Tensor, batch_size: int = 1, progress: ProgressFn | None = None) -> tuple[float, int]:
-    """Summed next-token NLL (fp32) over all windows, and the number of predicted tokens.
-
-    ``logits_of(batch)`` returns the logits of a batch of windows: a PyTorch model or an ONNX
-    graph, so both are scored by the same code.
-    """
-    total = 0.0
-    count = 0
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size]
-        logits = logits_of(batch)[:, :-1].float()
-        targets = batch[:, 1:].to(logits.device)
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
-        count += targets.numel()
-        if progress:
-            progress("perplexity", min(start + batch_size, windows.shape[0]), windows.shape[0])
-    return total, count
-
-
-@torch.inference_mode()
-def window_nll(model: torch.nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 1,
-               progress: ProgressFn | None = None) -> tuple[float, int]:
-    """Summed next-token NLL of a PyTorch model over all windows, and the number of predicted tokens."""
-    return summed_nll(lambda batch: model(input_ids=batch.to(device), use_cache=False).logits, windows, batch_size, progress)
-
-
 def _perplexity(config: EvalConfig, tokenizer, seqlen: int, nll_of, dtype: str, device: str,
                 warnings: list[str]) -> PerplexityResult:
     """Cut ``--data`` into the protocol's windows and score them with ``nll_of(windows) -> (total, count)``.
@@ -106,30 +81,36 @@ def _eval_onnx(config: EvalConfig, graph, progress: ProgressFn | None) -> EvalRe
     """Perplexity of an exported prefill graph through ONNX Runtime (same windows as a PyTorch model)."""
     from transformers import AutoTokenizer
 
-    from .onnx_eval import onnx_window_nll, tokenizer_folder
 
     if config.sparsity or config.tasks is not None or config.data is None:
-        raise ConfigError("an ONNX graph gets perplexity only: give --data, and count zeros or run --tasks on the model folder")
+        raise ConfigError(
+            "an ONNX graph gets perplexity only: give --data, and count zeros or run --tasks on the model folder"
+        )
     if config.dtype != "float32" or config.device not in ("auto", "cpu"):
         raise ConfigError("ONNX graphs run on ONNX Runtime's CPU in their own precision: drop --dtype and --device")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(graph, config.tokenizer))
     warnings: list[str] = []
-    ppl = _perplexity(config, tokenizer, config.seqlen,
-                      lambda windows: onnx_window_nll(graph, windows, torch.get_num_threads(), config.batch_size, progress),
-                      "graph's own (ONNX)", "cpu (onnxruntime)", warnings)
+    ppl = _perplexity(
+        config,
+        tokenizer,
+        config.seqlen,
+        lambda windows: onnx_window_nll(graph, windows, torch.get_num_threads(), config.batch_size, progress),
+        "graph's own (ONNX)",
+        "cpu (onnxruntime)",
+        warnings,
+    )
     return EvalResult(model=config.model, perplexity=ppl, sparsity=None, zeroshot=None, warnings=warnings)
 
 
 def run_eval(config: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
     """``losa eval``: perplexity on ``--data``, accuracy on ``--tasks`` and/or the zero fractions of the model
     (perplexity only for ONNX graphs)."""
-    from .onnx_eval import onnx_prefill_graph
-
-    config.validate()
     graph = onnx_prefill_graph(config.model)
     if graph is not None:
         return _eval_onnx(config, graph, progress)
-    tasks = resolve_tasks(config.tasks) if config.tasks is not None else None  # bad task files fail before the model loads
+    tasks = (
+        resolve_tasks(config.tasks) if config.tasks is not None else None
+    )  # bad task files fail before the model loads
     device = resolve_device(config.device)
     loaded = load_model(config.model, config.dtype, config.trust_remote_code)
     warnings: list[str] = []
@@ -140,11 +121,18 @@ def run_eval(config: EvalConfig, progress: ProgressFn | None = None) -> EvalResu
     ppl = None
     if config.data is not None:
         seqlen = clip_seqlen(loaded.model, config.seqlen, warnings)
-        ppl = _perplexity(config, loaded.tokenizer, seqlen,  # moving the model to the device is timed, as before
-                          lambda windows: window_nll(loaded.model.to(device), windows, device, config.batch_size, progress),
-                          config.dtype, str(device), warnings)
+        ppl = _perplexity(
+            config,
+            loaded.tokenizer,
+            seqlen,  # moving the model to the device is timed, as before
+            lambda windows: window_nll(loaded.model.to(device), windows, device, config.batch_size, progress),
+            config.dtype,
+            str(device),
+            warnings,
+        )
     zeroshot = None
     if tasks is not None:
-        zeroshot = run_zeroshot(loaded.model, loaded.tokenizer, tasks, config.num_fewshot, config.limit, config.batch_size,
-                                device, progress)
+        zeroshot = run_zeroshot(
+            loaded.model, loaded.tokenizer, tasks, config.num_fewshot, config.limit, config.batch_size, device, progress
+        )
     return EvalResult(model=config.model, perplexity=ppl, sparsity=sparsity, zeroshot=zeroshot, warnings=warnings)

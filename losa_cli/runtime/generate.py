@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..core.config import GENERATE_KERNELS, GenerateConfig
 from ..core.modeling import load_model
 from ..core.sequential import ProgressFn
+from .config import KERNEL_DTYPES, GenerateConfig
 
 
 @dataclass
@@ -40,32 +40,41 @@ class GenerateResult:
 
 def run_generate(config: GenerateConfig, progress: ProgressFn | None = None) -> GenerateResult:
     """``losa generate``: see the module docstring."""
-    config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
     loaded = load_model(config.model, "float32", config.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     path, names = None, []
-    if GENERATE_KERNELS[config.kernel]:
+    if KERNEL_DTYPES[config.kernel]:
         from .kernels.native import available_paths
         from .kernels.sparse_linear import block_linear_names, sparsify
 
         path = available_paths()[0]
         names = block_linear_names(model)
-        sparsify(model, names, GENERATE_KERNELS[config.kernel], path)
+        sparsify(model, names, KERNEL_DTYPES[config.kernel], path)
     inputs = tokenizer(config.prompt, return_tensors="pt")
     torch.manual_seed(config.seed)
-    settings = {"do_sample": config.sample, "max_new_tokens": config.max_new_tokens,
-                "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
+    settings = {
+        "do_sample": config.sample,
+        "max_new_tokens": config.max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    }
     if config.sample:
         settings.update(temperature=config.temperature, top_p=config.top_p)
     started = time.perf_counter()
     with torch.inference_mode():
         output = model.generate(**inputs, **settings)
     elapsed = time.perf_counter() - started
-    new = output[0, inputs["input_ids"].shape[1]:]
-    return GenerateResult(model=config.model, text=tokenizer.decode(new, skip_special_tokens=True),
-                          prompt_tokens=int(inputs["input_ids"].shape[1]), new_tokens=int(new.numel()),
-                          kernel=config.kernel, kernel_path=path, sparse_layers=len(names),
-                          ms_per_token=elapsed * 1000 / max(1, int(new.numel())),
-                          tokens_per_s=int(new.numel()) / elapsed, threads=torch.get_num_threads())
+    new = output[0, inputs["input_ids"].shape[1] :]
+    return GenerateResult(
+        model=config.model,
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        prompt_tokens=int(inputs["input_ids"].shape[1]),
+        new_tokens=int(new.numel()),
+        kernel=config.kernel,
+        kernel_path=path,
+        sparse_layers=len(names),
+        ms_per_token=elapsed * 1000 / max(1, int(new.numel())),
+        tokens_per_s=int(new.numel()) / elapsed,
+        threads=torch.get_num_threads(),
+    )

@@ -22,7 +22,7 @@ the cache cropped back after each step so every step times the same computation.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -36,7 +36,9 @@ def describe_format(precision: str) -> str:
     return f"bitmask {blocks}" + (f", head {head}" if head else ", head dense fp32")
 
 
-def prepare_model(source: str, precision: str, kernel: bool, trust_remote_code: bool = False) -> tuple[torch.nn.Module, dict]:
+def prepare_model(
+    source: str, precision: str, kernel: bool, trust_remote_code: bool = False
+) -> tuple[torch.nn.Module, dict]:
     """Load ``source`` in fp32 and, with ``kernel``, swap its linear layers for SparseLinear per LOSA_FORMATS."""
     from ..core.modeling import load_model, sparsity_report
     from ..core.offload import module_name

@@ -157,8 +157,10 @@ def resolve_tasks(specs: list[str]) -> list[LocalTask | str]:
     if hub_names:
         reason = hub_unreachable()
         if reason:
-            raise DataError(f"lm-eval task {hub_names[0]!r} downloads from the Hugging Face Hub, which cannot be reached "
-                            f"({reason}): give a local multiple-choice .jsonl task file instead")
+            raise DataError(
+                f"lm-eval task {hub_names[0]!r} downloads from the Hugging Face Hub, which cannot be reached "
+                f"({reason}): give a local multiple-choice .jsonl task file instead"
+            )
     return resolved
 
 
@@ -178,8 +180,10 @@ def _write_task_folder(tasks: list[LocalTask], folder: Path) -> None:
             "doc_to_text": "query",
             "doc_to_choice": "choices",
             "doc_to_target": "gold",
-            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+            "metric_list": [
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+            ],
             "metadata": {"version": 1.0},
         }
         (folder / f"{task.name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -251,7 +255,9 @@ def _load_tasks(specs: list[LocalTask | str], folder: Path) -> dict[str, Any]:
     manager = TaskManager(include_path=str(folder), include_defaults=bool(hub_names))  # the full index takes ~15 s
     for name in hub_names:
         if name not in manager.all_tasks:
-            raise DataError(f"unknown lm-eval task {name!r}: give a task lm-eval lists, or a path to a .jsonl task file")
+            raise DataError(
+                f"unknown lm-eval task {name!r}: give a task lm-eval lists, or a path to a .jsonl task file"
+            )
     names = [spec if isinstance(spec, str) else spec.name for spec in specs]
     try:
         loaded = manager.load(names)
@@ -260,8 +266,10 @@ def _load_tasks(specs: list[LocalTask | str], folder: Path) -> dict[str, Any]:
         raise DataError(f"cannot load the lm-eval tasks {', '.join(names)}: {first}") from exc
     for name, task in loaded["tasks"].items():
         if task.get_config("output_type") != "multiple_choice":
-            raise ConfigError(f"lm-eval task {name!r} is {task.get_config('output_type')}: losa eval --tasks "
-                              "reports multiple-choice accuracy only")
+            raise ConfigError(
+                f"lm-eval task {name!r} is {task.get_config('output_type')}: losa eval --tasks "
+                "reports multiple-choice accuracy only"
+            )
     return loaded
 
 
@@ -274,17 +282,31 @@ def _task_accuracy(name: str, results: dict, local: LocalTask | None) -> TaskAcc
         return float(value) if isinstance(value, (int, float)) else None  # stderr may be "N/A"
 
     return TaskAccuracy(
-        task=name, source=str(local.path) if local else "lm-eval", sha256=local.sha256 if local else None,
-        version=str(results["versions"][name]), num_fewshot=int(results["n-shot"][name]),
-        fewshot_delimiter=config.get("fewshot_delimiter", "\n\n"), target_delimiter=config.get("target_delimiter", " "),
-        samples=int(results["n-samples"][name]["effective"]), acc=metric("acc"),
-        acc_stderr=metric("acc_stderr"), acc_norm=metric("acc_norm"), acc_norm_stderr=metric("acc_norm_stderr"),
+        task=name,
+        source=str(local.path) if local else "lm-eval",
+        sha256=local.sha256 if local else None,
+        version=str(results["versions"][name]),
+        num_fewshot=int(results["n-shot"][name]),
+        fewshot_delimiter=config.get("fewshot_delimiter", "\n\n"),
+        target_delimiter=config.get("target_delimiter", " "),
+        samples=int(results["n-samples"][name]["effective"]),
+        acc=metric("acc"),
+        acc_stderr=metric("acc_stderr"),
+        acc_norm=metric("acc_norm"),
+        acc_norm_stderr=metric("acc_norm_stderr"),
     )
 
 
-def run_zeroshot(model: torch.nn.Module, tokenizer: Any, tasks: list[LocalTask | str], num_fewshot: int = 0,
-                 limit: int | None = None, batch_size: int = 1, device: torch.device | None = None,
-                 progress: ProgressFn | None = None) -> ZeroShotResult:
+def run_zeroshot(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: list[LocalTask | str],
+    num_fewshot: int = 0,
+    limit: int | None = None,
+    batch_size: int = 1,
+    device: torch.device | None = None,
+    progress: ProgressFn | None = None,
+) -> ZeroShotResult:
     """Accuracy of ``model`` on each task (checked by ``resolve_tasks``) through lm-eval's ``HFLM``.
 
     The model is scored in its own dtype on ``device``; ``num_fewshot`` replaces each task's own
@@ -300,8 +322,11 @@ def run_zeroshot(model: torch.nn.Module, tokenizer: Any, tasks: list[LocalTask |
     local = {spec.name: spec for spec in tasks if isinstance(spec, LocalTask)}
     started = time.perf_counter()
     hub_tasks = any(isinstance(spec, str) for spec in tasks)
-    with (tempfile.TemporaryDirectory(prefix="losa-tasks-") as folder, _datasets_network(allowed=hub_tasks),
-          _quiet_lm_eval()):
+    with (
+        tempfile.TemporaryDirectory(prefix="losa-tasks-") as folder,
+        _datasets_network(allowed=hub_tasks),
+        _quiet_lm_eval(),
+    ):
         _write_task_folder(list(local.values()), Path(folder))
         loaded = _load_tasks(tasks, Path(folder))
         for task in loaded["tasks"].values():
@@ -312,6 +337,13 @@ def run_zeroshot(model: torch.nn.Module, tokenizer: Any, tasks: list[LocalTask |
         _scored_in_steps(lm, progress)
         results = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=False)
     accuracies = [_task_accuracy(name, results, local.get(name)) for name in loaded["tasks"]]
-    return ZeroShotResult(tasks=accuracies, lm_eval_version=lm_eval.__version__, fewshot_seed=FEWSHOT_SEED, limit=limit,
-                          batch_size=batch_size, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                          device=str(next(model.parameters()).device), wall_time_s=time.perf_counter() - started)
+    return ZeroShotResult(
+        tasks=accuracies,
+        lm_eval_version=lm_eval.__version__,
+        fewshot_seed=FEWSHOT_SEED,
+        limit=limit,
+        batch_size=batch_size,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        device=str(next(model.parameters()).device),
+        wall_time_s=time.perf_counter() - started,
+    )

@@ -35,7 +35,7 @@ class SparseLinear(nn.Module):
         self.path = path or available_paths()[0]  # the best path this CPU runs unless told otherwise
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, dtype: str = "float32", path: str | None = None) -> "SparseLinear":
+    def from_linear(cls, linear: nn.Linear, dtype: str = "float32", path: str | None = None) -> SparseLinear:
         return cls(pack(linear.weight, dtype), linear.bias, path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,9 @@ def block_linear_names(model: nn.Module) -> list[str]:
     return [f"{prefix}.{index}.{name}" for index, block in enumerate(blocks) for name in find_linears(block)]
 
 
-def sparsify(model: nn.Module, names: list[str], dtype: str = "float32", path: str | None = None) -> dict[str, PackedWeight]:
+def sparsify(
+    model: nn.Module, names: list[str], dtype: str = "float32", path: str | None = None
+) -> dict[str, PackedWeight]:
     """Replace the named ``nn.Linear`` modules by ``SparseLinear``; returns their packed weights."""
     packed = {}
     for name in names:
@@ -80,8 +82,10 @@ def load_packed_into(model: nn.Module, path: Path, kernel_path: str | None = Non
     for name, packed in layers.items():
         linear = model.get_submodule(name)
         if (linear.out_features, linear.in_features) != (packed.rows, packed.cols):
-            raise ValueError(f"{path}: {name} is {packed.rows}x{packed.cols}, the model's is "
-                             f"{linear.out_features}x{linear.in_features}")
+            raise ValueError(
+                f"{path}: {name} is {packed.rows}x{packed.cols}, the model's is "
+                f"{linear.out_features}x{linear.in_features}"
+            )
         _replace(model, name, SparseLinear(packed, linear.bias, kernel_path))
     return list(layers)
 

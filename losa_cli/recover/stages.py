@@ -1,0 +1,161 @@
+"""One LoSA stage's pruning (docs/losa-method.md §3-§4): merge the adapters, choose this stage's rates,
+prune every block again (the previous mask kept), measure each block's reconstruction error against
+the dense model, unmerge with the new mask and set the ranks from the errors.
+
+Pruned weights never come back: each stage's zeros are checked to be a superset of the previous
+stage's mask (the input model's zeros for stage 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..core.errors import ConfigError, NumericalError, key
+from ..core.modeling import block_linears, find_blocks, sparsity_report
+from ..core.sequential import ProgressFn, sequential_blocks
+from ..prune import (
+    Criterion,
+    RateRule,
+    block_rates,
+    check_nm_widths,
+    group_zero_counts,
+    parse_nm,
+    prune_blocks,
+    revived,
+)
+from .config import RankAllocation, RecoverConfig
+from .masked_lora import AdapterLinear, set_block_ranks, wrappers_of
+from .rank_alloc import ReconstructionError, allocate_ranks
+from .schedule import cubic_sparsity, nm_ramp
+
+
+@dataclass
+class StageRecord:
+    """What one stage did (all of it goes into the manifest)."""
+
+    stage: int
+    target_sparsity: float
+    rates: list[float]
+    errors: list[float]
+    ranks: list[int]
+    sparsity: float
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    pattern: str | None = None
+
+
+def stage_target(config: RecoverConfig, stage: int) -> tuple[float, tuple[int, int] | None]:
+    """This stage's global target and, for N:M runs, its pattern (see ``schedule.py``)."""
+    if config.pattern:
+        n, m = nm_ramp(*parse_nm(config.pattern), stage, config.stages)
+        return n / m, (n, m)
+    return cubic_sparsity(config.target_sparsity(), stage, config.stages), None
+
+
+def check_nm_input(model: nn.Module, pattern: str) -> None:
+    """An N:M run can end with exactly N zeros per group only if no group already holds more."""
+    check_nm_widths(model, pattern)
+    n, m = parse_nm(pattern)
+    crowded = [name for name, linear in block_linears(find_blocks(model)).items()
+               if bool((group_zero_counts(linear.weight, m) > n).any())]
+    if crowded:
+        raise ConfigError(
+            f"{key('pattern')} {pattern}: the input model already has more than {n} zeros in some groups "
+            f"of {m} ({crowded[0]} and {len(crowded) - 1} more layers); start from the dense model or one "
+            f"pruned with {key('pattern')} {pattern}"
+        )
+
+
+def dense_outputs(model: nn.Module, windows: torch.Tensor, device: torch.device) -> list[list[torch.Tensor]]:
+    """Every block's outputs on ``windows`` in the input model, kept on the CPU in bf16: the
+    reconstruction reference (n x T x d x L values, so only ``error_samples`` windows).  bf16
+    has fp32's range (fp16 overflows past 65,504, which residual streams of e.g. Gemma 3 exceed)
+    and its rounding (2^-9 relative) is far below any pruning error; errors are reduced in fp32."""
+    stored: list[list[torch.Tensor]] = []
+    for _ in sequential_blocks(
+        model,
+        windows,
+        device,
+        on_outputs=lambda i, outs: stored.append([o.detach().to("cpu", torch.bfloat16) for o in outs]),
+    ):
+        pass
+    return stored
+
+
+def pruned_masks(wrappers: dict[str, AdapterLinear]) -> dict[str, torch.Tensor]:
+    """The current mask of every layer (True = pruned), as the adapters hold it: set when the
+    last stage pruned, never re-read from the weights being checked."""
+    return {name: ~wrapper.mask for name, wrapper in wrappers.items()}
+
+
+def check_kept_zeros(pruned: dict[str, torch.Tensor], wrappers: dict[str, AdapterLinear], when: str) -> None:
+    """Every weight in ``pruned`` must be exactly zero now, or we stop before anything is saved."""
+    found = revived(pruned, {name: wrapper.base for name, wrapper in wrappers.items()})
+    if found:
+        name, count = next(iter(found.items()))
+        raise NumericalError(
+            f"{when}: {count} pruned weights of {name} became non-zero (and {len(found) - 1} more "
+            "layers too); not saving -- this is a bug in losa, please report it"
+        )
+
+
+def prune_stage(
+    config: RecoverConfig,
+    stage: int,
+    *,
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    windows: torch.Tensor,
+    error_windows: torch.Tensor,
+    dense: list[list[torch.Tensor]],
+    device: torch.device,
+    mean_rank: float,
+    steps: int,
+    progress: ProgressFn | None,
+) -> StageRecord:
+    """Merge, allocate rates, prune with error measurement (the previous mask kept), unmerge with
+    the new mask, set ranks."""
+    target, nm = stage_target(config, stage)
+    wrappers = wrappers_of(blocks)
+    previous = pruned_masks(wrappers)
+    for wrapper in wrappers.values():
+        wrapper.merge()
+    model.eval()
+    current = sparsity_report(model)[1]  # no block's rate goes below what it already has
+    rates = block_rates(
+        model, RateRule.of(config), target, windows, device, nm=nm, floor=current, progress=progress
+    ).rates
+    errors: list[ReconstructionError] = [ReconstructionError() for _ in blocks]
+    count = error_windows.shape[0]
+
+    def measure(index: int, outputs: list[torch.Tensor]) -> None:
+        for reference, produced in zip(dense[index], outputs[:count]):
+            errors[index].add(reference, produced)
+
+    criterion = Criterion(config.method, nm, config.damp, config.blocksize)
+    prune_warnings = prune_blocks(model, criterion, rates, windows, device, progress, on_outputs=measure)
+    check_kept_zeros(previous, wrappers, f"stage {stage} pruning")
+    for wrapper in wrappers.values():
+        wrapper.unmerge(new_mask=True)
+    block_errors = [e.value() for e in errors]
+    if config.rank_allocation == RankAllocation.UNIFORM:
+        ranks = [int(round(mean_rank))] * len(blocks)
+    else:
+        ranks = allocate_ranks(block_errors, mean_rank, config.rank_min, config.rank_max)
+    set_block_ranks(blocks, ranks)
+    return StageRecord(
+        stage=stage,
+        target_sparsity=target,
+        rates=rates,
+        errors=block_errors,
+        ranks=ranks,
+        sparsity=sparsity_report(model)[2],
+        steps=steps,
+        warnings=prune_warnings,
+        pattern=f"{nm[0]}:{nm[1]}" if nm else None,
+    )
