@@ -251,7 +251,35 @@ void rows_for_batch(const Packed& w, const Activations& a, float* y, int64_t beg
   }
 }
 
+// Dense float32 rows [begin, end) of an fp32 or bf16 bitmask weight: each 32-column group expanded
+// as the decode product expands it, then stored.
+template <ValueKind kind>
+void unpack_rows(const Packed& w, float* out, int64_t begin, int64_t end) {
+  using Value = typename std::conditional<kind == kFloat32, float, uint16_t>::type;
+  for (int64_t r = begin; r < end; ++r) {
+    const uint8_t* bits = w.mask + r * w.mask_stride;
+    const Value* v = static_cast<const Value*>(w.values) + w.row_offsets[r];
+    float* row = out + r * w.cols();
+    for (int64_t k = 0; k < w.mask_stride; k += 4) {
+      const uint64_t m = load_u32(bits + k);
+      const Group g(m, 5);
+      for (int i = 0; i < 4; ++i) {
+        if constexpr (kind == kFloat32) _mm256_storeu_ps(row + 8 * (k + i), expand_f32(v, g, i, m));
+        else _mm256_storeu_ps(row + 8 * (k + i), expand_bf16(v, g, i, m));
+      }
+      v += g.count;
+    }
+  }
+}
+
 }  // namespace
+
+bool unpack_avx2(const Packed& w, float* out, int64_t begin, int64_t end) {
+  if (w.dense() || w.kind == kInt8) return false;
+  if (w.kind == kFloat32) unpack_rows<kFloat32>(w, out, begin, end);
+  else unpack_rows<kBFloat16>(w, out, begin, end);
+  return true;
+}
 
 void gemv_avx2(const Packed& w, const Activations& a, float* y, int64_t begin, int64_t end) {
   switch (a.batch) {

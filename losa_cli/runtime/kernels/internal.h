@@ -37,6 +37,9 @@ void gemv_avx2(const Packed& w, const Activations& a, float* y, int64_t begin, i
 void gemm_generic(const Packed& w, const Tiles& t, float* y, int64_t begin, int64_t end);
 void gemm_avx2(const Packed& w, const Tiles& t, float* y, int64_t begin, int64_t end);
 
+// The dense float32 rows [begin, end) of w; false where this path leaves the layout to the portable code.
+bool unpack_avx2(const Packed& w, float* out, int64_t begin, int64_t end);
+
 // Scalar helpers every path shares.
 float bf16_to_float(uint16_t bits);
 float value_at(const Packed& w, int64_t index);  // one stored value as float (int8 unscaled)

@@ -145,7 +145,8 @@ Path parse_path(const std::string& name) {
   return Path::kAvx2;
 }
 
-void matmul(const Packed& w, const float* x, int64_t batch, int64_t x_stride, float* y, Path path) {
+void matmul(const Packed& w, const float* x, int64_t batch, int64_t x_stride, float* y, Path path,
+            int64_t gemm_from) {
   const int64_t cols = w.cols();
   std::vector<int8_t> q;
   std::vector<uint8_t> q_abs;
@@ -156,7 +157,7 @@ void matmul(const Packed& w, const float* x, int64_t batch, int64_t x_stride, fl
     q_scale.resize(batch);
     quantize(x, batch, x_stride, cols, q.data(), q_abs.data(), q_scale.data());
   }
-  if (batch < kGemmFrom) {
+  if (batch < gemm_from) {
     // decode: tiles of up to 4 input rows share one expansion of each weight chunk
     for (int64_t b0 = 0; b0 < batch; b0 += 4) {
       const int64_t n = std::min<int64_t>(4, batch - b0);
@@ -192,9 +193,9 @@ void matmul(const Packed& w, const float* x, int64_t batch, int64_t x_stride, fl
   });
 }
 
-void unpack(const Packed& w, float* out, Path /*path*/) {
-  // one portable implementation for every path: unpacking is a one-off (tests, tools), not a hot loop
+void unpack(const Packed& w, float* out, Path path) {
   at::parallel_for(0, w.rows, row_grain(w), [&](int64_t begin, int64_t end) {
+    if (path == Path::kAvx2 && detail::unpack_avx2(w, out, begin, end)) return;
     for (int64_t r = begin; r < end; ++r) {
       float* row = out + r * w.cols();
       std::fill(row, row + w.cols(), 0.f);

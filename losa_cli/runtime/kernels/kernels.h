@@ -38,16 +38,20 @@ std::vector<std::string> available_paths();
 Path parse_path(const std::string& name);  // throws (TORCH_CHECK) on an unknown or unsupported path
 
 // y [batch, rows] = x [batch, cols()] times the weight's transpose; x rows are x_stride floats apart
-// and zero past the weight's true width.  Rows are split over ATen's threads.  Below kGemmFrom input
-// rows each weight chunk is expanded once per 4 input rows (decode); from kGemmFrom rows on, each
-// row's kept weights are multiplied into tiles of up to 64 input rows (prefill), same results.
+// and zero past the weight's true width.  Rows are split over ATen's threads.  Below gemm_from input
+// rows each weight chunk is expanded once per 4 input rows (decode); from gemm_from rows on, each
+// row's kept weights are multiplied into tiles of up to 64 input rows (prefill), same results up to
+// fp32 summation order (int8: bit for bit).  kGemmFrom is where the GEMM starts to win on Zen 3
+// (benchmarks/prefill_switch.py); callers keep the default.
 // int8 weights multiply int8 activations: each x row is quantized on the call (s = max|x| / 127,
 // q = clamp(round(x / s), -127, 127), q = 0 where x is all zero), summed exactly in int32, and
 // y = float(sum) * s * scale[row]: packed.reference_matmul defines the same arithmetic.
 constexpr int64_t kGemmFrom = 16;
-void matmul(const Packed& w, const float* x, int64_t batch, int64_t x_stride, float* y, Path path);
+void matmul(const Packed& w, const float* x, int64_t batch, int64_t x_stride, float* y, Path path,
+            int64_t gemm_from = kGemmFrom);
 
-// The dense float32 weight [rows, cols()] (int8 values times their row's scale).
+// The dense float32 weight [rows, cols()] (int8 values times their row's scale).  Not on any hot
+// path any more (prefill runs the GEMM); AVX2 for fp32/bf16 bitmask weights, portable otherwise.
 void unpack(const Packed& w, float* out, Path path);
 
 }  // namespace losa

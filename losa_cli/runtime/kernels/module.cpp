@@ -51,20 +51,22 @@ torch::Tensor sparse_unpack(torch::Tensor mask, torch::Tensor values, torch::Ten
 
 // x: [batch, cols_padded] float32 (zero-padded); returns y: [batch, rows] float32.
 torch::Tensor sparse_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets,
-                            torch::Tensor scale, const std::string& path) {
+                            torch::Tensor scale, const std::string& path, int64_t gemm_from) {
   const losa::Packed w = packed_view(mask, values, row_offsets, scale);
   const losa::Path p = losa::parse_path(path);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [batch, cols]");
   TORCH_CHECK(x.size(1) == w.cols(), "x width must equal the weight's padded width");
   auto y = torch::empty({x.size(0), w.rows}, x.options());
-  losa::matmul(w, x.data_ptr<float>(), x.size(0), x.size(1), y.data_ptr<float>(), p);
+  losa::matmul(w, x.data_ptr<float>(), x.size(0), x.size(1), y.data_ptr<float>(), p, gemm_from);
   return y;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sparse_matmul", &sparse_matmul, "packed (bitmask or dense) weights times dense activations");
+  m.def("sparse_matmul", &sparse_matmul, "packed (bitmask or dense) weights times dense activations", py::arg("x"),
+        py::arg("mask"), py::arg("values"), py::arg("row_offsets"), py::arg("scale"), py::arg("path"),
+        py::arg("gemm_from") = losa::kGemmFrom);
   m.def("sparse_unpack", &sparse_unpack, "the dense float32 weight of a packed one (rows padded to 64 columns)");
   m.def("available_paths", &losa::available_paths, "kernel paths this CPU runs, best first");
   m.def("gemm_from", []() { return losa::kGemmFrom; }, "input rows from which matmul runs the prefill GEMM");

@@ -87,15 +87,18 @@ def _tensors(packed: PackedWeight) -> tuple[torch.Tensor, ...]:
     return tuple(_NONE if t is None else t for t in (packed.mask, packed.values, packed.row_offsets, packed.scale))
 
 
-def sparse_matmul(x: torch.Tensor, packed: PackedWeight, path: str) -> torch.Tensor:
+def sparse_matmul(x: torch.Tensor, packed: PackedWeight, path: str, gemm_from: int | None = None) -> torch.Tensor:
     """x [batch, cols] (any float dtype) times the packed weight's transpose, as float32 [batch, rows].
 
-    From ``gemm_from()`` input rows the kernel runs its prefill GEMM instead of the decode product."""
+    From ``gemm_from()`` input rows the kernel runs its prefill GEMM instead of the decode product;
+    ``gemm_from`` overrides that switch (tests and benchmarks time both products at any size)."""
     if x.dtype == torch.float32 and x.is_contiguous() and packed.cols == packed.cols_padded:
         padded = x  # widths that are a multiple of 64 (SmolLM2's, Llama's) need no padded copy
     else:
         padded = torch.zeros(x.shape[0], packed.cols_padded, dtype=torch.float32)
         padded[:, : packed.cols] = x
+    if gemm_from is not None:
+        return extension().sparse_matmul(padded, *_tensors(packed), path, gemm_from)
     kernel = torch.ops.losa.sparse_matmul if torch.compiler.is_compiling() else extension().sparse_matmul
     return kernel(padded, *_tensors(packed), path)
 
