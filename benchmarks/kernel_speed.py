@@ -113,8 +113,9 @@ def prefill_rows(shapes: dict, sparsity: float, tokens: tuple[int, ...], rounds:
                 ms = interleaved_ms({"kernel": lambda: sparse_matmul(x, packed, path),
                                      "unpack + F.linear": lambda: F.linear(x, dense_weight(packed, path)),
                                      "dense F.linear": lambda: F.linear(x, dense)}, rounds)
-                out.append({"shape": name, "rows": rows, "cols": cols, "sparsity": sparsity, "format": dtype + " bitmask",
-                            "tokens": n, "threads": threads, **{f"{k} ms": v for k, v in ms.items()},
+                out.append({"shape": name, "rows": rows, "cols": cols, "sparsity": sparsity,
+                            "format": dtype + " bitmask", "tokens": n, "threads": threads,
+                            **{f"{k} ms": v for k, v in ms.items()},
                             "kernel vs dense": ms["dense F.linear"] / ms["kernel"],
                             "kernel vs unpack": ms["unpack + F.linear"] / ms["kernel"]})
     return out
@@ -149,8 +150,8 @@ def main() -> None:
             r["share_of_ceiling"] = r["gb_s"] / ceilings[threads]
         decode += rows
         print(f"decode done at {threads} thread(s); ceiling {ceilings[threads]:.1f} GB/s", flush=True)
-        prefill += prefill_rows(PREFILL, args.sparsity, tokens, max(3, args.rounds // 2), threads, path, ("float32",))
-        prefill += prefill_rows({k: SMOL[k] for k in list(SMOL)[2:3]}, args.sparsity, tokens, max(3, args.rounds // 2),
+        prefill += prefill_rows(PREFILL, args.sparsity, tokens, max(5, args.rounds // 2 + 1), threads, path, ("float32",))
+        prefill += prefill_rows({k: SMOL[k] for k in list(SMOL)[2:3]}, args.sparsity, tokens, max(5, args.rounds // 2 + 1),
                                 threads, path, ("bfloat16", "int8"))
         print(f"prefill done at {threads} thread(s)", flush=True)
     command = f"OMP_WAIT_POLICY=PASSIVE python benchmarks/kernel_speed.py --threads {args.threads}"

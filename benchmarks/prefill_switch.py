@@ -51,7 +51,8 @@ def main() -> None:
     command = f"python benchmarks/prefill_switch.py --threads {args.threads}"
     write_json(RESULTS, {"command": command, "path": path, "gemm_from": gemm_from(), "rounds": args.rounds,
                          "rows": rows, "environment": environment()})
-    print(f"{environment()['machine']['cpu']}, {args.threads} thread(s), path {path}, gemm_from {gemm_from()}; {command}")
+    print(f"{environment()['machine']['cpu']}, {args.threads} thread(s), path {path}, gemm_from {gemm_from()}; "
+          f"{command}")
     print("| layer | values | input rows | decode µs | GEMM µs | GEMM / decode |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:

@@ -104,7 +104,8 @@ inline __m256 expand_f32(const float* v, const Group& g, int i, uint64_t m) {
 }
 
 inline __m256 expand_bf16(const uint16_t* v, const Group& g, int i, uint64_t) {
-  const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + g.offset[i])));
+  const __m128i eight = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + g.offset[i]));
+  const __m256i packed = _mm256_broadcastsi128_si256(eight);
   const __m256i control = _mm256_load_si256(reinterpret_cast<const __m256i*>(&kTables.bf16[0][0] + g.field[i]));
   return _mm256_castsi256_ps(_mm256_shuffle_epi8(packed, control));
 }
@@ -154,7 +155,9 @@ void sparse_float_rows(const Packed& w, const Activations& a, float* y, int64_t 
       }
       for (int b = 0; b < B; ++b) {
         const float* x = a.x + b * a.stride + 8 * k;
-        for (int i = 0; i < 4; ++i) acc[b][i % kAcc] = _mm256_fmadd_ps(e[i], _mm256_loadu_ps(x + 8 * i), acc[b][i % kAcc]);
+        for (int i = 0; i < 4; ++i) {
+          acc[b][i % kAcc] = _mm256_fmadd_ps(e[i], _mm256_loadu_ps(x + 8 * i), acc[b][i % kAcc]);
+        }
       }
       v += g.count;
     }
@@ -180,7 +183,9 @@ void sparse_int8_rows(const Packed& w, const Activations& a, float* y, int64_t b
       for (int b = 0; b < B; ++b) acc[b] = dot_int8(e, a.q + b * cols + 8 * k, a.q_abs + b * cols + 8 * k, acc[b]);
       v += g.count;
     }
-    for (int b = 0; b < B; ++b) y[b * w.rows + r] = static_cast<float>(horizontal_sum(acc[b])) * a.q_scale[b] * w.scale[r];
+    for (int b = 0; b < B; ++b) {
+      y[b * w.rows + r] = static_cast<float>(horizontal_sum(acc[b])) * a.q_scale[b] * w.scale[r];
+    }
   }
 }
 
@@ -206,7 +211,9 @@ void dense_float_rows(const Packed& w, const Activations& a, float* y, int64_t b
       for (int i = 0; i < 4; ++i) e[i] = load_dense(v + c + 8 * i);
       for (int b = 0; b < B; ++b) {
         const float* x = a.x + b * a.stride + c;
-        for (int i = 0; i < 4; ++i) acc[b][i % kAcc] = _mm256_fmadd_ps(e[i], _mm256_loadu_ps(x + 8 * i), acc[b][i % kAcc]);
+        for (int i = 0; i < 4; ++i) {
+          acc[b][i % kAcc] = _mm256_fmadd_ps(e[i], _mm256_loadu_ps(x + 8 * i), acc[b][i % kAcc]);
+        }
       }
     }
     for (int b = 0; b < B; ++b) {

@@ -36,7 +36,8 @@ losa::Packed packed_view(const torch::Tensor& mask, const torch::Tensor& values,
   TORCH_CHECK(scale.numel() == 0 || (scale.scalar_type() == torch::kFloat32 && scale.numel() == rows &&
                                      scale.is_contiguous()), "scale: float32, one per row");
   return {dense ? nullptr : mask.data_ptr<uint8_t>(), mask_stride, values.data_ptr(), kind,
-          dense ? nullptr : row_offsets.data_ptr<int64_t>(), scale.numel() > 0 ? scale.data_ptr<float>() : nullptr, rows};
+          dense ? nullptr : row_offsets.data_ptr<int64_t>(),
+          scale.numel() > 0 ? scale.data_ptr<float>() : nullptr, rows};
 }
 
 // Returns the dense float32 weight [rows, cols_padded] (int8 values times their row's scale).
@@ -54,7 +55,8 @@ torch::Tensor sparse_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor v
                             torch::Tensor scale, const std::string& path, int64_t gemm_from) {
   const losa::Packed w = packed_view(mask, values, row_offsets, scale);
   const losa::Path p = losa::parse_path(path);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [batch, cols]");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x: contiguous float32 [batch, cols]");
   TORCH_CHECK(x.size(1) == w.cols(), "x width must equal the weight's padded width");
   auto y = torch::empty({x.size(0), w.rows}, x.options());
   losa::matmul(w, x.data_ptr<float>(), x.size(0), x.size(1), y.data_ptr<float>(), p, gemm_from);
