@@ -109,11 +109,12 @@ def test_the_kernel_runs_inside_torch_compile(pruned):
     from losa_cli.runtime.losa_engine import prepare_model
 
     model, _ = prepare_model(str(pruned), "bf16", kernel=True)
-    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32]])  # 9 rows: the unpacked GEMM (DENSE_FROM = 8)
+    # 17 rows: the kernel's prefill GEMM (from gemm_from() = 16 rows) and the dense bf16 head on F.linear
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50]])
     torch._dynamo.reset()
     compiled = torch.compile(model.forward, dynamic=False, fullgraph=True)  # fullgraph: no break at the kernel
     with torch.inference_mode():
         eager = model(ids).logits
         torch.testing.assert_close(compiled(input_ids=ids).logits, eager, rtol=1e-4, atol=1e-4)
-        one = ids[:, :1]  # one row: the packed product, not the unpacked GEMM
+        one = ids[:, :1]  # one row: the decode product
         torch.testing.assert_close(compiled(input_ids=one).logits, model(one).logits, rtol=1e-4, atol=1e-4)

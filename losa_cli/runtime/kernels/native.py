@@ -18,7 +18,7 @@ from ...core.errors import LosaError
 from .packed import PackedWeight
 
 #: the C++ sources, compiled together into one extension (kernels.h is their shared interface)
-SOURCES = [Path(__file__).with_name(name) for name in ("module.cpp", "sparse_mv.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("module.cpp", "kernels.cpp", "gemv_avx2.cpp", "gemm_avx2.cpp")]
 
 
 class KernelUnavailable(LosaError):
@@ -39,6 +39,12 @@ def extension():
 
 
 @functools.lru_cache(maxsize=1)
+def gemm_from() -> int:
+    """Input rows from which ``sparse_matmul`` runs the prefill GEMM (kernels.h's kGemmFrom)."""
+    return int(extension().gemm_from())
+
+
+@functools.lru_cache(maxsize=1)
 def available_paths() -> tuple[str, ...]:
     """Kernel paths this CPU runs, best first (asked once: the CPU does not change)."""
     return tuple(extension().available_paths())
@@ -52,9 +58,13 @@ def _matmul_op(x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, row_of
     return extension().sparse_matmul(x, mask, values, row_offsets, scale, path)
 
 
+def _rows(mask: torch.Tensor, values: torch.Tensor) -> int:
+    return values.shape[0] if values.dim() == 2 else mask.shape[0]  # dense weights come with an empty mask
+
+
 @_matmul_op.register_fake
 def _(x, mask, values, row_offsets, scale, path):
-    return x.new_empty((x.shape[0], mask.shape[0]))
+    return x.new_empty((x.shape[0], _rows(mask, values)))
 
 
 @torch.library.custom_op("losa::sparse_unpack", mutates_args=())
@@ -65,29 +75,36 @@ def _unpack_op(mask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tens
 
 @_unpack_op.register_fake
 def _(mask, values, row_offsets, scale, path):
-    return mask.new_empty((mask.shape[0], mask.shape[1] * 8), dtype=torch.float32)
+    width = values.shape[1] if values.dim() == 2 else mask.shape[1] * 8
+    return values.new_empty((_rows(mask, values), width), dtype=torch.float32)
 
 
-_NO_SCALE = torch.empty(0)  # what the kernel takes for "no scales" (fp32, bf16): made once, not per call
+_NONE = torch.empty(0)  # what the kernel takes for an absent tensor (no mask, offsets or scales): made once
 
 
-def _scale(packed: PackedWeight) -> torch.Tensor:
-    return packed.scale if packed.scale is not None else _NO_SCALE
+def _tensors(packed: PackedWeight) -> tuple[torch.Tensor, ...]:
+    """mask, values, row_offsets, scale as the kernel takes them (empty where the format has none)."""
+    return tuple(_NONE if t is None else t for t in (packed.mask, packed.values, packed.row_offsets, packed.scale))
 
 
-def sparse_matmul(x: torch.Tensor, packed: PackedWeight, path: str) -> torch.Tensor:
-    """x [batch, cols] (any float dtype) times the packed weight's transpose, as float32 [batch, rows]."""
+def sparse_matmul(x: torch.Tensor, packed: PackedWeight, path: str, gemm_from: int | None = None) -> torch.Tensor:
+    """x [batch, cols] (any float dtype) times the packed weight's transpose, as float32 [batch, rows].
+
+    From ``gemm_from()`` input rows the kernel runs its prefill GEMM instead of the decode product;
+    ``gemm_from`` overrides that switch (tests and benchmarks time both products at any size)."""
     if x.dtype == torch.float32 and x.is_contiguous() and packed.cols == packed.cols_padded:
         padded = x  # widths that are a multiple of 64 (SmolLM2's, Llama's) need no padded copy
     else:
         padded = torch.zeros(x.shape[0], packed.cols_padded, dtype=torch.float32)
         padded[:, : packed.cols] = x
+    if gemm_from is not None:
+        return extension().sparse_matmul(padded, *_tensors(packed), path, gemm_from)
     kernel = torch.ops.losa.sparse_matmul if torch.compiler.is_compiling() else extension().sparse_matmul
-    return kernel(padded, packed.mask, packed.values, packed.row_offsets, _scale(packed), path)
+    return kernel(padded, *_tensors(packed), path)
 
 
 def dense_weight(packed: PackedWeight, path: str) -> torch.Tensor:
     """The packed weight as a dense float32 [rows, cols] tensor, unpacked by the native kernel."""
     unpack = torch.ops.losa.sparse_unpack if torch.compiler.is_compiling() else extension().sparse_unpack
-    dense = unpack(packed.mask, packed.values, packed.row_offsets, _scale(packed), path)
+    dense = unpack(*_tensors(packed), path)
     return dense if packed.cols == packed.cols_padded else dense[:, : packed.cols]

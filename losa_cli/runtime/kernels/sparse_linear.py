@@ -1,10 +1,11 @@
 """``SparseLinear``: an ``nn.Linear`` whose weight lives in the bitmask-packed format.
 
-Its product runs on the native kernel (``native.py``): below ``DENSE_FROM`` input rows (decode,
-small batches) on the packed weight, one expansion of each chunk serving up to four rows; from
-``DENSE_FROM`` rows on (prefill), the weight is unpacked for the call and multiplied by PyTorch's
-dense GEMM, which beats expanding every chunk once per four rows (measured on SmolLM2's MLP shapes
-at 70%: the kernel took 2x the time of unpack + GEMM at 32 rows, 3x at 128; the two were level at 8).
+Its product runs on the native kernel (``native.py``) at every batch size: decode expands each
+weight chunk once per four input rows, and from ``gemm_from()`` rows on (prefill) the kernel's GEMM
+multiplies only the kept weights into tiles of 64 tokens, which beats unpacking the weight for
+PyTorch's dense GEMM at every size measured (benchmarks/kernel_speed.py).  The one exception is a
+dense-layout fp32 or bf16 weight (a layer without zeros, e.g. the head) at prefill sizes: it has no
+zeros to skip, so PyTorch's GEMM on its float32 values is the faster product.
 ``sparsify`` swaps a loaded model's pruned linear layers for it; ``packed.save_packed`` and
 ``load_packed_into`` keep the packed weights in a safetensors file beside the model.
 """
@@ -17,11 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .native import available_paths, dense_weight, sparse_matmul
+from .native import available_paths, gemm_from, sparse_matmul
 from .packed import PackedWeight, load_packed, pack
-
-#: input rows from which a call unpacks the weight and runs PyTorch's dense GEMM (see the docstring)
-DENSE_FROM = 8
 
 
 class SparseLinear(nn.Module):
@@ -33,6 +31,7 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = packed.cols, packed.rows
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.path = path or available_paths()[0]  # the best path this CPU runs unless told otherwise
+        self.gemm_from = gemm_from()  # read once: torch.compile traces an attribute, not the cached call
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: str = "float32", path: str | None = None) -> SparseLinear:
@@ -41,17 +40,19 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         bias = None if self.bias is None else self.bias.to(torch.float32)
-        if rows.shape[0] >= DENSE_FROM:
-            y = F.linear(rows.to(torch.float32), dense_weight(self.packed, self.path), bias)
+        packed = self.packed
+        if packed.dense and packed.scale is None and rows.shape[0] >= self.gemm_from:
+            weight = packed.values[:, : packed.cols].to(torch.float32)
+            y = F.linear(rows.to(torch.float32), weight, bias)
         else:
-            y = sparse_matmul(rows, self.packed, self.path)
+            y = sparse_matmul(rows, packed, self.path)
             y = y if bias is None else y + bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        kept = int(self.packed.row_offsets[-1])
-        return (f"in={self.in_features}, out={self.out_features}, {self.packed.dtype}, "
-                f"{1 - kept / (self.in_features * self.out_features):.1%} zeros")
+        layout = "dense" if self.packed.dense else "bitmask"
+        zeros = 1 - self.packed.kept / (self.in_features * self.out_features) if not self.packed.dense else 0.0
+        return f"in={self.in_features}, out={self.out_features}, {self.packed.dtype} {layout}, {zeros:.1%} zeros"
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
