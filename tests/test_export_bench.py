@@ -166,13 +166,6 @@ def test_share_weights_deduplicates_by_content_and_keeps_values(tmp_path):
         np.testing.assert_allclose(got, x @ weight @ other, rtol=1e-5, atol=1e-5)
 
 
-def test_export_sliding_window_model_has_prefill_only(tiny_models, tmp_path):
-    result = run_export(ExportConfig(model=str(tiny_models["gemma3_text"]), out=str(tmp_path / "g"), onnx=True))
-    assert result.onnx["graphs"]["decode"] is None
-    assert any("no decode graph" in w and "sliding" in w.lower() for w in result.warnings)
-    assert result.onnx["verification"]["prefill_max_abs_diff"] < 1e-4
-
-
 def test_export_verification_failure_writes_nothing(pruned_llama, tmp_path):
     config = ExportConfig(model=str(pruned_llama), out=str(tmp_path / "bad"), onnx=True, tolerance=1e-12)
     with pytest.raises(NumericalError, match="ONNX verification failed"):

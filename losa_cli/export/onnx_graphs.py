@@ -3,7 +3,8 @@
 Targets the environment DeepSparse 1.8.0 runs in: torch's TorchScript exporter (``dynamo=False``)
 and opset 17.  Attention is exported in its eager form: DeepSparse 1.8 compiles the SDPA decode
 graph but crashes running it, while the eager graph runs on both engines.  Position ids come from
-the attention mask, so left padding gives the same positions as in transformers.  Both graphs read
+the attention mask, so left padding gives the same positions as in transformers.  Sliding-window
+layers (Gemma 3, Mistral with ``sliding_window``) get their whole past too (``_full_cache``).  Both graphs read
 their weights from one shared external file, ``weights.data`` (``onnx_weights.py``).  What was
 written is verified through ONNX Runtime in ``verify.py``.
 """
@@ -26,7 +27,8 @@ from .onnx_weights import share_weights
 #: protobuf cannot serialise a message over 2 GiB; stay well under it
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 #: model_type values whose decode graph was checked end to end (other types are tried and verified)
-DECODE_TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: (mistral and gemma3_text with their sliding windows: decode verified past the window)
+DECODE_TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 TRACE_BATCH = 2
 TRACE_SEQLEN = 8
 
@@ -42,6 +44,23 @@ def _cache_keyword(model: nn.Module) -> str:
 def _positions(attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Position of each new token = number of real tokens before it (left padding safe)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new_tokens:]
+
+
+def _full_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """A transformers ``DynamicCache`` whose every layer keeps its whole past, sliding-window layers included.
+
+    Why not the model's own cache: for sliding-window layers it builds ``DynamicSlidingWindowLayer``s,
+    which crop the past to the last ``sliding_window - 1`` tokens with Python branches on the past
+    length; a traced graph would freeze the branch taken at trace time.  With the whole past, the
+    model's own sliding-window mask (``create_sliding_window_causal_mask``: key ``k`` is seen from
+    query ``q`` when ``q - window < k <= q``, counted from the start of the sequence) hides exactly the
+    keys the cropped cache would have dropped, so the logits equal transformers' with its hybrid cache.
+    Every layer's past then has the same length, and the feeders need nothing new; the cost is that a
+    sliding layer's past grows with the sequence instead of stopping at the window.
+    """
+    from transformers import DynamicCache
+
+    return DynamicCache() if pairs is None else DynamicCache(ddp_cache_data=pairs)
 
 
 def _flatten_cache(output) -> list[torch.Tensor]:
@@ -62,11 +81,9 @@ class PrefillGraph(nn.Module):
         self.cache_keyword = _cache_keyword(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        from transformers import DynamicCache
-
         kwargs = {"position_ids": _positions(attention_mask, input_ids.shape[1])}
         if self.with_cache:
-            kwargs[self.cache_keyword] = DynamicCache(config=self.model.config)
+            kwargs[self.cache_keyword] = _full_cache()
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=self.with_cache, **kwargs)
         if not self.with_cache:
             return output.logits
@@ -77,7 +94,8 @@ class DecodeGraph(nn.Module):
     """input_ids (new), attention_mask (past + new), past keys/values -> logits, present keys/values.
 
     The past arrives as separate tensors (ONNX has no tuples) and is rebuilt into a
-    transformers ``DynamicCache`` inside ``forward`` so the model's own code path is traced.
+    transformers ``DynamicCache`` inside ``forward`` so the model's own code path is traced;
+    every layer's past holds every past token (``_full_cache`` says why).
     """
 
     def __init__(self, model: nn.Module):
@@ -86,30 +104,46 @@ class DecodeGraph(nn.Module):
         self.cache_keyword = _cache_keyword(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
-        from transformers import DynamicCache
-
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
+        cache = _full_cache(pairs)
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                             position_ids=_positions(attention_mask, input_ids.shape[1]), **{self.cache_keyword: cache})
         return (output.logits, *_flatten_cache(output))
 
 
+#: kinds of layer in transformers' own cache that the decode graph reproduces (``_full_cache`` says how)
+DECODE_CACHE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
+def _model_cache_layers(model: nn.Module) -> list:
+    """The layers of the cache transformers itself builds for this model (generate's default)."""
+    from transformers import DynamicCache
+
+    return list(DynamicCache(config=model.config).layers)
+
+
 def decode_support(model: nn.Module) -> str | None:
     """None when a KV-cache decode graph can be exported, else the reason it cannot.
 
-    Decided from the cache the model really builds: every layer must keep its full past
-    (sliding-window or hybrid caches crop it, which a fixed graph cannot express).
+    Decided from the cache the model really builds: every layer must attend over its past, all of
+    it or a sliding window of it.  Chunked attention (Llama 4) uses the same cache layer as a sliding
+    window but its own chunk mask, which is not verified here; linear-attention, convolution and
+    shared-KV layers keep no per-token past.  Both are refused.
     """
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    kinds = {type(layer).__name__ for layer in cache.layers}
-    if len(cache.layers) != model.config.num_hidden_layers or kinds != {"DynamicLayer"}:
-        return (f"model_type {model.config.model_type!r} uses a {'/'.join(sorted(kinds)) or 'custom'} KV cache "
-                f"(sliding window or hybrid); the decode graph supports full-attention caches "
-                f"({', '.join(DECODE_TESTED_MODEL_TYPES)} tested)")
+    layers = _model_cache_layers(model)
+    kinds = {type(layer).__name__ for layer in layers}
+    chunked = getattr(model.config, "attention_chunk_size", None) is not None
+    if len(layers) != model.config.num_hidden_layers or not kinds <= set(DECODE_CACHE_LAYERS) or chunked:
+        what = "chunked-attention" if chunked else "/".join(sorted(kinds)) or "custom"
+        return (f"model_type {model.config.model_type!r} uses a {what} KV cache; the decode graph supports "
+                f"full-attention and sliding-window caches ({', '.join(DECODE_TESTED_MODEL_TYPES)} tested)")
     return None
+
+
+def sliding_window(model: nn.Module) -> int | None:
+    """How many positions the model's sliding-window layers attend to (query included); None when no layer slides."""
+    windows = [int(layer.sliding_window) for layer in _model_cache_layers(model) if getattr(layer, "is_sliding", False)]
+    return max(windows) if windows else None
 
 
 # ----------------------------------------------------------------------------- export
@@ -239,6 +273,7 @@ def export_graphs(
         opset=opset,
         external_data=True,
         model_type=str(getattr(config, "model_type", "?")),
+        sliding_window=sliding_window(model),
     )
     write_graph_spec(folder, spec)
     return spec, warnings_out

@@ -6,6 +6,9 @@
   when the decode graph is supported, so generation can start from a prefill);
 * ``decode.onnx``: ``input_ids`` (new tokens), ``attention_mask`` (past + new), and
   ``past_key_values.{i}.key/value`` -> ``logits`` and ``present.{i}.key/value``;
+  every layer's past holds every past token, the layers of a sliding-window model too (the graph
+  hides what lies outside their window with the model's own mask), so a feeder passes each
+  ``present`` back as the next ``past`` unchanged and never crops it;
 * ``losa_onnx.json``: the ``GraphSpec`` below.
 
 Everything that *reads* such a folder lives here, below export: the bench times the graphs, eval
@@ -48,6 +51,9 @@ class GraphSpec:
     external_data: bool
     model_type: str
     precision: str = "fp32"
+    #: positions a sliding-window layer attends to (None: every layer sees all).  Feeders need not read it:
+    #: the graphs take every layer's whole past and apply the window themselves; verification sizes its prompts by it
+    sliding_window: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
