@@ -22,7 +22,7 @@ from ..runtime import DEEPSPARSE_MAX_OPSET, check_onnx_environment
 from .config import ExportConfig
 from .int8 import COMPARISON_TEXT, export_int8
 from .onnx_graphs import export_graphs
-from .verify import verify_export
+from .verify import GREEDY_STEPS, verify_export, window_not_reached
 
 ONNX_FOLDER = "onnx"
 INT8_FOLDER = "onnx-int8"
@@ -120,6 +120,9 @@ def run_export(config: ExportConfig, progress: ProgressFn | None = None) -> Expo
             )
             warnings += export_warnings
             verification = verify_export(loaded.model, staging / ONNX_FOLDER, spec, config.tolerance, progress=progress)
+            unreached = window_not_reached(spec, GREEDY_STEPS)
+            if unreached:
+                warnings.append(unreached)
             onnx_summary = _onnx_summary(spec, verification, environment)
         if config.int8:
             if progress:
