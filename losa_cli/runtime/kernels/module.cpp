@@ -3,6 +3,10 @@
 
 #include "kernels.h"
 
+namespace losa {
+void bind_decode(pybind11::module_& m);  // decode.cpp: the native decode step
+}
+
 namespace {
 
 // Checks shared by both entry points; returns the view the kernels read.
@@ -53,4 +57,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_matmul", &sparse_matmul, "bitmask-packed sparse weights times dense activations");
   m.def("sparse_unpack", &sparse_unpack, "the dense float32 weight of a packed one (rows padded to 64 columns)");
   m.def("available_paths", &losa::available_paths, "kernel paths this CPU runs, best first");
+  losa::bind_decode(m);
 }

@@ -1,0 +1,380 @@
+// losa's native decode step: one C++ call per token for the whole model, batch 1.
+//
+// PyTorch spends ~4 us per operator and a decoder block needs ~20 of them, so a 30-block model pays
+// milliseconds per token before any arithmetic.  This object is built once from a plan's tensors
+// (decode/native.py; it keeps references so they stay alive), owns every buffer a step needs, and
+// shares the KV cache tensor with LeanModel (decode/model.py, the readable reference it is tested
+// against): LeanModel's prefill fills the cache this step goes on from.  Per token: embedding row,
+// then per block RMSNorm, the fused q/k/v product, q/k norms, RoPE from the tables, cache write,
+// attention over the past (GQA, sliding window), o, residual, RMSNorm, fused gate/up, act(gate) * up,
+// down, residual; final norm and head.  Packed products run on losa::matmul, dense fp32 ones on
+// ATen's mv into preallocated outputs; nothing is allocated per token.
+//
+// The hot loops (attention, the gated activation) are written once as plain loops and compiled
+// twice: for AVX2 + FMA (GCC vectorises them inside functions with that target) and for any CPU.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define LOSA_X86 1
+#endif
+#define LOSA_INLINE static inline __attribute__((always_inline))
+
+namespace losa {
+namespace {
+
+constexpr int64_t kAlign = 64;  // packed weights read inputs padded to 64 columns, zero past the true width
+int64_t padded(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+bool empty(const at::Tensor& t) { return !t.defined() || t.numel() == 0; }
+
+// ---- loops, compiled per instruction set (see the top) ---------------------------------------------
+
+// Eight floats as one GCC vector: inside a function with the AVX2 target each operation is one ymm
+// instruction; elsewhere the compiler splits it (two SSE or NEON registers, or scalars).
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+typedef float f8_unaligned __attribute__((vector_size(32), aligned(4)));
+
+LOSA_INLINE f8 load8(const float* p) { return *reinterpret_cast<const f8_unaligned*>(p); }
+LOSA_INLINE void store8(float* p, f8 v) { *reinterpret_cast<f8_unaligned*>(p) = v; }
+LOSA_INLINE f8 splat(float x) { return f8{} + x; }
+LOSA_INLINE float sum8(f8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// a . b, four independent accumulators so the FMAs do not wait on one another.
+LOSA_INLINE float dot(const float* a, const float* b, int64_t n) {
+  f8 acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 += load8(a + i) * load8(b + i);
+    acc1 += load8(a + i + 8) * load8(b + i + 8);
+    acc2 += load8(a + i + 16) * load8(b + i + 16);
+    acc3 += load8(a + i + 24) * load8(b + i + 24);
+  }
+  for (; i + 8 <= n; i += 8) acc0 += load8(a + i) * load8(b + i);
+  float tail = 0;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return sum8((acc0 + acc1) + (acc2 + acc3)) + tail;
+}
+
+// exp(x) for x <= 88: x = n ln2 + r, exp(r) by a degree-6 polynomial on |r| <= ln2 / 2 (Cephes'
+// coefficients, ~1 ulp), times 2^n put into the exponent bits.
+LOSA_INLINE f8 exp8(f8 x) {
+  x = x < -87.3f ? splat(-87.3f) : x;
+  x = x > 88.0f ? splat(88.0f) : x;
+  const f8 n = (x * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest
+  const f8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  f8 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  return p * reinterpret_cast<f8>((__builtin_convertvector(n, i8) + 127) << 23);
+}
+LOSA_INLINE float exp1(float x) { return exp8(splat(x))[0]; }
+
+struct Attend {
+  const float* q;        // [heads, head_dim], after RoPE
+  const float* keys;     // this layer's cache: [kv_heads, capacity, head_dim]
+  const float* values;
+  float* scores;         // [heads, capacity] scratch
+  float* out;            // [heads, head_dim]
+  int64_t group, head_dim, head_stride, capacity, first, last;  // attend to positions first..last
+  float scale;
+};
+
+// Softmax attention of heads [h0, h1) over the cached positions first..last.
+LOSA_INLINE void attend_body(const Attend& a, int64_t h0, int64_t h1) {
+  const int64_t d = a.head_dim;
+  for (int64_t h = h0; h < h1; ++h) {
+    const float* q = a.q + h * d;
+    const float* keys = a.keys + (h / a.group) * a.head_stride;
+    const float* values = a.values + (h / a.group) * a.head_stride;
+    float* s = a.scores + h * a.capacity;
+    float top = -INFINITY;
+    for (int64_t t = a.first; t <= a.last; ++t) {
+      s[t] = dot(q, keys + t * d, d) * a.scale;
+      top = std::max(top, s[t]);
+    }
+    f8 sums = {};
+    int64_t t = a.first;
+    for (; t + 8 <= a.last + 1; t += 8) {
+      const f8 e = exp8(load8(s + t) - top);
+      store8(s + t, e);
+      sums += e;
+    }
+    float total = sum8(sums);
+    for (; t <= a.last; ++t) total += (s[t] = exp1(s[t] - top));
+    float* out = a.out + h * d;
+    std::fill(out, out + d, 0.f);
+    for (t = a.first; t <= a.last; ++t) {
+      const float p = s[t] / total;
+      const float* v = values + t * d;
+      int64_t i = 0;
+      for (; i + 8 <= d; i += 8) store8(out + i, load8(out + i) + p * load8(v + i));
+      for (; i < d; ++i) out[i] += p * v[i];
+    }
+  }
+}
+
+// out = act(gate) * up, act(x) = x * sigmoid(k(x)): k(x) = x is SiLU; k(x) = 2 sqrt(2/pi) (x + 0.044715 x^3)
+// is GELU's tanh form (0.5 (1 + tanh u) = sigmoid(2u)).
+LOSA_INLINE f8 gated8(f8 x, f8 up, bool gelu) {
+  const f8 k = gelu ? 1.5957691216f * (x + 0.044715f * x * x * x) : x;
+  return x / (1.f + exp8(-k)) * up;
+}
+LOSA_INLINE void gated_body(const float* gate, const float* up, float* out, int64_t n, bool gelu) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(out + i, gated8(load8(gate + i), load8(up + i), gelu));
+  for (; i < n; ++i) out[i] = gated8(splat(gate[i]), splat(up[i]), gelu)[0];
+}
+
+#ifdef LOSA_X86
+__attribute__((target("avx2,fma"))) void attend_avx2(const Attend& a, int64_t h0, int64_t h1) {
+  attend_body(a, h0, h1);
+}
+__attribute__((target("avx2,fma"))) void gated_avx2(const float* g, const float* u, float* o, int64_t n, bool gelu) {
+  gated_body(g, u, o, n, gelu);
+}
+#endif
+void attend_generic(const Attend& a, int64_t h0, int64_t h1) { attend_body(a, h0, h1); }
+void gated_generic(const float* g, const float* u, float* o, int64_t n, bool gelu) { gated_body(g, u, o, n, gelu); }
+
+// ---- the rest of a step: O(width) work, plain code -----------------------------------------------
+
+// out = w * x / rms(x) (w holds Gemma's 1 + w already); out may be x.
+void rms_norm(const float* x, const float* w, float* out, int64_t n, float eps) {
+  float sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);
+}
+
+// RoPE on `heads` rows of x [heads, d] in place, the half-split layout: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
+void rope(float* x, int64_t heads, int64_t d, const float* cos, const float* sin) {
+  const int64_t half = d / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* r = x + h * d;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = r[i], x2 = r[i + half];
+      r[i] = x1 * cos[i] - x2 * sin[i];
+      r[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
+    }
+  }
+}
+
+// One linear layer with its input and output buffers fixed at build time: a dense float32 weight (ATen's
+// mv into the preallocated output) or a packed one (losa::matmul, reading the input padded with zeros).
+struct Linear {
+  at::Tensor weight, mask, values, row_offsets, scale, bias;  // held so the views below stay valid
+  at::Tensor in, out;  // views of the step's buffers: what the product reads and writes
+  Packed packed{};
+  bool is_packed = false;
+  int64_t rows = 0;
+
+  // tensors: [weight, bias] (dense) or [mask, values, row_offsets, scale, bias] (packed, packed.py's format);
+  // an empty tensor stands for "none".
+  Linear(const std::vector<at::Tensor>& t, const at::Tensor& in_buffer, const at::Tensor& out_buffer) {
+    TORCH_CHECK(t.size() == 2 || t.size() == 5, "a linear is [weight, bias] or [mask, values, offsets, scale, bias]");
+    is_packed = t.size() == 5;
+    bias = t.back();
+    if (is_packed) {
+      mask = t[0], values = t[1], row_offsets = t[2], scale = t[3];
+      TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte && mask.is_contiguous(), "mask: uint8 2-D");
+      TORCH_CHECK(row_offsets.scalar_type() == at::kLong && row_offsets.numel() == mask.size(0) + 1, "row_offsets");
+      TORCH_CHECK(values.is_contiguous() && (empty(scale) || scale.numel() == mask.size(0)), "values, scale");
+      const ValueKind kind = values.scalar_type() == at::kFloat      ? kFloat32
+                             : values.scalar_type() == at::kBFloat16 ? kBFloat16
+                                                                     : kInt8;
+      TORCH_CHECK(kind != kInt8 || values.scalar_type() == at::kChar, "values: float32, bfloat16 or int8");
+      rows = mask.size(0);
+      packed = {mask.data_ptr<uint8_t>(), mask.size(1), values.data_ptr(), kind, row_offsets.data_ptr<int64_t>(),
+                empty(scale) ? nullptr : scale.data_ptr<float>(), rows};
+      TORCH_CHECK(packed.mask_stride * 8 <= in_buffer.numel(), "packed weight wider than its input");
+    } else {
+      weight = t[0];
+      TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous(), "weight");
+      rows = weight.size(0);
+      TORCH_CHECK(weight.size(1) <= in_buffer.numel(), "dense weight wider than its input");
+    }
+    in = in_buffer.narrow(0, 0, is_packed ? packed.mask_stride * 8 : weight.size(1));
+    TORCH_CHECK(rows <= out_buffer.numel(), "linear output larger than its buffer");
+    TORCH_CHECK(empty(bias) || (bias.numel() == rows && bias.scalar_type() == at::kFloat), "bias: float32 [rows]");
+    out = out_buffer.narrow(0, 0, rows);
+  }
+
+  void run(Path path) {
+    float* y = out.data_ptr<float>();
+    if (is_packed) {
+      matmul(packed, in.data_ptr<float>(), 1, packed.mask_stride * 8, y, path);
+    } else {
+      at::mv_out(out, weight, in);
+    }
+    if (!empty(bias)) {
+      const float* b = bias.data_ptr<float>();
+      for (int64_t r = 0; r < rows; ++r) y[r] += b[r];
+    }
+  }
+};
+
+}  // namespace
+
+class DecodeStep {
+ public:
+  // dims: hidden, heads, kv_heads, head_dim, intermediate, vocab; scalars: eps, embed_scale, attn_scale,
+  // final_softcap (0 = none); windows per layer (0 = none); layer_rope per layer (index into cos/sin);
+  // linears: per layer qkv, o, gate_up, down (Linear's tensor lists); norms: per layer attn, mlp, attn_out,
+  // mlp_out, q, k (empty = none).
+  DecodeStep(std::vector<int64_t> dims, std::vector<double> scalars, bool gelu, std::vector<int64_t> windows,
+             std::vector<int64_t> layer_rope, at::Tensor embed, at::Tensor cos, at::Tensor sin, at::Tensor final_norm,
+             std::vector<at::Tensor> head, std::vector<std::vector<at::Tensor>> linears,
+             std::vector<std::vector<at::Tensor>> norms, const std::string& path)
+      : hidden_(dims.at(0)), heads_(dims.at(1)), kv_heads_(dims.at(2)), head_dim_(dims.at(3)),
+        intermediate_(dims.at(4)), vocab_(dims.at(5)), eps_(scalars.at(0)), embed_scale_(scalars.at(1)),
+        attn_scale_(scalars.at(2)), softcap_(scalars.at(3)), gelu_(gelu), windows_(std::move(windows)),
+        layer_rope_(std::move(layer_rope)), embed_(embed), cos_(cos), sin_(sin), final_norm_(final_norm),
+        norms_(std::move(norms)), path_(parse_path(path)) {
+    const int64_t layers = static_cast<int64_t>(windows_.size());
+    TORCH_CHECK(static_cast<int64_t>(linears.size()) == 4 * layers && static_cast<int64_t>(norms_.size()) == layers &&
+                    static_cast<int64_t>(layer_rope_.size()) == layers, "one entry per layer");
+    TORCH_CHECK(embed.dim() == 2 && embed.size(0) == vocab_ && embed.size(1) == hidden_ && embed.is_contiguous() &&
+                    embed.scalar_type() == at::kFloat, "embed: float32 [vocab, hidden]");
+    TORCH_CHECK(cos.dim() == 3 && cos.size(2) == head_dim_ && cos.is_contiguous() && sin.sizes() == cos.sizes() &&
+                    sin.is_contiguous(), "cos, sin: [kinds, max_len, head_dim]");
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    const int64_t qkv_rows = (heads_ + 2 * kv_heads_) * head_dim_;
+    x_ = at::zeros({hidden_}, f32);
+    normed_ = at::zeros({padded(hidden_)}, f32);
+    qkv_ = at::zeros({qkv_rows}, f32);
+    attended_ = at::zeros({padded(heads_ * head_dim_)}, f32);
+    out_ = at::zeros({hidden_}, f32);
+    gate_up_ = at::zeros({2 * intermediate_}, f32);
+    gated_ = at::zeros({padded(intermediate_)}, f32);
+    logits_ = at::zeros({vocab_}, f32);
+    for (int64_t l = 0; l < layers; ++l) {
+      blocks_.push_back({Linear(linears[4 * l], normed_, qkv_), Linear(linears[4 * l + 1], attended_, out_),
+                         Linear(linears[4 * l + 2], normed_, gate_up_), Linear(linears[4 * l + 3], gated_, out_)});
+      TORCH_CHECK(norms_[l].size() == 6, "six norms per layer");
+      TORCH_CHECK(blocks_[l][0].rows == qkv_rows && blocks_[l][2].rows == 2 * intermediate_, "fused widths");
+    }
+    blocks_.push_back({Linear(head, normed_, logits_)});
+  }
+
+  // Point the step at the KV cache [layers, batch, kv_heads, capacity, head_dim] (batch row 0 is used).
+  void set_cache(at::Tensor keys, at::Tensor values) {
+    TORCH_CHECK(keys.dim() == 5 && keys.size(0) == static_cast<int64_t>(windows_.size()) &&
+                    keys.size(2) == kv_heads_ && keys.size(4) == head_dim_ && keys.is_contiguous() &&
+                    keys.scalar_type() == at::kFloat && values.sizes() == keys.sizes() && values.is_contiguous(),
+                "cache: float32 [layers, batch, kv_heads, capacity, head_dim]");
+    keys_ = keys, values_ = values;
+    capacity_ = keys.size(3);
+    scores_ = at::zeros({heads_, std::max<int64_t>(capacity_, 1)}, at::TensorOptions().dtype(at::kFloat));
+  }
+
+  // Logits [vocab] of `token` at `position` (its k, v written into the cache); the returned tensor is
+  // the step's own buffer, overwritten by the next step.
+  at::Tensor step(int64_t token, int64_t position) {
+    TORCH_CHECK(token >= 0 && token < vocab_, "token ", token, " outside the vocabulary");
+    TORCH_CHECK(position >= 0 && position < capacity_ && position < cos_.size(1), "position ", position,
+                " outside the cache (", capacity_, ") or the RoPE tables (", cos_.size(1), ")");
+    c10::InferenceMode guard;
+    float* x = x_.data_ptr<float>();
+    float* normed = normed_.data_ptr<float>();
+    float* qkv = qkv_.data_ptr<float>();
+    float* out = out_.data_ptr<float>();
+    const float* row = embed_.data_ptr<float>() + token * hidden_;
+    for (int64_t i = 0; i < hidden_; ++i) x[i] = row[i] * embed_scale_;
+    const int64_t layers = static_cast<int64_t>(windows_.size()), d = head_dim_;
+    for (int64_t l = 0; l < layers; ++l) {
+      const std::vector<at::Tensor>& norm = norms_[l];
+      std::vector<Linear>& linear = blocks_[l];
+      rms_norm(x, norm[0].data_ptr<float>(), normed, hidden_, eps_);
+      linear[0].run(path_);
+      float* q = qkv;
+      float* k = qkv + heads_ * d;
+      float* v = k + kv_heads_ * d;
+      if (!empty(norm[4])) {
+        for (int64_t h = 0; h < heads_; ++h) rms_norm(q + h * d, norm[4].data_ptr<float>(), q + h * d, d, eps_);
+        for (int64_t h = 0; h < kv_heads_; ++h) rms_norm(k + h * d, norm[5].data_ptr<float>(), k + h * d, d, eps_);
+      }
+      const int64_t table = (layer_rope_[l] * cos_.size(1) + position) * d;
+      rope(q, heads_, d, cos_.data_ptr<float>() + table, sin_.data_ptr<float>() + table);
+      rope(k, kv_heads_, d, cos_.data_ptr<float>() + table, sin_.data_ptr<float>() + table);
+      float* keys = keys_.data_ptr<float>() + l * keys_.stride(0);
+      float* values = values_.data_ptr<float>() + l * values_.stride(0);
+      for (int64_t g = 0; g < kv_heads_; ++g) {
+        std::copy(k + g * d, k + (g + 1) * d, keys + g * capacity_ * d + position * d);
+        std::copy(v + g * d, v + (g + 1) * d, values + g * capacity_ * d + position * d);
+      }
+      const int64_t first = windows_[l] > 0 ? std::max<int64_t>(0, position - windows_[l] + 1) : 0;
+      attend({q, keys, values, scores_.data_ptr<float>(), attended_.data_ptr<float>(), heads_ / kv_heads_, d,
+              capacity_ * d, capacity_, first, position, attn_scale_});
+      linear[1].run(path_);
+      if (!empty(norm[2])) rms_norm(out, norm[2].data_ptr<float>(), out, hidden_, eps_);
+      for (int64_t i = 0; i < hidden_; ++i) x[i] += out[i];
+      rms_norm(x, norm[1].data_ptr<float>(), normed, hidden_, eps_);
+      linear[2].run(path_);
+      gated(gate_up_.data_ptr<float>(), gate_up_.data_ptr<float>() + intermediate_, gated_.data_ptr<float>());
+      linear[3].run(path_);
+      if (!empty(norm[3])) rms_norm(out, norm[3].data_ptr<float>(), out, hidden_, eps_);
+      for (int64_t i = 0; i < hidden_; ++i) x[i] += out[i];
+    }
+    rms_norm(x, final_norm_.data_ptr<float>(), normed, hidden_, eps_);
+    blocks_.back()[0].run(path_);
+    if (softcap_ > 0) {
+      float* logits = logits_.data_ptr<float>();
+      for (int64_t i = 0; i < vocab_; ++i) logits[i] = std::tanh(logits[i] / softcap_) * softcap_;
+    }
+    return logits_;
+  }
+
+ private:
+  // Heads split over ATen's threads (one task per head: each reads its own slice of the cache).
+  void attend(const Attend& a) {
+    at::parallel_for(0, heads_, 1, [&](int64_t h0, int64_t h1) {
+#ifdef LOSA_X86
+      if (path_ == Path::kAvx2) return attend_avx2(a, h0, h1);
+#endif
+      attend_generic(a, h0, h1);
+    });
+  }
+
+  void gated(const float* gate, const float* up, float* out) {
+#ifdef LOSA_X86
+    if (path_ == Path::kAvx2) return gated_avx2(gate, up, out, intermediate_, gelu_);
+#endif
+    gated_generic(gate, up, out, intermediate_, gelu_);
+  }
+
+  int64_t hidden_, heads_, kv_heads_, head_dim_, intermediate_, vocab_;
+  float eps_, embed_scale_, attn_scale_, softcap_;
+  bool gelu_;
+  std::vector<int64_t> windows_, layer_rope_;
+  at::Tensor embed_, cos_, sin_, final_norm_;
+  std::vector<std::vector<at::Tensor>> norms_;
+  Path path_;
+  std::vector<std::vector<Linear>> blocks_;  // per layer qkv, o, gate_up, down; last entry: the head
+  at::Tensor x_, normed_, qkv_, attended_, out_, gate_up_, gated_, logits_, scores_, keys_, values_;
+  int64_t capacity_ = 0;
+};
+
+void bind_decode(pybind11::module_& m) {
+  pybind11::class_<DecodeStep>(m, "DecodeStep", "losa's native batch-1 decode step (decode.cpp)")
+      .def(pybind11::init<std::vector<int64_t>, std::vector<double>, bool, std::vector<int64_t>,
+                          std::vector<int64_t>, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                          std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>,
+                          std::vector<std::vector<at::Tensor>>, const std::string&>())
+      .def("set_cache", &DecodeStep::set_cache)
+      .def("step", &DecodeStep::step);
+}
+
+}  // namespace losa
