@@ -197,12 +197,12 @@ def build_plan(model: nn.Module, blocks: str | None = None, head: str | None = N
     positions the RoPE tables cover (default and at most the model's ``max_position_embeddings``).
     Linear layers already swapped for ``SparseLinear`` are read back to their dense values first.
     """
-    base = getattr(model, model.base_model_prefix)
-    family = read_family(model.config, base.embed_tokens.weight.dtype)
+    family = read_family(model.config, model.get_input_embeddings().weight.dtype)
     for role, dtype in (("blocks", blocks), ("head", head)):
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"{role} must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
     max_len = min(max_len or family.max_positions, family.max_positions)
+    base = getattr(model, model.base_model_prefix)
     layers = [_block(layer, family, blocks) for layer in base.layers]
     cos, sin = _rope_tables(base.rotary_emb, family, max_len)
     head_module = model.get_output_embeddings()
