@@ -8,7 +8,7 @@ with seed 0, decodes one token after a past of 128 (the same position each step:
 is cropped back, the lean paths overwrite the same cache row), so what is timed is the cost of
 module calls, cache bookkeeping and small operators that every decode step of the real model pays on
 top of its matrix products.  Paths: transformers' model eager and under ``torch.compile`` (today's
-``losa generate``), losa's ``LeanModel`` eager, and the native decode step with the blocks dense fp32
+``losa generate``), losa's ``LeanModel`` eager and compiled, and the native decode step with the blocks dense fp32
 (ATen's mv) or packed fp32 (losa's kernel).  They take turns in rounds, so a change in the machine's
 load hits all alike; each row is the median step.  Writes benchmarks/results/decode_overhead.json.
 """
@@ -64,16 +64,21 @@ def main() -> None:
         decoder.prefill(past)
         decoders[blocks] = decoder
 
-    def lean() -> None:
-        with torch.inference_mode():
-            decoders[None].model(inputs["input_ids"], position, last_only=True)
+    def lean(forward):
+        def step() -> None:
+            with torch.inference_mode():
+                forward(inputs["input_ids"], position, last_only=True)
+        return step
 
     compiled = torch.compile(model.forward, dynamic=False)
-    start = time.perf_counter()
-    hf(compiled)()
-    compile_s = time.perf_counter() - start
+    lean_compiled = torch.compile(decoders[None].model, fullgraph=True)
+    compile_s = {}
+    for name, first_step in (("transformers", hf(compiled)), ("LeanModel", lean(lean_compiled))):
+        start = time.perf_counter()
+        first_step()
+        compile_s[name] = time.perf_counter() - start
     steps = {"transformers eager": hf(model.forward), "transformers torch.compile": hf(compiled),
-             "LeanModel eager": lean,
+             "LeanModel eager": lean(decoders[None].model), "LeanModel torch.compile": lean(lean_compiled),
              "native step, blocks dense fp32": lambda: decoders[None].step(new, position),
              "native step, blocks packed fp32": lambda: decoders["float32"].step(new, position)}
     times = interleaved_times(steps, args.rounds, args.steps)

@@ -31,6 +31,7 @@
 namespace losa {
 namespace {
 
+constexpr int64_t kParallelAttention = 1 << 16;  // multiply-adds of q . K from which attention is split
 constexpr int64_t kAlign = 64;  // packed weights read inputs padded to 64 columns, zero past the true width
 int64_t padded(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 bool empty(const at::Tensor& t) { return !t.defined() || t.numel() == 0; }
@@ -338,9 +339,11 @@ class DecodeStep {
   }
 
  private:
-  // Heads split over ATen's threads (one task per head: each reads its own slice of the cache).
+  // Heads split over ATen's threads (each reads its own slice of the cache) once there is enough work to
+  // pay for waking a thread (~10 us); a short past runs on the calling thread.
   void attend(const Attend& a) {
-    at::parallel_for(0, heads_, 1, [&](int64_t h0, int64_t h1) {
+    const int64_t work = heads_ * (a.last - a.first + 1) * head_dim_;
+    at::parallel_for(0, heads_, work < kParallelAttention ? heads_ : 1, [&](int64_t h0, int64_t h1) {
 #ifdef LOSA_X86
       if (path_ == Path::kAvx2) return attend_avx2(a, h0, h1);
 #endif
