@@ -202,3 +202,24 @@ def test_lean_model_compiles_whole():
         rows = [compiled(ids[:, :PROMPT], 0)[0]]
         rows += [compiled(ids[:, t:t + 1], t)[0] for t in range(PROMPT, ids.shape[1])]
     torch.testing.assert_close(torch.cat(rows), eager, atol=ATOL, rtol=0)
+
+
+def test_plan_of_an_already_sparsified_model_is_the_same():
+    """A model whose linears are SparseLinear already (``sparsify``, ``load_packed_into``) reads back to
+    the same weights (int8 repacked after unpacking: the same values and scales), and generates what
+    transformers generates with those layers."""
+    from losa_cli.runtime.kernels.sparse_linear import block_linear_names, sparsify
+
+    model = tiny_model("qwen2")
+    direct = build_plan(model, "int8", "bfloat16")
+    sparsify(model, block_linear_names(model), "int8")
+    sparsify(model, ["lm_head"], "bfloat16")
+    plan = build_plan(model, "int8", "bfloat16")
+    for ours, theirs in zip(plan.blocks, direct.blocks):
+        for a, b in zip(ours.linears(), theirs.linears()):
+            assert torch.equal(unpack(a.packed), unpack(b.packed))
+    ids = token_ids(PROMPT)
+    with torch.inference_mode():
+        expected = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, PROMPT:].tolist()
+    assert Decoder(plan).generate(ids, 16, eos=()).tokens == expected

@@ -377,7 +377,7 @@ void bind_decode(pybind11::module_& m) {
                           std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>,
                           std::vector<std::vector<at::Tensor>>, const std::string&>())
       .def("set_cache", &DecodeStep::set_cache)
-      .def("step", &DecodeStep::step);
+      .def("step", &DecodeStep::step, pybind11::call_guard<pybind11::gil_scoped_release>());  // others may run
 }
 
 }  // namespace losa
