@@ -184,7 +184,8 @@ struct Linear {
 
   // tensors: [weight, bias] (dense) or [mask, values, row_offsets, scale, bias] (packed, packed.py's format);
   // an empty tensor stands for "none".
-  Linear(const std::vector<at::Tensor>& t, const at::Tensor& in_buffer, const at::Tensor& out_buffer) {
+  // `width`: the input's true width (the buffer holds padded(width) floats, zero past width).
+  Linear(const std::vector<at::Tensor>& t, const at::Tensor& in_buffer, int64_t width, const at::Tensor& out_buffer) {
     TORCH_CHECK(t.size() == 2 || t.size() == 5, "a linear is [weight, bias] or [mask, values, offsets, scale, bias]");
     is_packed = t.size() == 5;
     bias = t.back();
@@ -200,12 +201,13 @@ struct Linear {
       rows = mask.size(0);
       packed = {mask.data_ptr<uint8_t>(), mask.size(1), values.data_ptr(), kind, row_offsets.data_ptr<int64_t>(),
                 empty(scale) ? nullptr : scale.data_ptr<float>(), rows};
-      TORCH_CHECK(packed.mask_stride * 8 <= in_buffer.numel(), "packed weight wider than its input");
+      TORCH_CHECK(packed.mask_stride * 8 == padded(width), "packed weight: ", packed.mask_stride * 8,
+                  " padded columns for an input of ", width);
     } else {
       weight = t[0];
       TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous(), "weight");
       rows = weight.size(0);
-      TORCH_CHECK(weight.size(1) <= in_buffer.numel(), "dense weight wider than its input");
+      TORCH_CHECK(weight.size(1) == width, "dense weight: ", weight.size(1), " columns for an input of ", width);
     }
     in = in_buffer.narrow(0, 0, is_packed ? packed.mask_stride * 8 : weight.size(1));
     TORCH_CHECK(rows <= out_buffer.numel(), "linear output larger than its buffer");
@@ -262,12 +264,24 @@ class DecodeStep {
     gated_ = at::zeros({padded(intermediate_)}, f32);
     logits_ = at::zeros({vocab_}, f32);
     for (int64_t l = 0; l < layers; ++l) {
-      blocks_.push_back({Linear(linears[4 * l], normed_, qkv_), Linear(linears[4 * l + 1], attended_, out_),
-                         Linear(linears[4 * l + 2], normed_, gate_up_), Linear(linears[4 * l + 3], gated_, out_)});
-      TORCH_CHECK(norms_[l].size() == 6, "six norms per layer");
+      blocks_.push_back({Linear(linears[4 * l], normed_, hidden_, qkv_),
+                         Linear(linears[4 * l + 1], attended_, heads_ * head_dim_, out_),
+                         Linear(linears[4 * l + 2], normed_, hidden_, gate_up_),
+                         Linear(linears[4 * l + 3], gated_, intermediate_, out_)});
+      const std::vector<at::Tensor>& norm = norms_[l];
+      TORCH_CHECK(norm.size() == 6, "six norms per layer: attn, mlp, attn_out, mlp_out, q, k");
+      for (size_t i = 0; i < 6; ++i) {
+        const bool optional = i >= 2, per_head = i >= 4;
+        TORCH_CHECK((optional && empty(norm[i])) ||
+                        (norm[i].numel() == (per_head ? head_dim_ : hidden_) && norm[i].is_contiguous() &&
+                         norm[i].scalar_type() == at::kFloat), "norm ", i, " of layer ", l, ": float32 of its width");
+      }
+      TORCH_CHECK(empty(norm[4]) == empty(norm[5]), "q and k norms come together");
       TORCH_CHECK(blocks_[l][0].rows == qkv_rows && blocks_[l][2].rows == 2 * intermediate_, "fused widths");
     }
-    blocks_.push_back({Linear(head, normed_, logits_)});
+    blocks_.push_back({Linear(head, normed_, hidden_, logits_)});
+    TORCH_CHECK(final_norm.numel() == hidden_ && final_norm.scalar_type() == at::kFloat,
+                "final_norm: float32 [hidden]");
   }
 
   // Point the step at the KV cache [layers, batch, kv_heads, capacity, head_dim] (batch row 0 is used).
