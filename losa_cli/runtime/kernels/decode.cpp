@@ -210,9 +210,9 @@ struct Linear {
       TORCH_CHECK(weight.size(1) == width, "dense weight: ", weight.size(1), " columns for an input of ", width);
     }
     in = in_buffer.narrow(0, 0, is_packed ? packed.mask_stride * 8 : weight.size(1));
-    TORCH_CHECK(rows <= out_buffer.numel(), "linear output larger than its buffer");
+    TORCH_CHECK(rows == out_buffer.numel(), "linear: ", rows, " rows for an output of ", out_buffer.numel());
     TORCH_CHECK(empty(bias) || (bias.numel() == rows && bias.scalar_type() == at::kFloat), "bias: float32 [rows]");
-    out = out_buffer.narrow(0, 0, rows);
+    out = out_buffer;
   }
 
   void run(Path path) {
@@ -254,10 +254,9 @@ class DecodeStep {
     TORCH_CHECK(cos.dim() == 3 && cos.size(2) == head_dim_ && cos.is_contiguous() && sin.sizes() == cos.sizes() &&
                     sin.is_contiguous(), "cos, sin: [kinds, max_len, head_dim]");
     const auto f32 = at::TensorOptions().dtype(at::kFloat);
-    const int64_t qkv_rows = (heads_ + 2 * kv_heads_) * head_dim_;
     x_ = at::zeros({hidden_}, f32);
     normed_ = at::zeros({padded(hidden_)}, f32);
-    qkv_ = at::zeros({qkv_rows}, f32);
+    qkv_ = at::zeros({(heads_ + 2 * kv_heads_) * head_dim_}, f32);  // q rows, then k, then v
     attended_ = at::zeros({padded(heads_ * head_dim_)}, f32);
     out_ = at::zeros({hidden_}, f32);
     gate_up_ = at::zeros({2 * intermediate_}, f32);
@@ -277,7 +276,6 @@ class DecodeStep {
                          norm[i].scalar_type() == at::kFloat), "norm ", i, " of layer ", l, ": float32 of its width");
       }
       TORCH_CHECK(empty(norm[4]) == empty(norm[5]), "q and k norms come together");
-      TORCH_CHECK(blocks_[l][0].rows == qkv_rows && blocks_[l][2].rows == 2 * intermediate_, "fused widths");
     }
     blocks_.push_back({Linear(head, normed_, hidden_, logits_)});
     TORCH_CHECK(final_norm.numel() == hidden_ && final_norm.scalar_type() == at::kFloat,
