@@ -29,6 +29,11 @@
 #define LOSA_INLINE static inline __attribute__((always_inline))
 
 namespace losa {
+
+// module.cpp: checks a packed weight's tensors (packed.py's format) and returns the kernels' view of them.
+Packed packed_view(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& row_offsets,
+                   const at::Tensor& scale);
+
 namespace {
 
 constexpr int64_t kParallelAttention = 1 << 16;  // multiply-adds of q . K from which attention is split
@@ -191,16 +196,8 @@ struct Linear {
     bias = t.back();
     if (is_packed) {
       mask = t[0], values = t[1], row_offsets = t[2], scale = t[3];
-      TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte && mask.is_contiguous(), "mask: uint8 2-D");
-      TORCH_CHECK(row_offsets.scalar_type() == at::kLong && row_offsets.numel() == mask.size(0) + 1, "row_offsets");
-      TORCH_CHECK(values.is_contiguous() && (empty(scale) || scale.numel() == mask.size(0)), "values, scale");
-      const ValueKind kind = values.scalar_type() == at::kFloat      ? kFloat32
-                             : values.scalar_type() == at::kBFloat16 ? kBFloat16
-                                                                     : kInt8;
-      TORCH_CHECK(kind != kInt8 || values.scalar_type() == at::kChar, "values: float32, bfloat16 or int8");
-      rows = mask.size(0);
-      packed = {mask.data_ptr<uint8_t>(), mask.size(1), values.data_ptr(), kind, row_offsets.data_ptr<int64_t>(),
-                empty(scale) ? nullptr : scale.data_ptr<float>(), rows};
+      packed = packed_view(mask, values, row_offsets, scale);
+      rows = packed.rows;
       TORCH_CHECK(packed.mask_stride * 8 == padded(width), "packed weight: ", packed.mask_stride * 8,
                   " padded columns for an input of ", width);
     } else {

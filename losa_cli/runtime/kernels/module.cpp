@@ -5,13 +5,10 @@
 
 namespace losa {
 void bind_decode(pybind11::module_& m);  // decode.cpp: the native decode step
-}
 
-namespace {
-
-// Checks shared by both entry points; returns the view the kernels read.
-losa::Packed packed_view(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& row_offsets,
-                         const torch::Tensor& scale) {
+// Checks shared by both entry points (and decode.cpp's packed layers); returns the view the kernels read.
+Packed packed_view(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& row_offsets,
+                   const torch::Tensor& scale) {
   TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == torch::kUInt8 && mask.is_contiguous(), "mask: contiguous uint8");
   TORCH_CHECK(row_offsets.scalar_type() == torch::kInt64 && row_offsets.numel() == mask.size(0) + 1 &&
                   row_offsets.is_contiguous(), "row_offsets");
@@ -29,10 +26,14 @@ losa::Packed packed_view(const torch::Tensor& mask, const torch::Tensor& values,
           scale.numel() > 0 ? scale.data_ptr<float>() : nullptr, mask.size(0)};
 }
 
+}  // namespace losa
+
+namespace {
+
 // Returns the dense float32 weight [rows, cols_padded] (int8 values times their row's scale).
 torch::Tensor sparse_unpack(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor scale,
                             const std::string& path) {
-  const losa::Packed w = packed_view(mask, values, row_offsets, scale);
+  const losa::Packed w = losa::packed_view(mask, values, row_offsets, scale);
   const losa::Path p = losa::parse_path(path);
   auto out = torch::empty({w.rows, w.mask_stride * 8}, torch::dtype(torch::kFloat32));
   losa::unpack(w, out.data_ptr<float>(), p);
@@ -42,7 +43,7 @@ torch::Tensor sparse_unpack(torch::Tensor mask, torch::Tensor values, torch::Ten
 // x: [batch, cols_padded] float32 (zero-padded); returns y: [batch, rows] float32.
 torch::Tensor sparse_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets,
                             torch::Tensor scale, const std::string& path) {
-  const losa::Packed w = packed_view(mask, values, row_offsets, scale);
+  const losa::Packed w = losa::packed_view(mask, values, row_offsets, scale);
   const losa::Path p = losa::parse_path(path);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [batch, cols]");
   TORCH_CHECK(x.size(1) == w.mask_stride * 8, "x width must equal the mask's padded width");
