@@ -223,3 +223,12 @@ def test_plan_of_an_already_sparsified_model_is_the_same():
         expected = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None,
                                   pad_token_id=0)[0, PROMPT:].tolist()
     assert Decoder(plan).generate(ids, 16, eos=()).tokens == expected
+
+
+def test_native_step_refuses_positions_outside_its_cache():
+    decoder = Decoder.from_model(tiny_model("llama"))
+    decoder.reserve(16)
+    with pytest.raises(RuntimeError, match="position 16 outside the cache"):
+        decoder.step(5, 16)
+    with pytest.raises(RuntimeError, match="token 320 outside the vocabulary"):
+        decoder.step(VOCAB, 3)

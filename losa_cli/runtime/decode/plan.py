@@ -196,6 +196,8 @@ def build_plan(model: nn.Module, blocks: str | None = None, head: str | None = N
     "bfloat16", "int8"; see ``kernels/packed.py``), or None for dense fp32.  ``max_len``: the
     positions the RoPE tables cover (default and at most the model's ``max_position_embeddings``).
     Linear layers already swapped for ``SparseLinear`` are read back to their dense values first.
+    The embedding and the dense fp32 layers that are not fused (o, down, head) share storage with
+    the model, no copy: build the plan once the model's weights are final.
     """
     family = read_family(model.config, model.get_input_embeddings().weight.dtype)
     for role, dtype in (("blocks", blocks), ("head", head)):
