@@ -225,10 +225,16 @@ def test_plan_of_an_already_sparsified_model_is_the_same():
     assert Decoder(plan).generate(ids, 16, eos=()).tokens == expected
 
 
-def test_native_step_refuses_positions_outside_its_cache():
-    decoder = Decoder.from_model(tiny_model("llama"))
-    decoder.reserve(16)
-    with pytest.raises(RuntimeError, match="position 16 outside the cache"):
-        decoder.step(5, 16)
+def test_steps_grow_the_cache_up_to_the_context_and_no_further():
+    decoder = Decoder.from_model(tiny_model("llama"))  # max_position_embeddings 256
+    ids = token_ids(PROMPT)
+    logits = decoder.prefill(ids)  # the cache holds what the prompt needs (grown in steps of 256)
+    assert decoder.model.capacity >= PROMPT
+    decoder.step(int(logits.argmax()), 255)  # the last position the model has
+    with pytest.raises(ConfigError, match="257 positions exceed the model's context of 256"):
+        decoder.step(5, 256)
+    native = decoder.native
+    with pytest.raises(RuntimeError, match="position 256 outside the cache"):
+        native.step(5, 256)
     with pytest.raises(RuntimeError, match="token 320 outside the vocabulary"):
-        decoder.step(VOCAB, 3)
+        native.step(VOCAB, 3)

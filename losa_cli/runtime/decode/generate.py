@@ -57,6 +57,10 @@ def choose(logits: torch.Tensor, sample: bool, temperature: float, top_p: float,
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+#: positions by which the KV cache grows (``Decoder.reserve``)
+CACHE_STEP = 256
+
+
 class Decoder:
     """A model's lean decode path: ``LeanModel`` for the prompt, the native step per token."""
 
@@ -79,12 +83,14 @@ class Decoder:
         return cls(build_plan(model, blocks, head, max_len), native, path, eos_ids)
 
     def reserve(self, length: int, batch: int = 1) -> None:
-        """Make the KV cache hold ``batch`` sequences of ``length`` positions (grown, never shrunk)."""
+        """Make the KV cache hold ``batch`` sequences of ``length`` positions: grown (never shrunk) in
+        steps of ``CACHE_STEP`` positions, so a caller stepping past it reallocates rarely."""
         model = self.model
         if length > self.plan.max_len:
             raise ConfigError(_too_long(length, self.plan))
         if length > model.capacity or batch > model.k_cache.shape[1]:
-            model.setup_cache(max(batch, model.k_cache.shape[1]), max(length, model.capacity))
+            capacity = min(self.plan.max_len, -(-max(length, model.capacity) // CACHE_STEP) * CACHE_STEP)
+            model.setup_cache(max(batch, model.k_cache.shape[1]), capacity)
             if self.native is not None:
                 self.native.bind_cache(model.k_cache, model.v_cache)
 
@@ -98,6 +104,8 @@ class Decoder:
     def step(self, token: int, position: int) -> torch.Tensor:
         """Logits [vocab] of one token at ``position`` (batch 1), after the positions before it are cached.
         The native step returns its own buffer, overwritten by the next step: copy what you keep."""
+        if position >= self.model.capacity:
+            self.reserve(position + 1)
         if self.native is not None:
             return self.native.step(token, position)  # no autograd to switch off: it runs in C++
         with torch.inference_mode():
