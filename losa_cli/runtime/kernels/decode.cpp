@@ -10,8 +10,8 @@
 // down, residual; final norm and head.  Packed products run on losa::matmul, dense fp32 ones on
 // ATen's mv into preallocated outputs; nothing is allocated per token.
 //
-// The hot loops (attention, the gated activation) are written once as plain loops and compiled
-// twice: for AVX2 + FMA (GCC vectorises them inside functions with that target) and for any CPU.
+// The hot loops (attention, the gated activation) are written once on GCC vectors of eight floats and
+// compiled twice: for AVX2 + FMA (one ymm instruction per operation) and for any CPU.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -250,6 +250,10 @@ class DecodeStep {
                     embed.scalar_type() == at::kFloat, "embed: float32 [vocab, hidden]");
     TORCH_CHECK(cos.dim() == 3 && cos.size(2) == head_dim_ && cos.is_contiguous() && sin.sizes() == cos.sizes() &&
                     sin.is_contiguous(), "cos, sin: [kinds, max_len, head_dim]");
+    TORCH_CHECK(heads_ % kv_heads_ == 0 && head_dim_ % 2 == 0, "heads: a multiple of kv_heads; head_dim: even");
+    for (int64_t l = 0; l < layers; ++l)
+      TORCH_CHECK(layer_rope_[l] >= 0 && layer_rope_[l] < cos.size(0) && windows_[l] >= 0, "layer ", l,
+                  ": RoPE table index or window out of range");
     const auto f32 = at::TensorOptions().dtype(at::kFloat);
     x_ = at::zeros({hidden_}, f32);
     normed_ = at::zeros({padded(hidden_)}, f32);
