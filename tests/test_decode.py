@@ -101,12 +101,11 @@ def test_greedy_tokens_match_transformers(family_model, native):
     assert out.prompt_tokens == PROMPT and len(out.step_ms) == 15 and out.stopped_by == "max_new_tokens"
 
 
-@pytest.mark.parametrize("fmt", [None, "float32", "bfloat16", "int8"])
-def test_native_step_matches_lean_model(family_model, fmt):
+def native_against_lean(model, fmt: str | None, path: str | None = None) -> None:
     """From one prefilled cache, the native step and LeanModel's one-token forward give the same logits;
     packed layers run on the same kernel in both, so bf16 and int8 are held as tight as fp32."""
-    plan = build_plan(family_model, fmt, fmt)
-    lean, native = LeanModel(plan), NativeStep(plan)
+    plan = build_plan(model, fmt, fmt)
+    lean, native = LeanModel(plan, path), NativeStep(plan, path)
     ids = token_ids()
     lean.setup_cache(1, ids.shape[1])
     native.bind_cache(lean.k_cache, lean.v_cache)
@@ -121,6 +120,17 @@ def test_native_step_matches_lean_model(family_model, fmt):
     torch.testing.assert_close(torch.stack(got), torch.stack(expected), atol=ATOL, rtol=0)
     torch.testing.assert_close(lean.k_cache, expected_cache[0], atol=1e-5, rtol=0)  # same cache rows written
     torch.testing.assert_close(lean.v_cache, expected_cache[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", [None, "float32", "bfloat16", "int8"])
+def test_native_step_matches_lean_model(family_model, fmt):
+    native_against_lean(family_model, fmt)
+
+
+@pytest.mark.parametrize("fmt", [None, "int8"])
+def test_native_step_matches_lean_model_on_the_portable_path(fmt):
+    """The generic (any-CPU) build of the step's loops, on the family that uses the most of them."""
+    native_against_lean(tiny_model("gemma3_text"), fmt, "generic")
 
 
 def test_sampling_is_reproducible_and_top_p_narrows():

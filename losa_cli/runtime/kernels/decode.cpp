@@ -36,7 +36,7 @@ Packed packed_view(const at::Tensor& mask, const at::Tensor& values, const at::T
 
 namespace {
 
-constexpr int64_t kParallelAttention = 1 << 16;  // multiply-adds of q . K from which attention is split
+constexpr int64_t kParallelAttention = 1 << 18;  // multiply-adds of q . K from which attention is split
 constexpr int64_t kAlign = 64;  // packed weights read inputs padded to 64 columns, zero past the true width
 int64_t padded(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 bool empty(const at::Tensor& t) { return !t.defined() || t.numel() == 0; }
@@ -98,37 +98,48 @@ struct Attend {
   float scale;
 };
 
-// Softmax attention of heads [h0, h1) over the cached positions first..last.
-LOSA_INLINE void attend_body(const Attend& a, int64_t h0, int64_t h1) {
+// Softmax attention of the query heads of kv heads [g0, g1) over the cached positions first..last.
+// The `group` query heads sharing a kv head are done together, so each key and value row is read
+// from memory once for all of them (GQA: SmolLM2's 9 query heads share 3 kv heads).
+LOSA_INLINE void attend_body(const Attend& a, int64_t g0, int64_t g1) {
   const int64_t d = a.head_dim;
-  for (int64_t h = h0; h < h1; ++h) {
-    const float* q = a.q + h * d;
-    const float* keys = a.keys + (h / a.group) * a.head_stride;
-    const float* values = a.values + (h / a.group) * a.head_stride;
-    float* s = a.scores + h * a.capacity;
-    float top = -INFINITY;
+  for (int64_t g = g0; g < g1; ++g) {
+    const float* keys = a.keys + g * a.head_stride;
+    const float* values = a.values + g * a.head_stride;
+    const float* q = a.q + g * a.group * d;
+    float* scores = a.scores + g * a.group * a.capacity;
+    float* out = a.out + g * a.group * d;
+    for (int64_t t = a.first; t <= a.last; ++t)
+      for (int64_t j = 0; j < a.group; ++j) scores[j * a.capacity + t] = dot(q + j * d, keys + t * d, d) * a.scale;
+    float inverse_total[64];  // per query head of the group, 1 / sum of exp (groups are far smaller)
+    for (int64_t j = 0; j < a.group; ++j) {
+      float* s = scores + j * a.capacity;
+      float top = -INFINITY;
+      for (int64_t t = a.first; t <= a.last; ++t) top = std::max(top, s[t]);
+      f8 sums = {};
+      int64_t t = a.first;
+      for (; t + 8 <= a.last + 1; t += 8) {
+        const f8 e = exp8(load8(s + t) - top);
+        store8(s + t, e);
+        sums += e;
+      }
+      float total = sum8(sums);
+      for (; t <= a.last; ++t) total += (s[t] = exp1(s[t] - top));
+      inverse_total[j] = 1.f / total;
+    }
+    std::fill(out, out + a.group * d, 0.f);
     for (int64_t t = a.first; t <= a.last; ++t) {
-      s[t] = dot(q, keys + t * d, d) * a.scale;
-      top = std::max(top, s[t]);
-    }
-    f8 sums = {};
-    int64_t t = a.first;
-    for (; t + 8 <= a.last + 1; t += 8) {
-      const f8 e = exp8(load8(s + t) - top);
-      store8(s + t, e);
-      sums += e;
-    }
-    float total = sum8(sums);
-    for (; t <= a.last; ++t) total += (s[t] = exp1(s[t] - top));
-    float* out = a.out + h * d;
-    std::fill(out, out + d, 0.f);
-    for (t = a.first; t <= a.last; ++t) {
-      const float p = s[t] / total;
       const float* v = values + t * d;
-      int64_t i = 0;
-      for (; i + 8 <= d; i += 8) store8(out + i, load8(out + i) + p * load8(v + i));
-      for (; i < d; ++i) out[i] += p * v[i];
+      for (int64_t j = 0; j < a.group; ++j) {
+        const float p = scores[j * a.capacity + t];
+        float* o = out + j * d;
+        int64_t i = 0;
+        for (; i + 8 <= d; i += 8) store8(o + i, load8(o + i) + p * load8(v + i));
+        for (; i < d; ++i) o[i] += p * v[i];
+      }
     }
+    for (int64_t j = 0; j < a.group; ++j)
+      for (int64_t i = 0; i < d; ++i) out[j * d + i] *= inverse_total[j];
   }
 }
 
@@ -145,14 +156,14 @@ LOSA_INLINE void gated_body(const float* gate, const float* up, float* out, int6
 }
 
 #ifdef LOSA_X86
-__attribute__((target("avx2,fma"))) void attend_avx2(const Attend& a, int64_t h0, int64_t h1) {
-  attend_body(a, h0, h1);
+__attribute__((target("avx2,fma"))) void attend_avx2(const Attend& a, int64_t g0, int64_t g1) {
+  attend_body(a, g0, g1);
 }
 __attribute__((target("avx2,fma"))) void gated_avx2(const float* g, const float* u, float* o, int64_t n, bool gelu) {
   gated_body(g, u, o, n, gelu);
 }
 #endif
-void attend_generic(const Attend& a, int64_t h0, int64_t h1) { attend_body(a, h0, h1); }
+void attend_generic(const Attend& a, int64_t g0, int64_t g1) { attend_body(a, g0, g1); }
 void gated_generic(const float* g, const float* u, float* o, int64_t n, bool gelu) { gated_body(g, u, o, n, gelu); }
 
 // ---- the rest of a step: O(width) work, plain code -----------------------------------------------
@@ -250,7 +261,8 @@ class DecodeStep {
                     embed.scalar_type() == at::kFloat, "embed: float32 [vocab, hidden]");
     TORCH_CHECK(cos.dim() == 3 && cos.size(2) == head_dim_ && cos.is_contiguous() && sin.sizes() == cos.sizes() &&
                     sin.is_contiguous(), "cos, sin: [kinds, max_len, head_dim]");
-    TORCH_CHECK(heads_ % kv_heads_ == 0 && head_dim_ % 2 == 0, "heads: a multiple of kv_heads; head_dim: even");
+    TORCH_CHECK(heads_ % kv_heads_ == 0 && heads_ / kv_heads_ <= 64 && head_dim_ % 2 == 0,
+                "heads: a multiple of kv_heads (at most 64 per kv head); head_dim: even");
     for (int64_t l = 0; l < layers; ++l)
       TORCH_CHECK(layer_rope_[l] >= 0 && layer_rope_[l] < cos.size(0) && windows_[l] >= 0, "layer ", l,
                   ": RoPE table index or window out of range");
@@ -352,15 +364,15 @@ class DecodeStep {
   }
 
  private:
-  // Heads split over ATen's threads (each reads its own slice of the cache) once there is enough work to
-  // pay for waking a thread (~10 us); a short past runs on the calling thread.
+  // kv heads split over ATen's threads (each reads its own slice of the cache) once there is enough work
+  // to pay for waking a thread (~10-20 us with OMP_WAIT_POLICY=PASSIVE); a short past runs here.
   void attend(const Attend& a) {
     const int64_t work = heads_ * (a.last - a.first + 1) * head_dim_;
-    at::parallel_for(0, heads_, work < kParallelAttention ? heads_ : 1, [&](int64_t h0, int64_t h1) {
+    at::parallel_for(0, kv_heads_, work < kParallelAttention ? kv_heads_ : 1, [&](int64_t g0, int64_t g1) {
 #ifdef LOSA_X86
-      if (path_ == Path::kAvx2) return attend_avx2(a, h0, h1);
+      if (path_ == Path::kAvx2) return attend_avx2(a, g0, g1);
 #endif
-      attend_generic(a, h0, h1);
+      attend_generic(a, g0, g1);
     });
   }
 
