@@ -23,13 +23,17 @@ VOCAB, PROMPT, STEPS = 320, 12, 8
 ATOL = 5e-5  # observed differences are ~4e-6 on logits of order 5
 
 
-def tiny_model(model_type: str, seed: int = 0):
+def tiny_model(model_type: str, seed: int = 0, window_from_layer: int | None = None):
+    """``window_from_layer`` (Qwen2, Qwen3): a sliding window of 6 on the layers from that one on."""
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(model_type, VOCAB)
     config.initializer_range = 0.2
     if model_type == "mistral":
         config.sliding_window = 6
+    if window_from_layer is not None:
+        config = type(config)(**{**config.to_dict(), "use_sliding_window": True, "sliding_window": 6,
+                                 "max_window_layers": window_from_layer, "layer_types": None})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # norms and biases away from their init (1 or 0), so offsets and biases matter
@@ -66,6 +70,16 @@ def test_lean_model_matches_transformers(family_model):
     ids = token_ids()
     torch.testing.assert_close(lean_logits(LeanModel(build_plan(family_model)), ids),
                                reference_logits(family_model, ids), atol=ATOL, rtol=0)
+
+
+def test_per_layer_windows_match_transformers():
+    """Qwen3 with a window on its second layer only (``layer_types`` from ``max_window_layers``)."""
+    model = tiny_model("qwen3", window_from_layer=1)
+    plan = build_plan(model)
+    assert plan.family.windows == (None, 6)
+    ids = token_ids()
+    torch.testing.assert_close(lean_logits(LeanModel(plan), ids), reference_logits(model, ids), atol=ATOL, rtol=0)
+    native_against_lean(model, "int8")
 
 
 def test_packed_fp32_lean_model_matches_transformers():
