@@ -16,6 +16,7 @@ load hits all alike; each row is the median step.  Writes benchmarks/results/dec
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -81,13 +82,16 @@ def main() -> None:
              "LeanModel eager": lean(decoders[None].model), "LeanModel torch.compile": lean(lean_compiled),
              "native step, blocks dense fp32": lambda: decoders[None].step(new, position),
              "native step, blocks packed fp32": lambda: decoders["float32"].step(new, position)}
+    load_before = os.getloadavg()
     times = interleaved_times(steps, args.rounds, args.steps)
+    load = {"before": load_before, "after": os.getloadavg()}  # 1, 5, 15-minute averages on the machine
     rows = [{"path": name, "ms_per_step": statistics.median(t) * 1000, "p90_ms": sorted(t)[int(0.9 * len(t))] * 1000}
             for name, t in times.items()]
     command = (f"python benchmarks/decode_overhead.py --threads {args.threads} --past {args.past} "
                f"--steps {args.steps} --rounds {args.rounds}")
     write_json(RESULTS, {"command": command, "rows": rows, "blocks": 30, "width": 64, "past": args.past,
                          "tokens_timed_per_path": args.rounds * args.steps, "compile_s": compile_s,
+                         "load_average": load,
                          "environment": environment()})
     print(f"{environment()['machine']['cpu']}, {args.threads} thread(s); {command}")
     for row in rows:

