@@ -120,7 +120,8 @@ def main() -> None:
                          "past": args.past, "tokens_timed_per_engine": args.rounds * args.steps, "rows": rows,
                          "bytes_per_token": {fmt: {**parts["bytes"], "kv_cache": parts["kv_bytes"]}
                                              for fmt, parts in built.items()},
-                         "agreement_with_hf_sparselinear": agreement, "load_average": load, "environment": environment()})
+                         "agreement_with_hf_sparselinear": agreement, "load_average": load,
+                         "environment": environment()})
     print(f"{environment()['machine']['cpu']}; {command}")
     for row in rows:
         print(f"{row['threads']} thread(s)  {row['engine']:<28} {row['ms_per_token']:7.2f} ms/token "
