@@ -55,3 +55,21 @@ def write_json(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
+
+
+def interleaved_times(steps: dict, rounds: int, per_round: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds of each call of each step function, the functions taking turns in ``rounds`` rounds of
+    ``per_round`` calls, so a change in the machine's load hits every one alike."""
+    import time
+
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    return times

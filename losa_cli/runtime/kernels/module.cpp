@@ -5,11 +5,13 @@
 
 #include "kernels.h"
 
-namespace {
+namespace losa {
+void bind_decode(pybind11::module_& m);  // decode.cpp: the native decode step
 
-// The view the kernels read.  A dense weight comes as values [rows, cols_padded] and an empty mask.
-losa::Packed packed_view(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& row_offsets,
-                         const torch::Tensor& scale) {
+// The view the kernels read, with the per-call checks shared by both entry points and decode.cpp's packed
+// layers.  A dense weight comes as values [rows, cols_padded] and an empty mask.
+Packed packed_view(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& row_offsets,
+                   const torch::Tensor& scale) {
   TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
   losa::ValueKind kind;
   switch (values.scalar_type()) {
@@ -40,10 +42,14 @@ losa::Packed packed_view(const torch::Tensor& mask, const torch::Tensor& values,
           scale.numel() > 0 ? scale.data_ptr<float>() : nullptr, rows};
 }
 
+}  // namespace losa
+
+namespace {
+
 // Returns the dense float32 weight [rows, cols_padded] (int8 values times their row's scale).
 torch::Tensor sparse_unpack(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor scale,
                             const std::string& path) {
-  const losa::Packed w = packed_view(mask, values, row_offsets, scale);
+  const losa::Packed w = losa::packed_view(mask, values, row_offsets, scale);
   const losa::Path p = losa::parse_path(path);
   auto out = torch::empty({w.rows, w.cols()}, torch::dtype(torch::kFloat32));
   losa::unpack(w, out.data_ptr<float>(), p);
@@ -53,7 +59,7 @@ torch::Tensor sparse_unpack(torch::Tensor mask, torch::Tensor values, torch::Ten
 // x: [batch, cols_padded] float32 (zero-padded); returns y: [batch, rows] float32.
 torch::Tensor sparse_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets,
                             torch::Tensor scale, const std::string& path, int64_t gemm_from) {
-  const losa::Packed w = packed_view(mask, values, row_offsets, scale);
+  const losa::Packed w = losa::packed_view(mask, values, row_offsets, scale);
   const losa::Path p = losa::parse_path(path);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x: contiguous float32 [batch, cols]");
@@ -72,4 +78,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_unpack", &sparse_unpack, "the dense float32 weight of a packed one (rows padded to 64 columns)");
   m.def("available_paths", &losa::available_paths, "kernel paths this CPU runs, best first");
   m.def("gemm_from", []() { return losa::kGemmFrom; }, "input rows from which matmul runs the prefill GEMM");
+  losa::bind_decode(m);
 }

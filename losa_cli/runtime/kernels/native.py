@@ -17,8 +17,10 @@ import torch
 from ...core.errors import LosaError
 from .packed import PackedWeight
 
-#: the C++ sources, compiled together into one extension (kernels.h is their shared interface)
-SOURCES = [Path(__file__).with_name(name) for name in ("module.cpp", "kernels.cpp", "gemv_avx2.cpp", "gemm_avx2.cpp")]
+#: the C++ sources, compiled together into one extension (kernels.h is their shared interface;
+#: decode.cpp is the lean decoder's native step, ``runtime/decode/native.py``)
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("module.cpp", "kernels.cpp", "gemv_avx2.cpp", "gemm_avx2.cpp", "decode.cpp")]
 
 
 class KernelUnavailable(LosaError):
