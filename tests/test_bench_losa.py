@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from conftest import bench
 from losa_cli.cli import app
 from losa_cli.core.errors import ConfigError
-from losa_cli.core.modeling import block_linears, find_blocks, load_model, sparsity_report
+from losa_cli.core.modeling import find_blocks, load_model, sparsity_report
 from losa_cli.runtime import BenchConfig
 from losa_cli.runtime.kernels.native import available_paths
 from losa_cli.runtime.kernels.packed import pack
@@ -28,17 +28,23 @@ def pruned(tiny_models, tmp_path_factory) -> Path:
 
 
 def _expected_decode_bytes(folder: Path, precision: str) -> int:
-    """Recount, independently of the engine, what one batch-1 decode step reads in losa's format."""
+    """Recount, independently of the engine, what one batch-1 decode step reads in losa's format: per block the
+    fused q/k/v and gate/up products, o and down packed; the head packed (dense layout when it has no zeros); norms; one
+    embedding row; the keys and values of the past and of the new token."""
     model = load_model(str(folder)).model
     config = model.config
-    blocks_dtype, head_dtype = {"fp32": ("float32", None), "bf16": ("bfloat16", "bfloat16")}[precision]
-    total = sum(pack(linear.weight, blocks_dtype).nbytes() for linear in block_linears(find_blocks(model)).values())
-    head = model.get_output_embeddings().weight
-    total += pack(head, head_dtype).nbytes() if head_dtype else head.numel() * 4
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}[precision]
+    total = 0
+    for block in find_blocks(model):
+        attention, mlp = block.self_attn, block.mlp
+        for group in ((attention.q_proj, attention.k_proj, attention.v_proj), (attention.o_proj,),
+                      (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)):
+            total += pack(torch.cat([linear.weight for linear in group]), dtype).nbytes()
+    total += pack(model.get_output_embeddings().weight, dtype).nbytes()  # the layout that reads fewer bytes
     norms = [m for m in model.modules() if "RMSNorm" in type(m).__name__]
     total += sum(m.weight.numel() * 4 for m in norms) + config.hidden_size * 4  # norms, one embedding row
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return total + 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * SEQLEN * 4
+    return total + 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * (SEQLEN + 1) * 4
 
 
 def test_losa_engine_rows_speedups_and_exact_bytes(pruned):
@@ -56,7 +62,7 @@ def test_losa_engine_rows_speedups_and_exact_bytes(pruned):
     for (model, _, _), row in rows.items():
         assert row["engine"] == "losa" and row["error"] is None and row["timing"]["median_ms"] > 0
         assert row["kernel_path"] == (available_paths()[0] if model == "sparse" else None)
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16", "int8"):
         ceiling = rows[("sparse", precision, "decode")]["ceiling"]
         assert ceiling["bytes_per_token"] == _expected_decode_bytes(pruned, precision)
     dense_bytes = rows[("dense", "fp32", "decode")]["ceiling"]["bytes_per_token"]
@@ -93,28 +99,60 @@ def test_losa_engine_beside_onnxruntime_and_refusals(pruned, tmp_path):
 
 
 def test_kernel_decode_follows_the_dense_model(pruned):
-    """The losa engine's sparse fp32 model computes what the dense one does (same logits within fp32 rounding)."""
-    from losa_cli.runtime.losa_engine import prepare_model
+    """The losa engine's sparse fp32 decoder computes what its dense decoder and the model do, in the prefill
+    (the kernel's GEMM) and in the native decode step (the decode product)."""
+    from losa_cli.runtime.losa_engine import build_decoder
 
-    dense, _ = prepare_model(str(pruned), "fp32", kernel=False)
-    sparse, info = prepare_model(str(pruned), "fp32", kernel=True)
-    assert info["packed_layers"] == len(block_linears(find_blocks(dense)))
-    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+    model = load_model(str(pruned)).model
+    dense, _ = build_decoder(str(pruned), "fp32", kernel=False)
+    sparse, info = build_decoder(str(pruned), "fp32", kernel=True)
+    assert info["kernel_path"] == available_paths()[0] and sparse.plan.head.packed is not None
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28]])
     with torch.inference_mode():
-        torch.testing.assert_close(sparse(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+        reference = model(ids).logits[0]
+    for decoder in (dense, sparse):
+        prompt = decoder.prefill(ids[:, :-2])[0].clone()
+        torch.testing.assert_close(prompt, reference[-3], rtol=1e-4, atol=1e-4)
+        for position in (ids.shape[1] - 2, ids.shape[1] - 1):
+            step = decoder.step(int(ids[0, position]), position)
+            torch.testing.assert_close(step, reference[position], rtol=1e-4, atol=1e-4)
 
 
 def test_the_kernel_runs_inside_torch_compile(pruned):
     """The kernel is a torch operator: a compiled model keeps it in its graph and computes what eager does."""
-    from losa_cli.runtime.losa_engine import prepare_model
+    from losa_cli.runtime.kernels.sparse_linear import block_linear_names, sparsify
 
-    model, _ = prepare_model(str(pruned), "bf16", kernel=True)
-    # 17 rows: the kernel's prefill GEMM (from gemm_from() = 16 rows) and the dense bf16 head on F.linear
+    model = load_model(str(pruned)).model
+    sparsify(model, block_linear_names(model), "bfloat16")
+    # 17 rows: the kernel's prefill GEMM (from gemm_from() = 16 rows); one row: the decode product
     ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50]])
     torch._dynamo.reset()
     compiled = torch.compile(model.forward, dynamic=False, fullgraph=True)  # fullgraph: no break at the kernel
     with torch.inference_mode():
         eager = model(ids).logits
         torch.testing.assert_close(compiled(input_ids=ids).logits, eager, rtol=1e-4, atol=1e-4)
-        one = ids[:, :1]  # one row: the decode product
+        one = ids[:, :1]
         torch.testing.assert_close(compiled(input_ids=one).logits, model(one).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_data_gives_each_format_its_perplexity_and_agreement(pruned, eval_file):
+    """--data: every row gets the perplexity of its exact format; sparse rows their top-1 agreement with the fp32
+    sparse model; the densified ONNX copy (meaningless outputs) none."""
+    report = bench(BenchConfig(model=str(pruned), engines="onnxruntime,losa", precisions="fp32,int8", seqlen=8,
+                               decode_tokens=1, iterations=1, warmup=0, threads=1, data=str(eval_file),
+                               data_seqlen=32, data_windows=3)).to_dict()
+    accuracy = {(r["engine"], r["model"], r["precision"]): r["accuracy"] for r in report["runs"]
+                if r["phase"] == "decode"}
+    reference = accuracy[("losa", "dense", "fp32")]
+    assert reference["top1_agreement"] == 1.0 and reference["windows"] == 3 and reference["seqlen"] == 32
+    for engine in ("losa", "onnxruntime"):  # fp32 sparse: the reference's numbers up to summation order
+        fp32 = accuracy[(engine, "sparse", "fp32")]
+        assert fp32["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-4) and fp32["top1_agreement"] > 0.99
+        int8 = accuracy[(engine, "sparse", "int8")]
+        assert int8["perplexity"] != fp32["perplexity"] and 0.5 < int8["top1_agreement"] <= 1.0
+    assert accuracy[("onnxruntime", "dense", "fp32")] is None  # a densified copy
+    result = runner.invoke(app, ["bench", str(pruned), "--engines", "losa", "--seqlen", "8", "--decode-tokens", "1",
+                                 "--iterations", "1", "--warmup", "0", "--threads", "1", "--data", str(eval_file),
+                                 "--data-seqlen", "32", "--data-windows", "2"])
+    assert result.exit_code == 0, result.output
+    assert "perplexity on" in result.stdout and "top-1 = fp32" in result.stdout

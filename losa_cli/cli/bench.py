@@ -43,6 +43,11 @@ def bench(
             "only)."
         ),
     ] = "fp32",
+    data: Annotated[str | None, typer.Option(
+        help="Also measure each row's perplexity and top-1 agreement with the fp32 sparse model on this text "
+             "(.txt/.jsonl).")] = None,
+    data_seqlen: Annotated[int, typer.Option("--data-seqlen", help="--data: tokens per window.")] = 512,
+    data_windows: Annotated[int, typer.Option("--data-windows", help="--data: windows.")] = BenchConfig.data_windows,
     compile_models: Annotated[
         bool,
         typer.Option(
@@ -74,6 +79,9 @@ def bench(
         trust_remote_code=trust_remote_code,
         precisions=precisions,
         compile=compile_models,
+        data=data,
+        data_seqlen=data_seqlen,
+        data_windows=data_windows,
     )
 
     def timed(config: BenchConfig, progress):

@@ -94,11 +94,13 @@ def export(result: Any) -> None:
 def bench(result: Any) -> None:
     settings = result.settings
     names = ["engine", "model", "precision", "phase"]
+    scored = any(run.get("accuracy") for run in result.runs)
     table = _table(
         f"losa bench: {result.model} ({result.sparse['matmul_zero_fraction']:.1%} zeros) vs "
         f"{result.dense['source']} ({result.dense['matmul_zero_fraction']:.1%}); batch {settings['batch']}, "
         f"{settings['seqlen']} tokens, {settings['threads']} thread(s)",
-        [*names, "median ms", "p90 ms", "tokens/s", "vs ORT dense fp32", "ceiling ms", "share"],
+        [*names, "median ms", "p90 ms", "tokens/s", "vs ORT dense fp32", "ceiling ms", "share",
+         *(("perplexity", "top-1 = fp32") if scored else ())],
         left=tuple(names),
     )
     for run in result.runs:
@@ -114,8 +116,13 @@ def bench(result: Any) -> None:
             f"{speedup:.2f}x" if speedup else "",
             f"{ceiling['ceiling_ms']:.2f} ({ceiling['format']})" if ceiling else "",
             f"{ceiling['share']:.0%}" if ceiling else "",
+            *(_accuracy_cells(run.get("accuracy")) if scored else ()),
         )
     stdout.print(table)
+    if scored:
+        first = next(run["accuracy"] for run in result.runs if run.get("accuracy"))
+        line(f"perplexity on {result.settings['data']}: {first['windows']} windows x {first['seqlen']} tokens; top-1 = "
+             "fp32: share of positions whose next-token argmax equals the fp32 sparse model's (teacher-forced)")
     if "read_bandwidth_gb_s" in result.machine:
         line(
             f"ceiling: bytes read per decode token / measured read bandwidth "
@@ -133,6 +140,13 @@ def bench(result: Any) -> None:
     line(f"{result.machine['cpu']} ({', '.join(result.machine['isa_flags'])}); load average {load}")
     if result.report:
         line(f"report written to {result.report}")
+
+
+def _accuracy_cells(accuracy: dict | None) -> tuple[str, str]:
+    if not accuracy:
+        return "", ""
+    agreement = accuracy["top1_agreement"]
+    return f"{accuracy['perplexity']:.2f}", "" if agreement is None else f"{agreement:.1%}"
 
 
 def speedups(rows: list[dict]) -> None:
@@ -186,16 +200,12 @@ def _accuracy(zeroshot: Any) -> None:
 
 def generate(result: Any) -> None:
     stdout.print(result.text, highlight=False, markup=False)
-    where = (
-        f"{result.sparse_layers} layers on the {result.kernel} sparse kernel ({result.kernel_path})"
-        if result.kernel_path
-        else "dense PyTorch"
-    )
-    stderr.print(
-        f"{result.new_tokens} tokens after a {result.prompt_tokens}-token prompt, {result.ms_per_token:.1f} ms "
-        f"per token ({result.tokens_per_s:.1f} tokens/s), {where}, {result.threads} thread(s)",
-        highlight=False,
-    )
+    where = (f"{result.sparse_layers} layers on the {result.kernel} kernel ({result.kernel_path})"
+             if result.kernel_path else "dense fp32")
+    prefill = "" if result.prefill_ms != result.prefill_ms else f"prefill {result.prefill_ms:.0f} ms, "
+    stderr.print(f"{result.new_tokens} tokens after a {result.prompt_tokens}-token prompt: {prefill}"
+                 f"{result.ms_per_token:.1f} ms per token ({result.tokens_per_s:.1f} tokens/s); {result.engine}, "
+                 f"{where}, {result.threads} thread(s)", highlight=False)
 
 
 def inspect(result: Any, model: str) -> None:

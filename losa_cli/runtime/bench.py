@@ -27,6 +27,7 @@ from ..core.config import to_dict
 from ..core.errors import ConfigError
 from ..core.manifest import library_versions
 from ..core.sequential import ProgressFn
+from .bench_accuracy import accuracy_of, measure_accuracy
 from .bench_plan import ONNX_ENGINES, LosaModel, bench_threads, engines_to_run, losa_plan, onnx_plan
 from .ceiling import ENGINE_FORMAT, ceiling_ms, decode_bytes, measure_bandwidth
 from .config import BenchConfig, Engine
@@ -229,8 +230,12 @@ def run_bench(
     if runs and all(row["error"] for row in runs):
         raise EngineFailure(f"every timing failed; the first: {runs[0]['error']}")
     speedups = _speedups(runs)
+    accuracy = measure_accuracy(config, [timed for _, _, timed in plan], threads, progress, warnings) \
+        if config.data else {}  # after the timings, so they run on a quiet machine
     for row, (_, _, timed) in zip(runs, plan):
         row["ceiling"] = _ceiling(row, timed, config, machine["read_bandwidth_gb_s"], byte_counts)
+        found = accuracy_of(timed, accuracy) if config.data else None
+        row["accuracy"] = asdict(found) if found else None
         zeros = row.pop("block_zero_fraction", None)
         if zeros is not None and described[row["model"]]["matmul_zero_fraction"] is None:
             described[row["model"]]["matmul_zero_fraction"] = zeros

@@ -16,14 +16,16 @@ from .onnx_io import weight_sparsity
 ORT_NOTE = "ONNX Runtime runs sparse weights as dense matrices: its sparse and dense timings should match"
 ONNX_ENGINES = (Engine.ONNXRUNTIME, Engine.DEEPSPARSE)
 LOSA_NOTE = (
-    "losa dense = the same model in plain PyTorch (dense F.linear, zeros multiplied); losa sparse = its "
-    "block linears (and head, for bf16/int8) bitmask-packed on losa's kernel"
+    "losa = the model on losa's lean decoder (a native step per decoded token); losa sparse = its block linears "
+    "bitmask-packed and its head in the kernel's dense layout, in the row's precision; losa dense = the same decoder "
+    "with dense fp32 layers (zeros multiplied); losa prefill computes the last position's logits only (what "
+    "generation needs), the ONNX graphs every position's"
 )
 
 
 @dataclass
 class LosaModel:
-    """The model folder as the losa engine runs it: ``kernel`` on (sparse rows) or off (plain PyTorch)."""
+    """The model folder as the losa engine runs it: ``kernel`` on (sparse rows, packed) or off (dense fp32)."""
 
     role: str
     source: str

@@ -38,8 +38,11 @@ class Kernel(StrEnum):
     INT8 = "int8"
 
 
-#: Kernel -> the packed value dtype of ``kernels/packed.py`` (None: dense PyTorch)
-KERNEL_DTYPES = {Kernel.OFF: None, Kernel.FP32: "float32", Kernel.BF16: "bfloat16", Kernel.INT8: "int8"}
+#: what the losa engine and ``losa generate`` run per precision: the packed value type (``kernels/packed.py``) of
+#: the blocks' linears, and of the head (which has no zeros, so the kernel stores it in its dense layout); int8
+#: multiplies int8 activations
+LOSA_FORMATS = {Precision.FP32: ("float32", "float32"), Precision.BF16: ("bfloat16", "bfloat16"),
+                Precision.INT8: ("int8", "int8")}
 
 
 @dataclass
@@ -62,6 +65,11 @@ class BenchConfig:
     trust_remote_code: bool = False
     precisions: list[Precision] = field(default_factory=lambda: [Precision.FP32])
     compile: bool = False  # the losa engine's models under torch.compile
+    #: text to measure each format's perplexity and top-1 agreement on (bench_accuracy.py); None: speed only
+    data: str | None = None
+    data_seqlen: int = 512
+    data_windows: int = 32
+    encoding: str = AUTO_ENCODING
 
     def __post_init__(self) -> None:
         found: list[str] = []
@@ -86,6 +94,10 @@ class BenchConfig:
                 found.append(problem)
         if self.timeout_s <= 0:
             found.append(f"timeout must be positive, got {self.timeout_s}")
+        if self.data_seqlen < 2 or self.data_windows < 1:
+            found.append(f"{key('data_seqlen')} must be at least 2 and {key('data_windows')} at least 1, got "
+                         f"{self.data_seqlen} and {self.data_windows}")
+        found += check_encoding(self.encoding)
         raise_problems(found)
 
 
