@@ -1,131 +1,147 @@
-"""End-to-end decode and prefill of the recovered model on every engine: losa's kernel, DeepSparse, ONNX Runtime.
+"""Decode and prefill of a sparse model on every engine, with each format's accuracy: the table a user decides from.
 
-Run (about 20 minutes on 2 cores; needs ``losa run --out runs/default`` first, for its export and
-dense-export folders):
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/decode_engines.py --run runs/default
+Run (each model about 10-15 minutes on 2 cores):
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/decode_engines.py --model runs/default/export \
+        --dense runs/default/dense-export --threads 1 --out benchmarks/results/decode_engines.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/decode_engines.py --midsize runs/midsize --threads 1 \
+        --out benchmarks/results/decode_engines_midsize.json
 
-Two ``losa bench`` runs on the same export, the recipe's protocol (batch 1, prefill of --seqlen
-tokens, decode of one token after a past of --seqlen, --decode-tokens steps per iteration):
+One ``losa bench`` run per model, the bench's protocol (batch 1; prefill of --seqlen tokens; decode of
+one token after a past of --seqlen, --decode-tokens steps per iteration): ONNX Runtime (and
+DeepSparse when installed) on the exported graphs in fp32 and int8, sparse and dense; losa's engine
+on the model folder, sparse in fp32, bf16 and int8 and dense fp32; with ``--data`` each row's
+perplexity and teacher-forced top-1 agreement with the fp32 sparse model (``--data-windows`` x
+``--data-seqlen`` wiki tokens).
 
-1. every engine in one run: ONNX Runtime and DeepSparse (when installed) on the exported graphs,
-   against the dense export; losa's engine on the export's safetensors with its linear layers
-   bitmask-packed, against the same model in dense PyTorch; all under ``torch.compile`` for losa
-   (``--compile``), which removes most of PyTorch's per-token overhead;
-2. the losa engine alone without ``torch.compile``: what a plain PyTorch user sees.
+``--midsize FOLDER`` first builds (once) a Llama from config -- hidden 1024, 8 blocks, 16 heads / 4
+KV heads, intermediate 2816, vocab 49152 (SmolLM2's tokenizer), an untied head, random weights (seed
+0) -- prunes it to 70% by magnitude with ``losa prune`` and exports both with ``losa export --onnx``,
+so the ratios can be checked on shapes other than SmolLM2's (its perplexity means nothing: random
+weights; the agreement between formats still shows their numerical fidelity).
 
-Prints one table (decode and prefill per engine, model, precision, with the speed-ups and the share
-of the bandwidth ceiling) and writes benchmarks/results/decode_engines.json.
+Prints the table (decode, prefill, speed-ups, share of the bandwidth ceiling, perplexity, agreement)
+and writes the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common import environment, write_json  # noqa: E402
+from common import SHARED_DATA, environment, write_json  # noqa: E402
 from losa_cli.export import bench_graphs  # noqa: E402
 from losa_cli.runtime import BenchConfig, run_bench  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "decode_engines.json"
+LOSA = [sys.executable, "-c", "import sys; from losa_cli.cli import main; sys.argv[0] = 'losa'; main()"]
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="a losa run folder with export/ and dense-export/ (runs/default)")
-    parser.add_argument("--precisions", default="fp32,bf16,int8")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="the sparse model: a losa export folder (safetensors + onnx/)")
+    parser.add_argument("--dense", help="the dense model's ONNX export (the ORT/DeepSparse dense baseline)")
+    parser.add_argument("--midsize", help="folder for the mid-size Llama (built, pruned and exported there once)")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None, help="default: cores - 1, as losa bench")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--engines", default="onnxruntime,deepsparse,losa")
+    parser.add_argument("--data", default=str(SHARED_DATA / "wiki-sample.txt"), help="'' for speed only")
+    parser.add_argument("--data-seqlen", type=int, default=512)
+    parser.add_argument("--data-windows", type=int, default=32)
+    parser.add_argument("--out", required=True)
     return parser.parse_args()
 
 
-def _rows(result: dict, compiled: bool) -> list[dict]:
-    timings = {(r["engine"], r["model"], r["precision"], r["phase"]): r for r in result["runs"] if r["timing"]}
+def build_midsize(folder: Path) -> tuple[str, str]:
+    """The mid-size Llama's 70% export and dense export under ``folder`` (made once)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from losa_cli.core.modeling import resolve_source
+
+    dense, sparse = folder / "dense", folder / "sparse-70"
+    if not (folder / "sparse-70-export").is_dir():
+        if not dense.is_dir():
+            torch.manual_seed(0)
+            config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                                 num_key_value_heads=4, vocab_size=49152, max_position_embeddings=2048,
+                                 tie_word_embeddings=False)
+            LlamaForCausalLM(config).save_pretrained(dense)
+            # SmolLM2's tokenizer: the bench and --data need one; the weights are random anyway
+            AutoTokenizer.from_pretrained(resolve_source("smollm2-135m").location,
+                                          gguf_file=resolve_source("smollm2-135m").gguf_file).save_pretrained(dense)
+        subprocess.run([*LOSA, "prune", "--model", str(dense), "--out", str(sparse), "--method", "magnitude",
+                        "--sparsity", "0.7", "--force"], check=True)
+        subprocess.run([*LOSA, "export", str(sparse), "--out", str(folder / "sparse-70-export"), "--onnx", "--force"],
+                       check=True)
+        subprocess.run([*LOSA, "export", str(dense), "--out", str(folder / "dense-export"), "--onnx",
+                        "--no-safetensors", "--force"], check=True)
+    return str(folder / "sparse-70-export"), str(folder / "dense-export")
+
+
+def rows_of(result: dict) -> list[dict]:
+    """One row per engine, model and precision: decode and prefill side by side."""
+    timings = {(r["engine"], r["model"], r["precision"], r["phase"]): r for r in result["runs"]}
     rows = []
     for (engine, model, precision, phase), run in timings.items():
         if phase != "decode":
             continue
         prefill = timings.get((engine, model, precision, "prefill"))
-        ceiling = run.get("ceiling") or {}
-        rows.append(
-            {
-                "engine": engine + (" (compiled)" if compiled and engine == "losa" else ""),
-                "model": model,
-                "precision": precision,
-                "decode_ms": run["timing"]["median_ms"],
-                "decode_p90_ms": run["timing"]["p90_ms"],
-                "tokens_per_s": run["timing"]["tokens_per_s"],
-                "vs_onnxruntime_dense_fp32": run["speedup_vs_onnxruntime_dense_fp32"],
-                "vs_same_engine_dense": run["speedup_vs_same_engine_dense"],
-                "ceiling_ms": ceiling.get("ceiling_ms"),
-                "format": ceiling.get("format"),
-                "share": ceiling.get("share"),
-                "prefill_ms": prefill["timing"]["median_ms"] if prefill else None,
-            }
-        )
+        ceiling, accuracy = run.get("ceiling") or {}, run.get("accuracy") or {}
+        timed = run["timing"] or {}
+        rows.append({"engine": engine, "model": model, "precision": precision, "decode_ms": timed.get("median_ms"),
+                     "decode_p90_ms": timed.get("p90_ms"), "tokens_per_s": timed.get("tokens_per_s"),
+                     "vs_onnxruntime_dense_fp32": run.get("speedup_vs_onnxruntime_dense_fp32"),
+                     "vs_same_engine_dense": run.get("speedup_vs_same_engine_dense"),
+                     "ceiling_ms": ceiling.get("ceiling_ms"), "format": ceiling.get("format"),
+                     "share": ceiling.get("share"), "error": run["error"],
+                     "prefill_ms": prefill["timing"]["median_ms"] if prefill and prefill["timing"] else None,
+                     "perplexity": accuracy.get("perplexity"), "top1_agreement": accuracy.get("top1_agreement")})
     return rows
+
+
+def print_table(rows: list[dict], result: dict, command: str) -> None:
+    def fmt(value, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
+    machine = result["machine"]
+    print(f"{machine['cpu']} ({', '.join(machine['isa_flags'])}), {result['settings']['threads']} thread(s), read "
+          f"bandwidth {machine['read_bandwidth_gb_s']:.1f} GB/s; load average {result['load_average_before'][0]:.2f} "
+          f"-> {result['load_average_after'][0]:.2f}; {command}")
+    print("| engine | model | precision | decode ms (p90) | vs ORT dense fp32 | vs same engine dense | ceiling ms "
+          "(format) | share | prefill ms | perplexity | top-1 = fp32 |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['model']} | {r['precision']} | {fmt(r['decode_ms'], '.1f')} "
+              f"({fmt(r['decode_p90_ms'], '.1f')}) | {fmt(r['vs_onnxruntime_dense_fp32'], '.2f')}x | "
+              f"{fmt(r['vs_same_engine_dense'], '.2f')}x | {fmt(r['ceiling_ms'], '.1f')} ({r['format']}) | "
+              f"{fmt(r['share'], '.0%')} | {fmt(r['prefill_ms'], '.0f')} | {fmt(r['perplexity'], '.2f')} | "
+              f"{fmt(r['top1_agreement'], '.1%')} |")
+    for warning in result["warnings"]:
+        print(f"warning: {warning}")
 
 
 def main() -> None:
     args = parse_args()
-    run = Path(args.run)
-    common = dict(
-        model=str(run / "export"),
-        precisions=args.precisions,
-        seqlen=args.seqlen,
-        decode_tokens=args.decode_tokens,
-        iterations=args.iterations,
-        warmup=args.warmup,
-        threads=args.threads,
-    )
-    config = BenchConfig(
-        dense_baseline=str(run / "dense-export"), engines="onnxruntime,deepsparse,losa", compile=True, **common
-    )
+    model, dense = (build_midsize(Path(args.midsize)) if args.midsize else (args.model, args.dense))
+    if not model:
+        raise SystemExit("give --model (and --dense) or --midsize")
+    config = BenchConfig(model=model, dense_baseline=dense, engines=args.engines, precisions="fp32,bf16,int8",
+                         seqlen=args.seqlen, decode_tokens=args.decode_tokens, iterations=args.iterations,
+                         warmup=args.warmup, threads=args.threads, data=args.data or None,
+                         data_seqlen=args.data_seqlen, data_windows=args.data_windows)
     with bench_graphs(config) as graphs:
-        every = run_bench(config, graphs).to_dict()
-    eager = run_bench(BenchConfig(engines="losa", compile=False, **common)).to_dict()
-    rows = _rows(every, True) + _rows(eager, False)
-    command = (
-        f"python benchmarks/decode_engines.py --run {args.run} --precisions {args.precisions} --seqlen {args.seqlen} "
-        f"--decode-tokens {args.decode_tokens} --iterations {args.iterations} --warmup {args.warmup}"
-        + (f" --threads {args.threads}" if args.threads else "")
-    )
-    write_json(
-        Path(args.out),
-        {"command": command, "rows": rows, "every_engine": every, "losa_eager": eager, "environment": environment()},
-    )
-    machine = every["machine"]
-    print(
-        f"{machine['cpu']} ({', '.join(machine['isa_flags'])}), {every['settings']['threads']} thread(s), read "
-        "bandwidth "
-        f"{machine['read_bandwidth_gb_s']:.1f} GB/s; load average {every['load_average_before'][0]:.2f} -> "
-        f"{every['load_average_after'][0]:.2f}; {command}"
-    )
-    print(
-        "| engine | model | precision | decode ms (p90) | tokens/s | vs ORT dense fp32 | vs same engine dense | "
-        "ceiling ms (format) | share | prefill ms |"
-    )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-
-        def fmt(value, spec):
-            return format(value, spec) if value is not None else "–"
-
-        print(
-            f"| {r['engine']} | {r['model']} | {r['precision']} | {r['decode_ms']:.1f} ({r['decode_p90_ms']:.1f}) | "
-            f"{r['tokens_per_s']:.1f} | {fmt(r['vs_onnxruntime_dense_fp32'], '.2f')}x | "
-            f"{fmt(r['vs_same_engine_dense'], '.2f')}x | "
-            f"{fmt(r['ceiling_ms'], '.1f')} ({r['format']}) | {fmt(r['share'], '.0%')} | "
-            f"{fmt(r['prefill_ms'], '.0f')} |"
-        )
-    for warning in every["warnings"] + eager["warnings"]:
-        print(f"warning: {warning}")
+        result = run_bench(config, graphs).to_dict()
+    rows = rows_of(result)
+    command = " ".join(["python benchmarks/decode_engines.py", *sys.argv[1:]])
+    write_json(Path(args.out), {"command": command, "rows": rows, "bench": result, "environment": environment()})
+    print_table(rows, result, command)
 
 
 if __name__ == "__main__":

@@ -83,8 +83,9 @@ DEFAULT_RECIPE: dict[str, Any] = {
         "batch_size": 4,
     },
     "export": {"onnx": True},
-    "bench": {"engines": "onnxruntime,deepsparse,losa", "precisions": "fp32,bf16", "seqlen": 128, "decode_tokens": 8,
-              "iterations": 5, "warmup": 1},
+    "bench": {"engines": "onnxruntime,deepsparse,losa", "precisions": "fp32,bf16,int8", "seqlen": 128,
+              "decode_tokens": 8, "iterations": 5, "warmup": 1, "data": "../shared/data/wiki-sample.txt",
+              "data_windows": 8},
     "eval": {"data": "../shared/data/wiki-sample.txt", "seqlen": 512, "max_windows": 32},
 }
 

@@ -99,22 +99,31 @@ def decode_bytes(graph: Path, past_tokens: int, num_layers: int, kv_heads: int, 
 
 
 def measure_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 5) -> float:
-    """Best read bandwidth in GB/s: ``threads`` threads summing their slices of a large float32 array.
-
-    Larger than any cache, read once per repeat, as a decode step reads its weights.  numpy
-    releases the GIL in reductions, so the threads run in parallel.
-    """
+    """Best read bandwidth in GB/s over a float32 buffer larger than any cache, read once per repeat as a
+    decode step reads its weights: the better of ``threads`` threads summing their slices (numpy releases
+    the GIL in reductions) and a matrix-vector product on ``threads`` of torch's threads (BLAS streams
+    faster than numpy's pairwise sum; taking the best keeps a slow probe from inflating every share)."""
     import time
     from concurrent.futures import ThreadPoolExecutor
 
+    import torch
+
     data = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
     slices = np.array_split(data, threads)
+    matrix = torch.from_numpy(data).view(-1, 4096)
+    vector = torch.ones(4096)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     best = float("inf")
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            list(pool.map(np.sum, slices))
-            best = min(best, time.perf_counter() - start)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in range(repeats):
+                for read in (lambda: list(pool.map(np.sum, slices)), lambda: torch.mv(matrix, vector)):
+                    start = time.perf_counter()
+                    read()
+                    best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
     return data.nbytes / best / 1e9
 
 
