@@ -299,6 +299,12 @@ def no_network(connections, monkeypatch):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_one_line_nothing_written(case: Case, shared, tmp_path, no_network, monkeypatch):
+    assert_one_line_nothing_written(case, shared, tmp_path, monkeypatch)
+
+
+def assert_one_line_nothing_written(case: Case, shared: tuple[Path, Path], tmp_path: Path, monkeypatch) -> None:
+    """Run one case: one ``error:`` line, a non-zero exit (not CliRunner's 1), inputs unchanged, nothing written
+    (other test modules with more cases call this too)."""
     model, calib = shared
     ctx = Ctx(model=model, calib=calib, inp=tmp_path / "in", out=tmp_path / "out")
     ctx.inp.mkdir()

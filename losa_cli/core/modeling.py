@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,15 @@ from torch import nn
 from .errors import ModelError
 from .hub import hub_unreachable
 from .manifest import read_manifest
-from .offload import Checkpoint, empty_model, load_outside_blocks, module_name
+from .offload import (
+    Checkpoint,
+    check_matches,
+    empty_model,
+    load_outside_blocks,
+    module_name,
+    nonfinite_count,
+    tensor_problem,
+)
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -140,9 +149,12 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
                 f"no .safetensors weights in {source.location}; losa loads safetensors only "
                 "(pickled .bin files can run code): convert the checkpoint first"
             )
+        Checkpoint.open(source.location)  # a broken index or shard fails here, named
         kwargs["use_safetensors"] = True
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    try:  # a mismatched shape is reported below, by name, like a missing tensor
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source.location, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc) or "not supported" in str(exc):
             raise ModelError(_unsupported_message(getattr(config, "model_type", "?"))) from None
@@ -153,6 +165,11 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
         raise ModelError(
             f"cannot load the model from {source.location} (corrupt or incomplete checkpoint?): {_first_line(exc)}"
         ) from exc
+    problem = tensor_problem(source.location, sorted(info["missing_keys"]), sorted(info["unexpected_keys"]),
+                             [(name, tuple(found), tuple(wanted)) for name, found, wanted in info["mismatched_keys"]])
+    if problem:
+        raise ModelError(problem)
+    _check_finite(model.named_parameters(), source.location, dtype)
     if source.gguf_file:
         model = _drop_gguf_quantization(model)
     model.eval()
@@ -179,8 +196,26 @@ def load_model_skeleton(spec: str, dtype: str = "float32", trust_remote_code: bo
     model = empty_model(config, torch_dtype, trust_remote_code)
     _check_decoder(model, config)
     checkpoint = Checkpoint.open(source.location)
+    check_matches(model, checkpoint)
+    bad = checkpoint.first_nonfinite(torch_dtype)  # one tensor at a time: the whole model never sits in memory
+    if bad is not None:
+        raise ModelError(_nonfinite_message(source.location, *bad, dtype))
     load_outside_blocks(model, checkpoint, module_name(model, find_blocks(model)), torch_dtype)
     return LoadedModel(model, _load_tokenizer(source, trust_remote_code, {}), source, checkpoint)
+
+
+def _check_finite(named: Iterator[tuple[str, torch.Tensor]], location: str, dtype: str) -> None:
+    """Refuse weights holding NaN or inf before any work: pruning scores, exported graphs and generated
+    text computed from them are garbage, and nothing later says why."""
+    for name, tensor in named:
+        if (count := nonfinite_count(tensor.detach())) is not None:
+            raise ModelError(_nonfinite_message(location, name, count, dtype))
+
+
+def _nonfinite_message(location: str, name: str, count: int, dtype: str) -> str:
+    overflow = " (float16 ends at 65504: try --dtype bfloat16 or float32)" if dtype == "float16" else ""
+    return (f"the weights in {location} hold NaN/inf values ({count} in {name}, as {dtype}){overflow}: the "
+            "checkpoint is broken; restore or re-create it -- losa does not prune, export or run such weights")
 
 
 def _load_tokenizer(source: ModelSource, trust_remote_code: bool, hub: dict):
