@@ -85,6 +85,32 @@ CASES: list[CaseWithMessage] = [
     ("eval-tasks-choice-longer-than-context", lambda c: eval_(c, "--tasks", task(
         c, [QUESTION, {"query": "a", "choices": ["b", "river " * 300], "gold": 0}])), "task.jsonl:2: choice 1"),
     ("eval-tasks-a-fifo", lambda c: eval_(c, "--tasks", fifo(c, "t.jsonl")), "not a file"),
+    # recipes: duplicates refused, hostile files bounded, every stage's inputs read before any work
+    ("run-recipe-duplicate-section", lambda c: recipe(c, f"model: {c.model}\nprune:\n  calib: {c.calib}\nprune:\n"
+                                                         f"  calib: {c.calib}\n"), "line 4: 'prune' is given twice"),
+    ("run-recipe-duplicate-key", lambda c: recipe(c, f"model: {c.model}\nprune:\n  calib: {c.calib}\n  sparsity: 0.3\n"
+                                                     "  sparsity: 0.9\n"), "'sparsity' is given twice"),
+    ("run-recipe-duplicate-top-level", lambda c: recipe(c, f"model: {c.model}\nseed: 1\nseed: 2\n"), "given twice"),
+    ("run-recipe-deeply-nested", lambda c: recipe(c, "prune: " + "[" * 50000 + "]" * 50000 + "\n"),
+     "nested too deeply"),
+    ("run-recipe-huge", lambda c: recipe(c, "prune:\n  sparsity: 0.5\n" + "# padding\n" * 120000),
+     "at most 1,048,576 bytes"),
+    ("run-recipe-long-value", long_recipe_value, "characters)"),
+    ("run-recipe-long-key", lambda c: recipe(c, f"model: {c.model}\nprune:\n  ? {'x' * 100000}\n  : 1\n"),
+     "unknown key"),
+    ("run-recipe-fifo", lambda c: ["run", fifo(c, "r.yaml"), "--out", str(c.out)], "does not exist"),
+    ("run-later-stage-tasks-bad", lambda c: run_recipe(
+        c, eval=f"  data: {c.calib}\n  tasks: [{task(c, content=BINARY)}]\n"), "eval.tasks:"),
+    ("run-later-stage-tasks-missing", lambda c: run_recipe(
+        c, eval=f"  data: {c.calib}\n  tasks: [{c.inp}/none.jsonl]\n"), "eval.tasks:"),
+    ("run-later-stage-data-binary", lambda c: run_recipe(c, recover=f"  data: {c.file('train.txt', BINARY)}\n"
+                                                                    f"  calib: {c.calib}\n  sparsity: 0.7\n"),
+     "recover.data:"),
+    ("run-later-stage-eval-data-utf16", lambda c: run_recipe(
+        c, eval=f"  data: {c.file('e.txt', utf16(synthetic_text(9, 9)))}\n"), "eval.data:"),
+    ("recover-config-duplicate-key", lambda c: recover(c, "--config", str(c.file("r.yaml", "lr: 0.1\nlr: 0.2\n"))),
+     "'lr' is given twice"),
+    ("recover-config-a-folder", lambda c: recover(c, "--config", str(c.inp)), "not a regular file"),
 
 ]
 
