@@ -111,6 +111,19 @@ CASES: list[CaseWithMessage] = [
     ("recover-config-duplicate-key", lambda c: recover(c, "--config", str(c.file("r.yaml", "lr: 0.1\nlr: 0.2\n"))),
      "'lr' is given twice"),
     ("recover-config-a-folder", lambda c: recover(c, "--config", str(c.inp)), "not a regular file"),
+    # generate: numbers that are not numbers, and sampling options without sampling
+    ("generate-temperature-nan", lambda c: generate(c, "--sample", "--temperature", "nan"), "--temperature"),
+    ("generate-temperature-inf", lambda c: generate(c, "--sample", "--temperature", "inf"), "--temperature"),
+    ("generate-top-p-nan", lambda c: generate(c, "--sample", "--top-p", "nan"), "--top-p"),
+    ("generate-seed-huge", lambda c: generate(c, "--sample", "--seed", str(2**70)), "--seed must be in"),
+    ("generate-seed-negative", lambda c: generate(c, "--sample", "--seed", "-1"), "--seed must be in"),
+    ("generate-temperature-without-sample", lambda c: generate(c, "--temperature", "0.5"), "add --sample"),
+    ("generate-top-p-and-seed-without-sample", lambda c: generate(c, "--top-p", "0.9", "--seed", "3"),
+     "--top-p, --seed apply to sampling only"),
+    # export: a fixed length beyond the model's context (it exported, peaking at 3.7 GiB for 90k parameters)
+    ("export-seqlen-beyond-context", lambda c: export(c, "--onnx", "--seqlen", "5000"), "context of 256 tokens"),
+    # recover: a kd temperature so small that the loss is 0
+    ("recover-kd-temperature-tiny", lambda c: recover(c, "kd_temperature=1e-6"), "nothing is learnt"),
 
 ]
 

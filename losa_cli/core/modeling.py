@@ -297,16 +297,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def clip_seqlen(model: nn.Module, seqlen: int, warnings: list[str]) -> int:
-    """``seqlen`` limited to the longest sequence the model's positions support (with a warning)."""
-    config = model.config
+def context_length(config) -> int | None:
+    """The longest sequence the model's positions support, from its config (None when it names none)."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         limit = getattr(config, key, None)
         if isinstance(limit, int) and limit > 0:
-            if seqlen > limit:
-                warnings.append(f"--seqlen {seqlen} exceeds the model's context {limit}; using {limit}")
-                return limit
-            return seqlen
+            return limit
+    return None
+
+
+def clip_seqlen(model: nn.Module, seqlen: int, warnings: list[str]) -> int:
+    """``seqlen`` limited to the longest sequence the model's positions support (with a warning)."""
+    limit = context_length(model.config)
+    if limit is not None and seqlen > limit:
+        warnings.append(f"--seqlen {seqlen} exceeds the model's context {limit}; using {limit}")
+        return limit
     return seqlen
 
 
