@@ -124,7 +124,9 @@ CASES: list[CaseWithMessage] = [
     ("export-seqlen-beyond-context", lambda c: export(c, "--onnx", "--seqlen", "5000"), "context of 256 tokens"),
     # recover: a kd temperature so small that the loss is 0
     ("recover-kd-temperature-tiny", lambda c: recover(c, "kd_temperature=1e-6"), "nothing is learnt"),
-
+    # bench: the losa engine on graphs only -- the real reason, not the engine list
+    ("bench-losa-engine-on-graphs", lambda c: ["bench", str(c.file("g.onnx", BINARY)), "--engines", "losa"],
+     "the losa engine runs a model's safetensors"),
 ]
 
 

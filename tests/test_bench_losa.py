@@ -15,7 +15,7 @@ from losa_cli.cli import app
 from losa_cli.core.errors import ConfigError
 from losa_cli.core.modeling import block_linears, find_blocks, load_model, sparsity_report
 from losa_cli.runtime import BenchConfig
-from losa_cli.runtime.kernels.native import available_paths
+from losa_cli.runtime.kernels.native import available_paths, gemm_from
 from losa_cli.runtime.kernels.packed import pack
 
 runner = CliRunner()
@@ -86,22 +86,60 @@ def test_losa_engine_beside_onnxruntime_and_refusals(pruned, tmp_path):
     graphs_only = tmp_path / "graphs"
     result = runner.invoke(app, ["export", str(pruned), "--out", str(graphs_only), "--onnx", "--no-safetensors"])
     assert result.exit_code == 0, result.output
-    with pytest.raises(ConfigError, match="no engine can run here"):
+    with pytest.raises(ConfigError, match="the losa engine runs a model's safetensors and .* has none"):
         bench(BenchConfig(model=str(graphs_only), engines="losa"))
     missing = runner.invoke(app, ["bench", "--cpu", str(tmp_path / "nowhere"), "--engines", "losa"])
     assert missing.exit_code != 0 and "does not exist" in missing.output and "Traceback" not in missing.output
 
 
-def test_kernel_decode_follows_the_dense_model(pruned):
-    """The losa engine's sparse fp32 model computes what the dense one does (same logits within fp32 rounding)."""
+def _assert_follows_dense(sparse: torch.nn.Module, dense: torch.nn.Module) -> None:
+    """Same logits within fp32 rounding for 1 and 3 tokens (the kernel's decode product) and for gemm_from() + 3
+    tokens (its prefill GEMM): both products of every packed layer run."""
+    generator = torch.Generator().manual_seed(0)
+    for length in (1, 3, gemm_from() + 3):
+        ids = torch.randint(3, dense.config.vocab_size, (1, length), generator=generator)
+        with torch.inference_mode():
+            torch.testing.assert_close(sparse(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_decode_and_prefill_follow_the_dense_model(pruned):
+    """The losa engine's sparse fp32 model computes what the dense one does, on both of the kernel's products."""
     from losa_cli.runtime.losa_engine import prepare_model
 
     dense, _ = prepare_model(str(pruned), "fp32", kernel=False)
     sparse, info = prepare_model(str(pruned), "fp32", kernel=True)
     assert info["packed_layers"] == len(block_linears(find_blocks(dense)))
-    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
-    with torch.inference_mode():
-        torch.testing.assert_close(sparse(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+    _assert_follows_dense(sparse, dense)
+
+
+class _BrokenKernel:
+    """The native extension with one product answering 1e6 everywhere (a mutation the check must catch)."""
+
+    def __init__(self, real, broken: str) -> None:
+        self.real, self.broken = real, broken
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+    def sparse_matmul(self, x, *args):
+        y = self.real.sparse_matmul(x, *args)
+        product = "gemm" if x.shape[0] >= gemm_from() else "decode"
+        return torch.full_like(y, 1e6) if product == self.broken else y
+
+
+@pytest.mark.parametrize("broken", ["decode", "gemm"])
+def test_the_dense_comparison_catches_a_broken_product(broken, pruned, monkeypatch):
+    """Each product is covered: with either one broken, the comparison above fails (before it fed 8 tokens,
+    fewer than gemm_from(), so a GEMM answering 1e6 passed)."""
+    from losa_cli.runtime.kernels import native
+    from losa_cli.runtime.losa_engine import prepare_model
+
+    real = native.extension()
+    monkeypatch.setattr(native, "extension", lambda: _BrokenKernel(real, broken))
+    dense, _ = prepare_model(str(pruned), "fp32", kernel=False)
+    sparse, _ = prepare_model(str(pruned), "fp32", kernel=True)
+    with pytest.raises(AssertionError):
+        _assert_follows_dense(sparse, dense)
 
 
 def test_the_kernel_runs_inside_torch_compile(pruned):
@@ -118,3 +156,35 @@ def test_the_kernel_runs_inside_torch_compile(pruned):
         torch.testing.assert_close(compiled(input_ids=ids).logits, eager, rtol=1e-4, atol=1e-4)
         one = ids[:, :1]  # one row: the decode product
         torch.testing.assert_close(compiled(input_ids=one).logits, model(one).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_no_compiler_a_short_reason_and_every_summary_still_drawn(pruned, tmp_path, monkeypatch, capsys):
+    """Without a C++ compiler the sparse rows fail (the dense PyTorch rows run): the warning says what is missing
+    in one short line (it quoted a 500-character build command), and the summary table, the chart and
+    ``losa run``'s report cope with the sparse model's unknown zero fraction (a TypeError before)."""
+    from losa_cli.cli import render
+    from losa_cli.run.report import _speed_section
+    from losa_cli.runtime import plot_report
+    from losa_cli.runtime.kernels import native
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))  # nothing built: a build must run
+    result = bench(BenchConfig(model=str(pruned), engines="losa", seqlen=8, decode_tokens=1, iterations=1, warmup=0,
+                               threads=1))
+    failed = [row for row in result.runs if row["error"]]
+    assert {row["model"] for row in failed} == {"sparse"} and result.sparse["matmul_zero_fraction"] is None
+    reasons = [w for w in result.warnings if "losa sparse" in w]
+    assert reasons and all("there is no C++ compiler here" in w and len(w) < 400 for w in reasons), reasons
+    render.bench(result)
+    assert "zeros unknown" in capsys.readouterr().out
+    assert plot_report(tmp_path / "speed.png", result).is_file()
+    assert any("MatMul weights" in line for line in _speed_section(tmp_path, {"bench": {"results": result.to_dict()}},
+                                                                    []))
+    native.extension.cache_clear()  # in this process too: generate builds the kernel here
+    try:
+        generated = runner.invoke(app, ["generate", "--model", str(pruned), "--prompt", "x", "--max-new-tokens", "1"])
+    finally:
+        native.extension.cache_clear()
+    lines = generated.stderr.strip().splitlines()
+    assert generated.exit_code == 2 and len(lines) == 1 and "there is no C++ compiler here" in lines[0], lines
+    assert len(lines[0]) < 300

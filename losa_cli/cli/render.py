@@ -99,8 +99,8 @@ def bench(result: Any) -> None:
     settings = result.settings
     names = ["engine", "model", "precision", "phase"]
     table = _table(
-        f"losa bench: {result.model} ({result.sparse['matmul_zero_fraction']:.1%} zeros) vs "
-        f"{result.dense['source']} ({result.dense['matmul_zero_fraction']:.1%}); batch {settings['batch']}, "
+        f"losa bench: {result.model} ({_zeros(result.sparse)}) vs {result.dense['source']} "
+        f"({_zeros(result.dense)}); batch {settings['batch']}, "
         f"{settings['seqlen']} tokens, {settings['threads']} thread(s)",
         [*names, "median ms", "p90 ms", "tokens/s", "vs ORT dense fp32", "ceiling ms", "share"],
         left=tuple(names),
@@ -108,7 +108,7 @@ def bench(result: Any) -> None:
     for run in result.runs:
         t, ceiling, speedup = run["timing"], run.get("ceiling"), run.get("speedup_vs_onnxruntime_dense_fp32")
         if t is None:
-            table.add_row(*(run[n] for n in names), "failed", "", run["error"] or "")
+            table.add_row(*(run[n] for n in names), "failed", "", "(see its warning)")  # the error is long
             continue
         table.add_row(
             *(run[n] for n in names),
@@ -137,6 +137,12 @@ def bench(result: Any) -> None:
     line(f"{result.machine['cpu']} ({', '.join(result.machine['isa_flags'])}); load average {load}")
     if result.report:
         line(f"report written to {result.report}")
+
+
+def _zeros(model: dict) -> str:
+    """A bench model's zero fraction; unknown when every timing of it failed (no compiler for the losa kernel)."""
+    fraction = model.get("matmul_zero_fraction")
+    return "zeros unknown" if fraction is None else f"{fraction:.1%} zeros"
 
 
 def speedups(rows: list[dict]) -> None:
