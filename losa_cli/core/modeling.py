@@ -25,6 +25,7 @@ from .offload import (
     Checkpoint,
     check_matches,
     empty_model,
+    first_line,
     load_outside_blocks,
     module_name,
     nonfinite_count,
@@ -119,12 +120,7 @@ def _unreadable(source: ModelSource, exc: BaseException, offline: str | None) ->
             f"the local cache: give a model folder, a .gguf file or {SMOLLM2_ALIAS}"
         )
     where = "on the Hub (wrong id?)" if not source.is_local else f"in {source.location}"
-    return f"cannot read the model config {where} (corrupt or incomplete file?): {_first_line(exc)}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return f"cannot read the model config {where} (corrupt or incomplete file?): {first_line(exc)}"
 
 
 def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
@@ -160,12 +156,12 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc) or "not supported" in str(exc):
             raise ModelError(_unsupported_message(getattr(config, "model_type", "?"))) from None
-        raise ModelError(f"cannot load the model from {source.location}: {_first_line(exc)}") from exc
+        raise ModelError(f"cannot load the model from {source.location}: {first_line(exc)}") from exc
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors, GGUF and torch errors of a broken file
         raise ModelError(
-            f"cannot load the model from {source.location} (corrupt or incomplete checkpoint?): {_first_line(exc)}"
+            f"cannot load the model from {source.location} (corrupt or incomplete checkpoint?): {first_line(exc)}"
         ) from exc
     problem = tensor_problem(source.location, sorted(info["missing_keys"]), sorted(info["unexpected_keys"]),
                              [(name, tuple(found), tuple(wanted)) for name, found, wanted in info["mismatched_keys"]])
@@ -229,7 +225,7 @@ def _load_tokenizer(source: ModelSource, trust_remote_code: bool, hub: dict):
             kwargs["gguf_file"] = source.gguf_file
         return AutoTokenizer.from_pretrained(source.location, **kwargs)
     except Exception as exc:  # noqa: BLE001 - as above
-        raise ModelError(f"cannot load the tokenizer from {source.location}: {_first_line(exc)}") from exc
+        raise ModelError(f"cannot load the tokenizer from {source.location}: {first_line(exc)}") from exc
 
 
 def _check_decoder(model: nn.Module, config) -> None:

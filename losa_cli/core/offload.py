@@ -123,10 +123,11 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(path, "pt") as handle:
             return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a broken header
-        raise ModelError(f"cannot read {path} (corrupt or incomplete checkpoint?): {_first_line(exc)}") from None
+        raise ModelError(f"cannot read {path} (corrupt or incomplete checkpoint?): {first_line(exc)}") from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, clipped: what a one-line error quotes of a library's message."""
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
 
