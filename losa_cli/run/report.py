@@ -257,7 +257,7 @@ def _speed_section(out: Path, manifests: dict[str, dict], plots: list[Path]) -> 
         f"Batch {settings['batch']}, prefill of {settings['seqlen']} tokens, decode of {settings['decode_tokens']} "
         f"tokens with a past of {settings['seqlen']}; {settings['threads']} thread(s); {settings['iterations']} timed "
         f"runs after {settings['warmup']} warm-up. Sparse: `{results['model']}` "
-        f"({results['sparse']['matmul_zero_fraction']:.1%} zeros in MatMul weights); dense: "
+        f"({_fmt(results['sparse'].get('matmul_zero_fraction'), '.1%')} zeros in MatMul weights); dense: "
         f"`{results['dense']['source']}`.",
         "",
     ]
