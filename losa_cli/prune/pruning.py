@@ -94,7 +94,8 @@ def prune_linear(linear: nn.Linear, criterion: Criterion, rate: float, stats, wh
     if criterion.method == "sparsegpt":
         try:
             result = sparsegpt_prune(
-                weight, stats.hessian, rate, criterion.nm, criterion.blocksize, criterion.damp, prune_first=already
+                weight, stats.inverse(criterion.damp), rate, criterion.nm, criterion.blocksize, criterion.damp,
+                prune_first=already,
             )
         except CholeskyError as exc:
             raise NumericalError(
