@@ -113,7 +113,8 @@ def prune(
         str,
         typer.Option(
             "--reconstruct-inputs",
-            help="Reconstruction inputs: sparse (outputs of the pruned blocks before) | dense (the dense model's).",
+            help="Reconstruction inputs: dense (the dense model's own, one more forward per block) | sparse "
+            "(the outputs of the pruned blocks before).",
         ),
     ] = PruneConfig.reconstruct_inputs,
     force: ForceOpt = False,

@@ -51,8 +51,9 @@ class Tuned(StrEnum):
 
 
 class Stream(StrEnum):
-    """Which inputs a pruned block is fitted on: the outputs of the pruned (and fitted) blocks before
-    it, or the dense model's own block inputs (a second stream, one more forward per block)."""
+    """Which inputs a pruned block is fitted on: the dense model's own block inputs (a second stream,
+    one more forward per block; the default, measured better), or the outputs of the pruned (and
+    fitted) blocks before it."""
 
     SPARSE = "sparse"
     DENSE = "dense"
@@ -65,10 +66,11 @@ class ReconstructDefaults:
 
     steps: int = 8
     batch: int = 4
-    lr: float = 1e-4
+    lr: float = 3e-3
     params: Tuned = Tuned.WEIGHTS
     split: bool = False
-    inputs: Stream = Stream.SPARSE
+    #: dense: 164 wiki perplexity against 210 with sparse inputs (Wanda 70%, 8 steps of 4 x 512 tokens, lr 3e-3)
+    inputs: Stream = Stream.DENSE
 
 
 RECONSTRUCT = ReconstructDefaults()

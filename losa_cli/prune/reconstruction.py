@@ -8,11 +8,15 @@ reproduces those targets (mean squared error), and only then does the pass compu
 outputs for block l+1.  One block is in memory at a time, so this streams with ``--low-memory``.
 
 Two streams of inputs can be fitted on:
-* ``sparse`` (default): the outputs of the already pruned and reconstructed blocks before l, the
-  inputs the block will really see; the targets are the dense block on those same inputs, so each
-  block also learns to undo part of the error its predecessors left.
-* ``dense``: the dense model's own block inputs, carried as a second stream (one more forward of
-  the dense block per block); the targets are then the dense model's block outputs.
+* ``dense`` (default): the dense model's own block inputs, carried as a second stream (one more
+  forward of the dense block per block, computed before the block is pruned); the targets are the
+  dense model's block outputs, so each block learns only to undo its own pruning.
+* ``sparse``: the outputs of the already pruned and reconstructed blocks before l, the inputs the
+  block will really see; the targets are the dense block on those same inputs (kept from the
+  statistics pass, no extra forward), so each block is also asked to undo the error its
+  predecessors left.  On SmolLM2-135M at 70% (Wanda, 8 steps per block) this gave wiki perplexity
+  210 against 164 for ``dense``: a few steps on a 70%-sparse block cannot absorb the upstream error
+  and chasing it costs the local fit.
 With ``split`` the attention half is fitted first (its module's output against the dense one),
 then the rest of the block against the block's dense output with the attention half frozen.
 Everything trains in fp32 (the block is cast for the fit and back), on a seeded window order,
@@ -245,19 +249,16 @@ def _only_trained(block: nn.Module, trained: list[nn.Parameter]) -> Iterator[Non
 def _in_float32(block: nn.Module) -> Iterator[None]:
     """The block in fp32 inside (bf16/fp16 Adam steps would round away), back in its dtypes after;
     a zero stays a zero both ways."""
-    tensors = [(module, name, kind) for module in block.modules()
-               for kind, table in (("param", module._parameters), ("buffer", module._buffers))
-               for name, tensor in table.items()
-               if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32]
-    dtypes = [getattr(module, name).dtype for module, name, _ in tensors]
-    for module, name, _ in tensors:
-        tensor = getattr(module, name)
+    low = [tensor for module in block.modules() for table in (module._parameters, module._buffers)
+           for tensor in table.values()
+           if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32]
+    dtypes = [tensor.dtype for tensor in low]
+    for tensor in low:
         tensor.data = tensor.data.float()
     try:
         yield
     finally:
-        for (module, name, _), dtype in zip(tensors, dtypes):
-            tensor = getattr(module, name)
+        for tensor, dtype in zip(low, dtypes):
             tensor.data = tensor.data.to(dtype)
 
 
