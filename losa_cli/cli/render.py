@@ -30,6 +30,12 @@ def prune(result: Any) -> None:
     line(f"calibration {result.nsamples} x {result.seqlen} tokens on {result.device}; "
          f"{result.wall_time_s:.1f} s, peak memory {result.peak_memory_mib:.0f} MiB"
          f"{' (one block at a time)' if result.low_memory else ''}; mask sha256 {result.mask_checksum[:16]}")
+    if result.reconstruction:
+        done = result.reconstruction
+        first = sum(f["first_loss"] for f in done["blocks"]) / len(done["blocks"])
+        last = sum(f["last_loss"] for f in done["blocks"]) / len(done["blocks"])
+        line(f"reconstruction ({done['params']}, {done['inputs']} inputs, {done['steps']} steps per block): "
+             f"block MSE first -> last step, mean over blocks {first:.4g} -> {last:.4g}; {done['wall_time_s']:.1f} s")
 
 
 def recover(result: Any) -> None:

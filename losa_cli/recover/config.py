@@ -7,7 +7,19 @@ from enum import StrEnum
 
 from ..core.config import DEFAULT_MODEL, CalibrationConfig, Device, DType, choice, raise_problems
 from ..core.errors import key
-from ..prune import OWL_LAMBDA, OWL_M, Allocation, Method, parse_nm, pattern_problem, sparsegpt_problems
+from ..prune import (
+    OWL_LAMBDA,
+    OWL_M,
+    RECONSTRUCT,
+    Allocation,
+    Method,
+    Stream,
+    Tuned,
+    parse_nm,
+    pattern_problem,
+    reconstruct_problems,
+    sparsegpt_problems,
+)
 
 #: the last stage's target when neither ``sparsity`` nor ``pattern`` is given
 RECOVER_SPARSITY = 0.7
@@ -77,6 +89,14 @@ class RecoverConfig:
     losia_ratio: float = 0.125  # LoSiA's rank factor p = 1/8: core rows and columns per layer
     losia_period: int = 50
     error_samples: int = 16
+    #: fit each block to its outputs before this stage's pruning, inside every stage before the training steps
+    reconstruct: bool = False
+    reconstruct_steps: int = RECONSTRUCT.steps
+    reconstruct_batch: int = RECONSTRUCT.batch
+    reconstruct_lr: float = RECONSTRUCT.lr
+    reconstruct_params: Tuned = RECONSTRUCT.params
+    reconstruct_split: bool = RECONSTRUCT.split
+    reconstruct_inputs: Stream = RECONSTRUCT.inputs
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     max_length: int = 1024
     batch_size: int = 8
@@ -145,6 +165,7 @@ class RecoverConfig:
                 found.append(f"{key('sparsity')} {self.sparsity} contradicts {key('pattern')} {self.pattern} "
                              f"({self.target_sparsity():g} zeros): drop {key('sparsity')}, N:M sets it")
         found += sparsegpt_problems(self.damp, self.blocksize)
+        found += reconstruct_problems(self)
         if not KD_MIN_TEMPERATURE <= self.kd_temperature <= 100.0:  # a loss of 0 says nothing: refuse it up front
             found.append(f"{key('kd_temperature')} must be in [{KD_MIN_TEMPERATURE}, 100], got {self.kd_temperature}: "
                          "below it both distributions are one-hot and T^2 * KL is ~0, so nothing is learnt (1 to 4 "

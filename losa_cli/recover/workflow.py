@@ -38,13 +38,13 @@ from ..core.errors import ConfigError, NumericalError, key
 from ..core.manifest import build_manifest, peak_memory_mib, write_manifest
 from ..core.modeling import LoadedModel, find_blocks, load_model, resolve_device, save_model, sparsity_report
 from ..core.sequential import ProgressFn
-from ..prune import CalibrationWindows, calibration_windows, nm_violations, parse_nm, revived
+from ..prune import Allocation, CalibrationWindows, calibration_windows, nm_violations, parse_nm, revived
 from .checkpoint import STATE_FILE, Checkpoints
 from .config import Adapter, Loss, RecoverConfig
 from .masked_lora import attach, detach, set_block_ranks, wrappers_of
 from .objective import Objective
 from .schedule import lr_factor
-from .stages import StageRecord, check_kept_zeros, check_nm_input, dense_outputs, prune_stage, pruned_masks
+from .stages import DensePass, StageRecord, check_kept_zeros, check_nm_input, dense_pass, prune_stage, pruned_masks
 from .subnet import attach_subnets
 from .training import Batches, Trainer, dense_teacher, train_stage
 
@@ -88,7 +88,7 @@ class _Run:
     head_pruned: dict[str, torch.Tensor]
     calibration: CalibrationWindows
     data: Documents
-    dense: list[list[torch.Tensor]]
+    dense: DensePass
     trainer: Trainer
     history: list[StageRecord]
     warnings: list[str]
@@ -111,11 +111,12 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None) -> Re
                 blocks=run.blocks,
                 windows=run.calibration.windows,
                 error_windows=run.calibration.windows[: config.error_samples],
-                dense=run.dense,
+                dense=run.dense.outputs,
                 device=run.accelerator.device,
                 mean_rank=mean_ranks[stage - 1],
                 steps=steps[stage - 1],
                 progress=progress,
+                grams=run.dense.grams if stage == 1 else None,  # the input model's: stage 1 prunes it as it is
             )
             run.history.append(record)
             if config.reset_optimizer:
@@ -196,7 +197,8 @@ def _setup(config: RecoverConfig) -> _Run:
     data = load_documents(config.data, config.calibration.encoding, "fine-tuning file", warnings)
     examples = training_examples(tokenizer, config.data, data, config.max_length, config.response_only)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    dense = dense_outputs(model, calibration.windows[: config.error_samples], device)
+    gram_samples = config.rmi_samples if config.allocation == Allocation.RMI and not config.pattern else 0
+    dense = dense_pass(model, calibration.windows, config.error_samples, gram_samples, device)
     trainer = _trainer(config, accelerator, model, blocks, examples, pad_id)
     history: list[StageRecord] = []
     if resume_state is not None:
