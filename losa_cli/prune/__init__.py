@@ -11,6 +11,7 @@ __all__, __getattr__ = public_face(__name__, {
     # what recover's stages call
     "Criterion": "pruning", "CalibrationWindows": "pruning", "calibration_windows": "pruning",
     "check_nm_widths": "pruning", "prune_blocks": "pruning", "revived": "pruning", "nm_violations": "pruning",
+    "untie_lm_head": "pruning",
     "RateRule": "allocation", "BlockRates": "allocation", "block_rates": "allocation",
     # the math recover and run reuse
     "parse_nm": "config", "group_zero_counts": "masks", "OWL_LAMBDA": "config", "OWL_M": "config",
