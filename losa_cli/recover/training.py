@@ -17,7 +17,7 @@ from ..core.sequential import ProgressFn
 from .checkpoint import Checkpoints
 from .masked_lora import AdapterLinear, MaskedLoRALinear
 from .objective import Objective
-from .subnet import step_subnets
+from .subnet import record_subnets, rewarm_snapshot, scale_rewarm, step_subnets
 
 
 def dense_teacher(model: nn.Module, device: torch.device) -> nn.Module:
@@ -75,6 +75,7 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches; returns its mean loss."""
         accelerator = self.accelerator
         inactive = _snapshot_inactive(self.wrappers)
+        rewarming = rewarm_snapshot(self.wrappers)  # LoSiA's relocalised subnets take a share of the lr
         step_loss = 0.0
         for micro in range(self.grad_accum):
             batch = self.batches.micro(self.global_step * self.grad_accum + micro)
@@ -82,6 +83,7 @@ class Trainer:
                 loss = self.objective(self.model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
+                    record_subnets(self.wrappers)  # the step's gradient, before the optimizer moves the weights
                     accelerator.clip_grad_norm_(self.params, self.grad_clip)
                 self.prepared_optimizer.step()
                 self.prepared_optimizer.zero_grad()
@@ -89,6 +91,7 @@ class Trainer:
             self.tokens_trained += int((batch["labels"] != -100).sum()) * self.batches.world
         self.scheduler.step()
         _restore_inactive(inactive)
+        scale_rewarm(rewarming)
         step_subnets(self.wrappers, self.optimizer)
         self.global_step += 1
         return step_loss

@@ -41,11 +41,11 @@ from ..core.sequential import ProgressFn
 from ..prune import Allocation, CalibrationWindows, calibration_windows, nm_violations, parse_nm, revived
 from .checkpoint import STATE_FILE, Checkpoints
 from .config import Adapter, Loss, RecoverConfig
-from .masked_lora import attach, detach, set_block_ranks, wrappers_of
+from .masked_lora import attach, detach, set_block_ranks
 from .objective import Objective
 from .schedule import lr_factor
 from .stages import DensePass, StageRecord, check_kept_zeros, check_nm_input, dense_pass, prune_stage, pruned_masks
-from .subnet import attach_subnets
+from .subnet import HEAD, Timing, attach_losia, detach_head
 from .training import Batches, Trainer, dense_teacher, train_stage
 
 __all__ = ["STATE_FILE", "RecoverResult", "StageRecord", "run_recover"]
@@ -199,10 +199,10 @@ def _setup(config: RecoverConfig) -> _Run:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     gram_samples = config.rmi_samples if config.allocation == Allocation.RMI and not config.pattern else 0
     dense = dense_pass(model, calibration.windows, config.error_samples, gram_samples, device)
-    trainer = _trainer(config, accelerator, model, blocks, examples, pad_id)
+    trainer = _trainer(config, accelerator, model, blocks, examples, pad_id, warnings)
     history: list[StageRecord] = []
     if resume_state is not None:
-        checkpoints.load(accelerator, blocks, trainer.optimizer, trainer.scheduler)
+        checkpoints.load(accelerator, _trained(blocks, trainer), trainer.optimizer, trainer.scheduler)
         history = [StageRecord(**record) for record in resume_state["history"]]
         trainer.tokens_trained = resume_state["tokens_trained"]
         trainer.global_step = sum(config.plan_steps()[: resume_state["stage"] - 1]) + resume_state["step"]
@@ -229,13 +229,20 @@ def _setup(config: RecoverConfig) -> _Run:
 
 
 def _trainer(
-    config: RecoverConfig, accelerator, model: nn.Module, blocks: nn.ModuleList, examples: list, pad_id: int
+    config: RecoverConfig, accelerator, model: nn.Module, blocks: nn.ModuleList, examples: list, pad_id: int,
+    warnings: list[str],
 ) -> Trainer:
-    """Adapters on every block linear, the objective (with the dense teacher for distillation), AdamW, its schedule."""
+    """Adapters on every block linear (LoSiA: and the head), the objective (with the dense teacher for
+    distillation), AdamW, its schedule."""
     device = accelerator.device
     teacher = dense_teacher(model, device) if config.loss != Loss.CE else None
     if config.adapter == Adapter.LOSIA:
-        wrappers = attach_subnets(blocks, config.losia_ratio, config.losia_period)
+        rewarm = config.losia_period if config.losia_rewarm is None else config.losia_rewarm
+        timing = Timing(config.losia_period, config.losia_beta1, config.losia_beta2, rewarm)
+        wrappers, untied = attach_losia(model, blocks, config.losia_ratio, config.losia_head, timing)
+        if untied:
+            warnings.append("lm_head was tied to the input embedding: LoSiA trains a copy of it, saved beside the "
+                            "intact embedding (losia_head=0 keeps it tied and frozen)")
     else:
         wrappers = attach(blocks, config.rank_max, config.alpha, config.dropout, config.fused)
     objective = Objective(
@@ -282,13 +289,20 @@ def _checkpoint(run: _Run, stage: int, step: int) -> None:
         "settings": _fingerprint(run.config),
         "history": [asdict(h) for h in run.history],
     }
-    run.checkpoints.save(run.accelerator, run.blocks, run.trainer.optimizer, run.trainer.scheduler, state)
+    run.checkpoints.save(run.accelerator, _trained(run.blocks, run.trainer), run.trainer.optimizer,
+                         run.trainer.scheduler, state)
+
+
+def _trained(blocks: nn.ModuleList, trainer: Trainer) -> nn.Module:
+    """What a checkpoint holds: the blocks, and the output head when LoSiA trains it."""
+    head = trainer.wrappers.get(HEAD)
+    return blocks if head is None else nn.ModuleList([*blocks, head])
 
 
 def _finish(run: _Run) -> RecoverResult:
     """Merge, verify the zeros (and N:M), and save the model + manifest atomically (main process)."""
     config, accelerator, loaded = run.config, run.accelerator, run.loaded
-    wrappers = wrappers_of(run.blocks)
+    wrappers = run.trainer.wrappers  # the blocks' adapters, and LoSiA's head
     final_mask = pruned_masks(wrappers)
     for name, wrapper in wrappers.items():
         try:
@@ -298,11 +312,12 @@ def _finish(run: _Run) -> RecoverResult:
                 f"the adapter of {name} holds NaN/inf; not saving (lower --lr and start over)"
             ) from None
     check_kept_zeros(final_mask, wrappers, "merging the adapters")
-    if revived(run.head_pruned, {"lm_head": loaded.model.get_output_embeddings()}):  # a pruned head stays frozen
+    detach_head(loaded.model)
+    if revived(run.head_pruned, {"lm_head": loaded.model.get_output_embeddings()}):  # LoSiA's head keeps its zeros
         raise NumericalError("the pruned output head lost zeros during recovery; not saving -- this is a bug in losa")
     if config.pattern:
         n, m = parse_nm(config.pattern)
-        off = nm_violations({name: w.base for name, w in wrappers.items()}, n, m)
+        off = nm_violations({name: w.base for name, w in wrappers.items() if name != HEAD}, n, m)
         if off:
             raise NumericalError(
                 f"{off[0]} does not hold exactly {n} zeros in every group of {m} (and {len(off) - 1} "
