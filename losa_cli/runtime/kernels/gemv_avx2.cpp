@@ -128,10 +128,44 @@ inline __m256i expand_int8(const int8_t* v, const Group& g) {
 }
 
 // y[b, r] += exact int32 dot of 32 int8 weights with 32 quantized activations of input row b.
-inline __m256i dot_int8(__m256i w, const int8_t* q, const uint8_t* q_abs, __m256i acc) {
-  const __m256i signed_w = _mm256_sign_epi8(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-  const __m256i pairs = _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q_abs)), signed_w);
+inline __m256i dot_int8(__m256i w, __m256i q, __m256i q_abs, __m256i acc) {
+  const __m256i pairs = _mm256_maddubs_epi16(q_abs, _mm256_sign_epi8(w, q));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+inline __m256i load_i8(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+inline __m256i dot_int8(__m256i w, const int8_t* q, const uint8_t* q_abs, __m256i acc) {
+  return dot_int8(w, load_i8(q), load_i8(q_abs), acc);
+}
+
+// kRows bitmask rows of one input row at once: each 32-column step loads the activations once for all of
+// them, and the rows' independent expansions overlap (one row alone is bound by its loads and latencies).
+// Rows per block of the batch-1 sparse int8 product: 2, 3 and 4 measured alike on Zen 3, about 10% faster
+// than one row at a time (dense int8 rows, already at two thirds of the read rate, were slower in blocks).
+constexpr int kRowBlock = 4;
+
+template <int kRows>
+void sparse_int8_row_block(const Packed& w, const Activations& a, float* y, int64_t r) {
+  const uint8_t* bits[kRows];
+  const int8_t* v[kRows];
+  __m256i acc[kRows];
+  for (int i = 0; i < kRows; ++i) {
+    bits[i] = w.mask + (r + i) * w.mask_stride;
+    v[i] = static_cast<const int8_t*>(w.values) + w.row_offsets[r + i];
+    acc[i] = _mm256_setzero_si256();
+  }
+  for (int64_t k = 0; k < w.mask_stride; k += 4) {
+    const __m256i q = load_i8(a.q + 8 * k);
+    const __m256i q_abs = load_i8(a.q_abs + 8 * k);
+    for (int i = 0; i < kRows; ++i) {
+      const Group g(load_u32(bits[i] + k), 4);
+      acc[i] = dot_int8(expand_int8(v[i], g), q, q_abs, acc[i]);
+      v[i] += g.count;
+    }
+  }
+  for (int i = 0; i < kRows; ++i)
+    y[r + i] = static_cast<float>(horizontal_sum(acc[i])) * a.q_scale[0] * w.scale[r + i];
 }
 
 // fp32 and bf16 bitmask rows, B input rows; two accumulators per input row (four for batch 1).
@@ -172,6 +206,9 @@ void sparse_float_rows(const Packed& w, const Activations& a, float* y, int64_t 
 template <int B>
 void sparse_int8_rows(const Packed& w, const Activations& a, float* y, int64_t begin, int64_t end) {
   const int64_t cols = w.cols();
+  if constexpr (B == 1) {
+    for (; begin + kRowBlock <= end; begin += kRowBlock) sparse_int8_row_block<kRowBlock>(w, a, y, begin);
+  }
   for (int64_t r = begin; r < end; ++r) {
     const uint8_t* bits = w.mask + r * w.mask_stride;
     const int8_t* v = static_cast<const int8_t*>(w.values) + w.row_offsets[r];
