@@ -19,6 +19,11 @@ KV heads, intermediate 2816, vocab 49152 (SmolLM2's tokenizer), an untied head, 
 so the ratios can be checked on shapes other than SmolLM2's (its perplexity means nothing: random
 weights; the agreement between formats still shows their numerical fidelity).
 
+``--rounds`` runs the whole bench that many times (only the first scores ``--data``): on these VMs a
+row's time can move 1.5x between minutes, so each round times every row, each speed-up is the
+median over rounds of that round's ratio (rows compared within one round), each time the median
+over rounds; every round's numbers are kept in the JSON.
+
 Prints the table (decode, prefill, speed-ups, share of the bandwidth ceiling, perplexity, agreement)
 and writes the JSON.
 """
@@ -27,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -54,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", default=str(SHARED_DATA / "wiki-sample.txt"), help="'' for speed only")
     parser.add_argument("--data-seqlen", type=int, default=512)
     parser.add_argument("--data-windows", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="whole bench runs (the first also scores --data); each row keeps the median over rounds")
     parser.add_argument("--out", required=True)
     return parser.parse_args()
 
@@ -106,14 +115,31 @@ def rows_of(result: dict) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], result: dict, command: str) -> None:
+def over_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """The first round's rows (with its accuracy), times and speed-ups as medians over the rounds: a speed-up
+    is the median of each round's own ratio, so two rows are only ever compared within one round."""
+    rows = []
+    for index, first in enumerate(rounds[0]):
+        same = [r[index] for r in rounds]
+        row = dict(first, decode_ms_rounds=[r["decode_ms"] for r in same])
+        for name in ("decode_ms", "decode_p90_ms", "tokens_per_s", "prefill_ms", "vs_onnxruntime_dense_fp32",
+                     "vs_same_engine_dense"):
+            values = [r[name] for r in same if r[name] is not None]
+            row[name] = statistics.median(values) if values else None
+        if row["ceiling_ms"] and row["decode_ms"]:
+            row["share"] = row["ceiling_ms"] / row["decode_ms"]
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict], result: dict, command: str, rounds: int) -> None:
     def fmt(value, spec: str) -> str:
         return "–" if value is None else format(value, spec)
 
     machine = result["machine"]
     print(f"{machine['cpu']} ({', '.join(machine['isa_flags'])}), {result['settings']['threads']} thread(s), read "
           f"bandwidth {machine['read_bandwidth_gb_s']:.1f} GB/s; load average {result['load_average_before'][0]:.2f} "
-          f"-> {result['load_average_after'][0]:.2f}; {command}")
+          f"-> {result['load_average_after'][0]:.2f} (first round); median of {rounds} round(s); {command}")
     print("| engine | model | precision | decode ms (p90) | vs ORT dense fp32 | vs same engine dense | ceiling ms "
           "(format) | share | prefill ms | perplexity | top-1 = fp32 |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -136,12 +162,15 @@ def main() -> None:
                          seqlen=args.seqlen, decode_tokens=args.decode_tokens, iterations=args.iterations,
                          warmup=args.warmup, threads=args.threads, data=args.data or None,
                          data_seqlen=args.data_seqlen, data_windows=args.data_windows)
+    results = []
     with bench_graphs(config) as graphs:
-        result = run_bench(config, graphs).to_dict()
-    rows = rows_of(result)
+        for round_number in range(args.rounds):
+            results.append(run_bench(config if round_number == 0 else replace(config, data=None), graphs).to_dict())
+    rows = over_rounds([rows_of(result) for result in results])
     command = " ".join(["python benchmarks/decode_engines.py", *sys.argv[1:]])
-    write_json(Path(args.out), {"command": command, "rows": rows, "bench": result, "environment": environment()})
-    print_table(rows, result, command)
+    write_json(Path(args.out), {"command": command, "rows": rows, "bench": results[0], "rounds": results,
+                                "environment": environment()})
+    print_table(rows, results[0], command, len(results))
 
 
 if __name__ == "__main__":
