@@ -65,7 +65,7 @@ def test_fsdp_on_two_processes_matches_one_process_holds_half_and_resumes(
     halves = {k: v for k, v in halves.items() if k not in ("out", "resume")}
     reports = launch_fsdp(halves, tmp_path, stop=5)  # stopped after step 2 of stage 2's 4 (checkpointed there)
 
-    for report in reports:  # two shard units per model build (a, b, b resumed): half of every element each
+    for report in reports:  # one sharded copy per run (a, b, b resumed): each process holds half of its elements
         assert len(report["shares"]) == 3 and all(0.45 < share < 0.55 for share in report["shares"]), report
     straight, resumed = reports[0]["straight"], reports[0]["resumed"]
     assert straight["fsdp"] and straight["processes"] == 2 and not one.fsdp and one.processes == 1
