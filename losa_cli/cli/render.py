@@ -61,7 +61,8 @@ def recover(result: Any) -> None:
                          soft_wrap=True)
     line(
         f"global sparsity {result.global_sparsity:.4f} (every weight pruned in any stage verified zero after merge); "
-        f"{result.tokens_trained} training tokens on {result.processes} process(es); {result.wall_time_s:.0f} s; "
+        f"{result.tokens_trained} training tokens on {result.processes} process(es)"
+        f"{' (FSDP: sharded)' if getattr(result, 'fsdp', False) else ''}; {result.wall_time_s:.0f} s; "
         f"mask sha256 {result.mask_checksum[:16]}"
     )
 
