@@ -26,6 +26,7 @@ from losa_cli.cli import app
 
 runner = CliRunner()
 BINARY = bytes(range(256)) * 40  # not UTF-8 (0x80.. are continuation bytes without a lead)
+MAX_LINE = 2000  # an error line a person can read (a hostile recipe once made one of 52 MB)
 
 
 @dataclass
@@ -299,6 +300,12 @@ def no_network(connections, monkeypatch):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_one_line_nothing_written(case: Case, shared, tmp_path, no_network, monkeypatch):
+    assert_one_line_nothing_written(case, shared, tmp_path, monkeypatch)
+
+
+def assert_one_line_nothing_written(case: Case, shared: tuple[Path, Path], tmp_path: Path, monkeypatch) -> str:
+    """Run one case: one ``error:`` line of bounded length, a non-zero exit (not CliRunner's 1), inputs unchanged,
+    nothing written; returns the line (other test modules with more cases call this too)."""
     model, calib = shared
     ctx = Ctx(model=model, calib=calib, inp=tmp_path / "in", out=tmp_path / "out")
     ctx.inp.mkdir()
@@ -311,9 +318,11 @@ def test_bad_input_one_line_nothing_written(case: Case, shared, tmp_path, no_net
     assert result.exit_code not in (0, 1), (result.exit_code, result.output, result.exception)
     assert "Traceback" not in result.output
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert len(lines[0]) <= MAX_LINE, f"a {len(lines[0]):,}-character error line: {lines[0][:300]}..."
     assert tree_digest(model, ctx.inp) == before, "an input was modified"
     written = [p.name for p in tmp_path.iterdir() if p.name != "in"]
     assert written == [], f"written: {written}"
+    return lines[0]
 
 
 # --- offline: local paths never touch the network; Hub names fail fast -----------------------

@@ -15,7 +15,7 @@ from losa_cli.cli import app
 from losa_cli.core.errors import ConfigError
 from losa_cli.core.modeling import find_blocks, load_model, sparsity_report
 from losa_cli.runtime import BenchConfig
-from losa_cli.runtime.kernels.native import available_paths
+from losa_cli.runtime.kernels.native import available_paths, gemm_from
 from losa_cli.runtime.kernels.packed import pack
 
 runner = CliRunner()
@@ -92,15 +92,15 @@ def test_losa_engine_beside_onnxruntime_and_refusals(pruned, tmp_path):
     graphs_only = tmp_path / "graphs"
     result = runner.invoke(app, ["export", str(pruned), "--out", str(graphs_only), "--onnx", "--no-safetensors"])
     assert result.exit_code == 0, result.output
-    with pytest.raises(ConfigError, match="no engine can run here"):
+    with pytest.raises(ConfigError, match="the losa engine runs a model's safetensors and .* has none"):
         bench(BenchConfig(model=str(graphs_only), engines="losa"))
     missing = runner.invoke(app, ["bench", "--cpu", str(tmp_path / "nowhere"), "--engines", "losa"])
     assert missing.exit_code != 0 and "does not exist" in missing.output and "Traceback" not in missing.output
 
 
-def test_kernel_decode_follows_the_dense_model(pruned):
-    """The losa engine's sparse fp32 decoder computes what its dense decoder and the model do, in the prefill
-    (the kernel's GEMM) and in the native decode step (the decode product)."""
+def _assert_decoders_follow_the_model(pruned) -> None:
+    """The losa engine's dense and sparse fp32 decoders give the model's logits within fp32 rounding, in the
+    prefill (16 tokens: the kernel's GEMM) and in the native decode step (the decode product)."""
     from losa_cli.runtime.losa_engine import build_decoder
 
     model = load_model(str(pruned)).model
@@ -108,6 +108,7 @@ def test_kernel_decode_follows_the_dense_model(pruned):
     sparse, info = build_decoder(str(pruned), "fp32", kernel=True)
     assert info["kernel_path"] == available_paths()[0] and sparse.plan.head.packed is not None
     ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28]])
+    assert ids.shape[1] - 2 >= gemm_from()
     with torch.inference_mode():
         reference = model(ids).logits[0]
     for decoder in (dense, sparse):
@@ -116,6 +117,41 @@ def test_kernel_decode_follows_the_dense_model(pruned):
         for position in (ids.shape[1] - 2, ids.shape[1] - 1):
             step = decoder.step(int(ids[0, position]), position)
             torch.testing.assert_close(step, reference[position], rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_decode_follows_the_dense_model(pruned):
+    _assert_decoders_follow_the_model(pruned)
+
+
+class _BrokenKernel:
+    """The native extension with its GEMM answering 1e6 everywhere (a mutation the check must catch)."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+    def sparse_matmul(self, x, *args):
+        y = self.real.sparse_matmul(x, *args)
+        return torch.full_like(y, 1e6) if x.shape[0] >= gemm_from() else y
+
+
+@pytest.mark.parametrize("broken", ["decode", "gemm"])
+def test_the_dense_comparison_catches_a_broken_product(broken, pruned, monkeypatch):
+    """Each product is covered: with the prefill GEMM or the native decode step broken, the check above fails."""
+    from losa_cli.runtime.decode import native as decode_native
+    from losa_cli.runtime.kernels import native
+
+    if broken == "gemm":
+        real = native.extension()
+        monkeypatch.setattr(native, "extension", lambda: _BrokenKernel(real))
+    else:
+        real_step = decode_native.NativeStep.step
+        monkeypatch.setattr(decode_native.NativeStep, "step",
+                            lambda self, token, position: torch.full_like(real_step(self, token, position), 1e6))
+    with pytest.raises(AssertionError):
+        _assert_decoders_follow_the_model(pruned)
 
 
 def test_the_kernel_runs_inside_torch_compile(pruned):
@@ -156,3 +192,35 @@ def test_bench_data_gives_each_format_its_perplexity_and_agreement(pruned, eval_
                                  "--data-seqlen", "32", "--data-windows", "2"])
     assert result.exit_code == 0, result.output
     assert "perplexity on" in result.stdout and "top-1 = fp32" in result.stdout
+
+
+def test_no_compiler_a_short_reason_and_every_summary_still_drawn(pruned, tmp_path, monkeypatch, capsys):
+    """Without a C++ compiler the sparse rows fail (the dense PyTorch rows run): the warning says what is missing
+    in one short line (it quoted a 500-character build command), and the summary table, the chart and
+    ``losa run``'s report cope with the sparse model's unknown zero fraction (a TypeError before)."""
+    from losa_cli.cli import render
+    from losa_cli.run.report import _speed_section
+    from losa_cli.runtime import plot_report
+    from losa_cli.runtime.kernels import native
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))  # nothing built: a build must run
+    result = bench(BenchConfig(model=str(pruned), engines="losa", seqlen=8, decode_tokens=1, iterations=1, warmup=0,
+                               threads=1))
+    failed = [row for row in result.runs if row["error"]]
+    assert {row["model"] for row in failed} == {"sparse"} and result.sparse["matmul_zero_fraction"] is None
+    reasons = [w for w in result.warnings if "losa sparse" in w]
+    assert reasons and all("there is no C++ compiler here" in w and len(w) < 400 for w in reasons), reasons
+    render.bench(result)
+    assert "zeros unknown" in capsys.readouterr().out
+    assert plot_report(tmp_path / "speed.png", result).is_file()
+    assert any("MatMul weights" in line for line in _speed_section(tmp_path, {"bench": {"results": result.to_dict()}},
+                                                                    []))
+    native.extension.cache_clear()  # in this process too: generate builds the kernel here
+    try:
+        generated = runner.invoke(app, ["generate", "--model", str(pruned), "--prompt", "x", "--max-new-tokens", "1"])
+    finally:
+        native.extension.cache_clear()
+    lines = generated.stderr.strip().splitlines()
+    assert generated.exit_code == 2 and len(lines) == 1 and "there is no C++ compiler here" in lines[0], lines
+    assert len(lines[0]) < 300

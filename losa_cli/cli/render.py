@@ -48,6 +48,11 @@ def recover(result: Any) -> None:
             last,
         )
     stdout.print(table)
+    for s in result.stages:  # a loss of exactly 0 from the first steps on: no gradient, nothing learnt
+        if s.losses and all(loss == 0 for loss in s.losses[:5]):
+            stderr.print(f"[yellow]warning:[/] stage {s.stage}: the loss was exactly 0 from its first steps, so "
+                         "nothing was learnt; check --loss, kd_temperature and the data's labels", highlight=False,
+                         soft_wrap=True)
     line(
         f"global sparsity {result.global_sparsity:.4f} (every weight pruned in any stage verified zero after merge); "
         f"{result.tokens_trained} training tokens on {result.processes} process(es); {result.wall_time_s:.0f} s; "
@@ -96,8 +101,8 @@ def bench(result: Any) -> None:
     names = ["engine", "model", "precision", "phase"]
     scored = any(run.get("accuracy") for run in result.runs)
     table = _table(
-        f"losa bench: {result.model} ({result.sparse['matmul_zero_fraction']:.1%} zeros) vs "
-        f"{result.dense['source']} ({result.dense['matmul_zero_fraction']:.1%}); batch {settings['batch']}, "
+        f"losa bench: {result.model} ({_zeros(result.sparse)}) vs {result.dense['source']} "
+        f"({_zeros(result.dense)}); batch {settings['batch']}, "
         f"{settings['seqlen']} tokens, {settings['threads']} thread(s)",
         [*names, "median ms", "p90 ms", "tokens/s", "vs ORT dense fp32", "ceiling ms", "share",
          *(("perplexity", "top-1 = fp32") if scored else ())],
@@ -106,7 +111,7 @@ def bench(result: Any) -> None:
     for run in result.runs:
         t, ceiling, speedup = run["timing"], run.get("ceiling"), run.get("speedup_vs_onnxruntime_dense_fp32")
         if t is None:
-            table.add_row(*(run[n] for n in names), "failed", "", run["error"] or "")
+            table.add_row(*(run[n] for n in names), "failed", "", "(see its warning)")  # the error is long
             continue
         table.add_row(
             *(run[n] for n in names),
@@ -147,6 +152,12 @@ def _accuracy_cells(accuracy: dict | None) -> tuple[str, str]:
         return "", ""
     agreement = accuracy["top1_agreement"]
     return f"{accuracy['perplexity']:.2f}", "" if agreement is None else f"{agreement:.1%}"
+
+
+def _zeros(model: dict) -> str:
+    """A bench model's zero fraction; unknown when every timing of it failed (no compiler for the losa kernel)."""
+    fraction = model.get("matmul_zero_fraction")
+    return "zeros unknown" if fraction is None else f"{fraction:.1%} zeros"
 
 
 def speedups(rows: list[dict]) -> None:

@@ -6,6 +6,7 @@ destination is either absent or the previous complete one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ConfigError, OutputExistsError
+from .errors import ConfigError, LosaError, OutputExistsError
 
 
 def check_output(path: str | Path, force: bool, inputs: tuple[str | Path, ...] = (), option: str = "--out",
@@ -72,16 +73,46 @@ def output_problem(out: Path, inputs: tuple[str | Path, ...] = (), option: str =
     return None
 
 
+#: a write that failed because of the disk, not of losa: full, over a file-size limit (ulimit -f), over quota
+DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class WriteFailed(LosaError):
+    """An output could not be written for lack of space (or a size limit); nothing half-written was left."""
+
+
+def disk_problem(exc: BaseException) -> str | None:
+    """Why a write failed when the disk is to blame (None otherwise).  safetensors and torch wrap the
+    OSError in their own error types, so their message is searched for the system's text too."""
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return os.strerror(exc.errno)
+    return next((os.strerror(code) for code in DISK_ERRNOS if os.strerror(code) in str(exc)), None)
+
+
+@contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """A full disk or a file-size limit while writing under ``path`` becomes one line (``WriteFailed``)."""
+    try:
+        yield
+    except Exception as exc:
+        if (reason := disk_problem(exc)) is None:
+            raise
+        raise WriteFailed(f"cannot write {path}: {reason}; nothing half-written was left -- free space (or raise "
+                          "the file-size limit) and run again, or choose another --out") from exc
+
+
 @contextmanager
 def atomic_folder(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.  On any
+    failure the temporary folder is removed; a full disk is reported in one line (``disk_errors``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should not be
     try:
-        yield staging
+        with disk_errors(path):
+            yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

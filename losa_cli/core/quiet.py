@@ -27,6 +27,9 @@ QUIET_ENVIRONMENT = {
     "DATASETS_VERBOSITY": "error",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "PYTHONWARNINGS": "ignore",
+    # torch resets its loggers to WARNING when imported (after losa set them), e.g. the C++ extension
+    # builder's compiler notice; "-all" keeps every torch logger at ERROR
+    "TORCH_LOGS": "-all",
 }
 #: loggers of the libraries losa drives; without a handler of their own their warnings reach stderr
 THIRD_PARTY_LOGGERS = ("torch", "transformers", "huggingface_hub", "datasets", "accelerate", "onnx", "onnxruntime",

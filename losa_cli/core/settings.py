@@ -20,9 +20,35 @@ import yaml
 
 from .errors import ConfigError
 
+#: a recipe or settings file is a few dozen settings; anything far larger is a mistake (or hostile)
+MAX_SETTINGS_BYTES = 1 << 20
+#: how much of a wrong value, and of one problem, a message echoes (a hostile file made a 52 MB line)
+SHOWN_CHARS = 60
+PROBLEM_CHARS = 400
+SHOWN_PROBLEMS = 20
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A mapping names a key twice: YAML would silently keep the second."""
+
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"line {line}: {shown(key)} is given twice (the second would silently replace the first)")
+
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``2:4`` as the base-60 integer 124 and ``1e-3`` as a string; not here."""
+    """YAML 1.1 reads ``2:4`` as the base-60 integer 124 and ``1e-3`` as a string; not here.  A key given
+    twice in one mapping is an error, not a silent override (merge keys ``<<`` may still be overridden)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _INT = "tag:yaml.org,2002:int"
@@ -42,16 +68,41 @@ def yaml_value(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+def shown(value: Any) -> str:
+    """``repr(value)``, clipped: what a problem message echoes of a value the user gave."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text):,} characters)"
+
+
+def bounded(problems: list[str]) -> list[str]:
+    """At most ``SHOWN_PROBLEMS`` problems of at most ``PROBLEM_CHARS`` characters each, so one error line stays
+    readable whatever the file held."""
+    clipped = [p if len(p) <= PROBLEM_CHARS else p[:PROBLEM_CHARS] + "..." for p in problems[:SHOWN_PROBLEMS]]
+    if len(problems) > SHOWN_PROBLEMS:
+        clipped.append(f"and {len(problems) - SHOWN_PROBLEMS} more")
+    return clipped
+
+
 def read_yaml_mapping(path: str, what: str) -> dict[str, Any]:
     """A YAML file that holds a mapping (an empty file is an empty mapping); ``what`` names it in errors."""
+    file = Path(path)
     try:
-        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506
+        if not file.is_file():  # a folder, or a device or pipe that could block or never end
+            raise ConfigError(f"the {what} {path} is not a regular file; give a YAML file")
+        if file.stat().st_size > MAX_SETTINGS_BYTES:
+            raise ConfigError(f"the {what} {path} is {file.stat().st_size:,} bytes; a {what} is a few settings "
+                              f"(at most {MAX_SETTINGS_BYTES:,} bytes): is it the right file?")
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - a BOM is skipped
     except OSError as exc:
         raise ConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not UTF-8 text; a {what} is a YAML file") from None
+    except DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}; keep one") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())[:PROBLEM_CHARS]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a {what}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -64,11 +115,13 @@ def split_override(text: str) -> tuple[str, Any] | str:
     name, sep, value_text = text.partition("=")
     name = name.strip()
     if not sep or not name:
-        return f"override {text!r} is not key=value (e.g. recover.total_steps=40 or prune=null)"
+        return f"override {shown(text)} is not key=value (e.g. recover.total_steps=40 or prune=null)"
     try:
         return name, yaml_value(value_text)
-    except yaml.YAMLError:
-        return f"override {text!r}: the value is not valid YAML"
+    except DuplicateKey as exc:
+        return f"override {shown(text)}: {exc}"
+    except (yaml.YAMLError, RecursionError):
+        return f"override {shown(text)}: the value is not valid YAML"
 
 
 def type_name(hint: Any) -> str:
@@ -131,7 +184,7 @@ def field_types(cls: type) -> dict[str, Any]:
 def unknown_key(where: str, name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
-    return f"{where}: unknown key {name!r}{hint}"
+    return f"{where}: unknown key {shown(name)}{hint}"
 
 
 def typed_settings(raw: dict[str, Any], allowed: dict[str, Any], where: str, managed: dict[str, str],
@@ -150,5 +203,5 @@ def typed_settings(raw: dict[str, Any], allowed: dict[str, Any], where: str, man
             if ok:
                 parsed[name] = converted
             else:
-                problems.append(f"{where}.{name} must be {type_name(allowed[name])}, got {value!r}")
+                problems.append(f"{where}.{name} must be {type_name(allowed[name])}, got {shown(value)}")
     return parsed

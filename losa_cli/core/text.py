@@ -42,18 +42,37 @@ class DecodedText:
         return f"{what} is not UTF-8; read it as {self.encoding} ({self.reason}); pass --encoding to choose"
 
 
-def _strict_decode(raw: bytes, codec: str, path: Path, skipped: int = 0) -> str:
+OTHER_ENCODING = "pass another --encoding (e.g. cp1252, latin-1), or auto to detect it"
+#: JSON files (task files) are UTF-8 by definition: the fix is in the file, not in an option
+SAVE_AS_UTF8 = "save it as UTF-8 (JSON files are UTF-8)"
+
+
+def _strict_decode(raw: bytes, codec: str, path: Path, skipped: int = 0, remedy: str = OTHER_ENCODING) -> str:
     """``raw`` decoded with ``codec``, never dropping or replacing a byte; a failure names the offset
-    in the file (``skipped``: bytes of a byte-order mark before ``raw``)."""
+    in the file (``skipped``: bytes of a byte-order mark before ``raw``) and ``remedy``."""
     try:
         return raw.decode(codec)
     except UnicodeDecodeError as exc:
         offset = skipped + exc.start
         bad = " ".join(f"0x{byte:02x}" for byte in raw[exc.start : min(exc.end, exc.start + 4)])
-        raise DataError(
-            f"{path} is not {codec} text: {bad} at byte offset {offset} ({exc.reason}); "
-            "pass another --encoding (e.g. cp1252, latin-1), or auto to detect it"
-        ) from None
+        shown = "UTF-8" if codec == UTF8 else codec
+        raise DataError(f"{path} is not {shown} text: {bad} at byte offset {offset} ({exc.reason}); {remedy}") from None
+    except (UnicodeError, ValueError, LookupError) as exc:  # codecs that fail otherwise (undefined, idna, ...)
+        raise DataError(f"{path} cannot be read as {codec} ({exc}); {remedy}") from None
+
+
+def _without_nul(decoded: DecodedText, raw: bytes, path: Path, remedy: str | None = None) -> DecodedText:
+    """``decoded``, unless it is full of NUL characters: UTF-16 text without a byte-order mark is valid
+    UTF-8 (every other byte NUL), and training on it teaches the model nothing but NULs."""
+    nul = decoded.text.count("\x00")
+    if nul == 0 or nul * 10 < len(decoded.text):
+        return decoded
+    little = raw[1::2].count(0) >= raw[0::2].count(0)  # ASCII in UTF-16-LE: the NUL is the second byte
+    remedy = remedy or f"pass --encoding utf-16-{'le' if little else 'be'}"
+    raise DataError(
+        f"{path} read as {decoded.encoding} is {nul / len(decoded.text):.0%} NUL characters: is it UTF-16 without "
+        f"a byte-order mark? {remedy}"
+    )
 
 
 def _detected_encodings(raw: bytes) -> Iterator[str]:
@@ -77,12 +96,35 @@ def decode_text(path: Path, encoding: str = AUTO_ENCODING) -> DecodedText:
     when it decodes strictly, else the detected encoding (``_detected_encodings``).  Corpora come in
     many encodings (a Latin-1 news file with a pound sign is common); every byte is decoded strictly,
     so no character is ever dropped or replaced, and an encoding found by auto is reported (``warning``)."""
+    raw = _read(path)
+    return _without_nul(_decode(raw, path, encoding), raw, path)
+
+
+def decode_json_text(path: Path) -> tuple[str, bytes]:
+    """(text, bytes) of a JSON / JSONL file: UTF-8 as JSON requires, a leading byte-order mark skipped as
+    in data files (editors on Windows write one), refused when full of NUL characters (UTF-16)."""
+    raw = _read(path)
+    skipped = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    text = _strict_decode(raw[skipped:], UTF8, path, skipped, SAVE_AS_UTF8)
+    return _without_nul(DecodedText(text, UTF8, "given"), raw, path, SAVE_AS_UTF8).text, raw
+
+
+def _read(path: Path) -> bytes:
+    """The file's bytes; a folder, a device or a pipe (which could block or never end) is refused."""
+    if not path.is_file():
+        raise DataError(f"{path} is not a regular file; give a text file")
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _decode(raw: bytes, path: Path, encoding: str) -> DecodedText:
     if encoding != AUTO_ENCODING:
-        codec = codecs.lookup(encoding).name
+        try:
+            codec = codecs.lookup(encoding).name
+        except LookupError:
+            raise DataError(f"{path}: {encoding!r} is not an encoding Python knows; pass another --encoding") from None
         skipped = len(codecs.BOM_UTF8) if codec == UTF8 and raw.startswith(codecs.BOM_UTF8) else 0
         return DecodedText(_strict_decode(raw[skipped:], codec, path, skipped), codec, "given")
     for mark, codec in BYTE_ORDER_MARKS:
@@ -96,7 +138,7 @@ def decode_text(path: Path, encoding: str = AUTO_ENCODING) -> DecodedText:
     for codec in _detected_encodings(raw):
         try:
             return DecodedText(raw.decode(codec), codec, "detected")
-        except UnicodeDecodeError:
+        except (UnicodeError, LookupError):
             continue  # a large file is judged on samples: the next candidate may read all of it
     raise DataError(
         f"{path} is not UTF-8 and its encoding cannot be detected (is it text?); "

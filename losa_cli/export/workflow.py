@@ -15,8 +15,9 @@ from pathlib import Path
 
 from ..core.atomic import atomic_folder, check_output, link_identical
 from ..core.config import to_dict
+from ..core.errors import ConfigError, key
 from ..core.manifest import build_manifest, peak_memory_mib, write_manifest
-from ..core.modeling import load_model, save_model, sparsity_report
+from ..core.modeling import context_length, load_model, save_model, sparsity_report
 from ..core.sequential import ProgressFn
 from ..runtime import DEEPSPARSE_MAX_OPSET, check_onnx_environment
 from .config import ExportConfig
@@ -110,6 +111,10 @@ def run_export(config: ExportConfig, progress: ProgressFn | None = None) -> Expo
             f"opset {config.opset} is above {DEEPSPARSE_MAX_OPSET}: DeepSparse 1.8 will refuse these graphs"
         )
     loaded = load_model(config.model, "float32", config.trust_remote_code)
+    context = context_length(loaded.model.config)
+    if config.seqlen is not None and context is not None and config.seqlen > context:
+        raise ConfigError(f"{key('seqlen')} {config.seqlen} is beyond the model's context of {context} tokens: give "
+                          f"at most {context}, or drop {key('seqlen')} for graphs of any length")
     per_layer, per_block, global_sparsity, checksum = sparsity_report(loaded.model)
     onnx_summary = int8_summary = None
     with atomic_folder(out) as staging:

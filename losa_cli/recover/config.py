@@ -11,6 +11,8 @@ from ..prune import OWL_LAMBDA, OWL_M, Allocation, Method, parse_nm, pattern_pro
 
 #: the last stage's target when neither ``sparsity`` nor ``pattern`` is given
 RECOVER_SPARSITY = 0.7
+#: below this, kd's softened distributions are one-hot and T^2 * KL vanishes (the loss shows 0.0000)
+KD_MIN_TEMPERATURE = 0.1
 #: the criteria that prune the model again at every stage (magnitude ignores activations: no stages needed)
 STAGE_METHODS = (Method.WANDA, Method.SPARSEGPT)
 
@@ -143,8 +145,10 @@ class RecoverConfig:
                 found.append(f"{key('sparsity')} {self.sparsity} contradicts {key('pattern')} {self.pattern} "
                              f"({self.target_sparsity():g} zeros): drop {key('sparsity')}, N:M sets it")
         found += sparsegpt_problems(self.damp, self.blocksize)
-        if not 0.0 < self.kd_temperature <= 100.0:
-            found.append(f"{key('kd_temperature')} must be in (0, 100], got {self.kd_temperature}")
+        if not KD_MIN_TEMPERATURE <= self.kd_temperature <= 100.0:  # a loss of 0 says nothing: refuse it up front
+            found.append(f"{key('kd_temperature')} must be in [{KD_MIN_TEMPERATURE}, 100], got {self.kd_temperature}: "
+                         "below it both distributions are one-hot and T^2 * KL is ~0, so nothing is learnt (1 to 4 "
+                         "is usual)")
         if self.owl_m <= 0 or self.owl_lambda <= 0:
             found.append(f"{key('owl_lambda')} and {key('owl_m')} must be positive, got {self.owl_lambda} and "
                          f"{self.owl_m}")

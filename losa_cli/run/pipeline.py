@@ -28,15 +28,16 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..core.atomic import atomic_folder, output_problem
-from ..core.config import to_dict
+from ..core.atomic import atomic_folder, disk_errors, output_problem
+from ..core.config import AUTO_ENCODING, to_dict
+from ..core.data import HUB_DATASETS, load_documents
 from ..core.errors import ConfigError, LosaError
 from ..core.manifest import build_manifest, manifest_hash, read_manifest, write_manifest
 from ..core.sequential import ProgressFn
 from ..export import bench_graphs, run_export
 from ..prune import run_prune
 from ..recover import STATE_FILE, run_recover
-from ..runtime import plot_report, run_bench, run_eval
+from ..runtime import plot_report, resolve_tasks, run_bench, run_eval
 from .markers import (
     DATA_KEYS,
     STAGE_MARKER,
@@ -92,8 +93,6 @@ class RunResult:
 
 
 def _is_hub_dataset(value: str) -> bool:
-    from ..core.data import HUB_DATASETS
-
     return value in HUB_DATASETS and not Path(value).exists()
 
 
@@ -111,20 +110,36 @@ def input_problems(recipe: Recipe, out: Path) -> list[str]:
         section = recipe.section(name)
         for key in DATA_KEYS:
             value = section.get(key)
-            if (
-                isinstance(value, str)
-                and value
-                and not _is_hub_dataset(value)
-                and not Path(value).expanduser().exists()
-            ):
+            if not isinstance(value, str) or not value or _is_hub_dataset(value):
+                continue
+            if not Path(value).expanduser().exists():
                 found.append(
                     f"{name}.{key}: {value} does not exist (paths are relative to the current folder, {Path.cwd()})"
                 )
+            elif key != "per_layer" and (  # per_layer: its config reads it when the recipe is planned
+                problem := _unreadable_input(name, key, value, section.get("encoding") or AUTO_ENCODING)
+            ):
+                found.append(problem)
+        if name == "eval" and section.get("tasks"):
+            try:
+                resolve_tasks(list(section["tasks"]))
+            except LosaError as exc:
+                found.append(f"eval.tasks: {exc.render(name) if isinstance(exc, ConfigError) else exc}")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RUN_RECORD).is_file())):
         found.append(f"--out {out} exists and is not a losa run folder (no {RUN_RECORD}); choose another folder")
     elif problem := output_problem(out, (recipe.model,)):
         found.append(problem)
     return found
+
+
+def _unreadable_input(section: str, key: str, value: str, encoding: str) -> str | None:
+    """Why a stage's input file cannot be used, read now so that a later stage's bad file fails before the
+    earlier stages run for hours (None when it reads); the stage reads it again when it runs."""
+    try:
+        load_documents(value, encoding, f"{section}.{key}", [])
+    except LosaError as exc:
+        return f"{section}.{key}: {exc}"
+    return None
 
 
 # ----------------------------------------------------------------------------- stages
@@ -263,6 +278,13 @@ def run_pipeline(config: RunConfig, progress: ProgressFn | None = None) -> RunRe
     problems += input_problems(recipe, out)
     if problems:
         raise ConfigError(format_problems(problems, config.recipe))
+    with disk_errors(out):  # the stages' folders are atomic; the run's own records are replaced whole
+        return _run_stages(config, recipe, plans, out, progress)
+
+
+def _run_stages(config: RunConfig, recipe: Recipe, plans: list[StagePlan], out: Path,
+                progress: ProgressFn | None) -> RunResult:
+    """Run (or skip) each checked stage in order, then write the report."""
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

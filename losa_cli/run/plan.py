@@ -18,6 +18,7 @@ import yaml
 
 from ..core.config import Device
 from ..core.errors import ConfigError
+from ..core.settings import bounded, shown
 from ..export import ExportConfig
 from ..prune import PruneConfig
 from ..recover import RECOVER_SPARSITY
@@ -158,7 +159,7 @@ def collect_recipe(path: str | None, overrides: list[str], out: Path) -> tuple[R
     recipe, parse_problems = parse_recipe(raw)
     problems += parse_problems
     if recipe.device not in set(Device):
-        problems.append(f"device {recipe.device!r} is unknown; choose one of {', '.join(Device)}")
+        problems.append(f"device {shown(recipe.device)} is unknown; choose one of {', '.join(Device)}")
     plans = plan_stages(recipe, out, problems)
     problems += _cross_stage_problems(recipe)
     return recipe, plans, list(dict.fromkeys(problems))
@@ -173,9 +174,10 @@ def load_recipe(path: str | None, overrides: list[str] = (), out: Path = Path("O
 
 
 def format_problems(problems: list[str], path: str | None) -> str:
+    """One line for every problem found (clipped: ``settings.bounded``)."""
     where = path or "the default recipe"
     count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
-    return f"{where}: {count}, nothing was run: " + "; ".join(problems)
+    return f"{where}: {count}, nothing was run: " + "; ".join(bounded(problems))
 
 
 def dump_recipe(recipe: Recipe, header: str = "") -> str:

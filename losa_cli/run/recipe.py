@@ -20,9 +20,11 @@ from typing import Any
 from ..core.config import DEFAULT_MODEL, CalibrationConfig
 from ..core.errors import ConfigError
 from ..core.settings import (
+    bounded,
     coerce,
     field_types,
     read_yaml_mapping,
+    shown,
     split_override,
     type_name,
     typed_settings,
@@ -104,9 +106,8 @@ class RunConfig:
         if not self.out:
             found.append("--out is required: the folder for the run's stages and report")
         if self.recipe is not None and not Path(self.recipe).is_file():
-            found.append(
-                f"recipe {self.recipe} does not exist; give a YAML file (see examples/) or none for the default"
-            )
+            what = "is not a file" if Path(self.recipe).exists() else "does not exist"
+            found.append(f"recipe {self.recipe} {what}; give a YAML file (see examples/) or none for the default")
         if found:
             raise ConfigError(found)
 
@@ -155,9 +156,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
         if not dot:
             raw[name] = value
         elif section not in SECTIONS:
-            problems.append(f"override {text!r}: {section!r} is not a stage section ({', '.join(SECTIONS)})")
+            problems.append(f"override {shown(text)}: {shown(section)} is not a stage section ({', '.join(SECTIONS)})")
         elif "." in setting or not setting:
-            problems.append(f"override {text!r}: give section.key with one dot")
+            problems.append(f"override {shown(text)}: give section.key with one dot")
         else:
             current = raw.get(section)
             if not isinstance(current, dict):
@@ -204,7 +205,7 @@ def section_settings(name: str, settings_file: str | None, overrides: list[str],
     managed = {flag: f"give --{flag.replace('_', '-')}" for flag in flags}
     parsed = typed_settings(raw, section_keys(name), name, managed, problems, place="in a file or override")
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(bounded(problems))
     return parsed
 
 
@@ -212,7 +213,8 @@ def _parse_section(name: str, raw: Any, problems: list[str]) -> dict[str, Any] |
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        problems.append(f"{name}: a stage section is a mapping of settings (or null to skip the stage), got {raw!r}")
+        problems.append(f"{name}: a stage section is a mapping of settings (or null to skip the stage), got "
+                        f"{shown(raw)}")
         return None
     return typed_settings(raw, section_keys(name), name, {**_MANAGED_ALL, **_MANAGED.get(name, {})}, problems)
 
@@ -230,7 +232,7 @@ def parse_recipe(raw: dict[str, Any]) -> tuple[Recipe, list[str]]:
             if ok:
                 setattr(recipe, name, converted)
             else:
-                problems.append(f"{name} must be {type_name(TOP_LEVEL[name])}, got {value!r}")
+                problems.append(f"{name} must be {type_name(TOP_LEVEL[name])}, got {shown(value)}")
         else:
             problems.append(unknown_key("recipe", name, [*TOP_LEVEL, *SECTIONS]))
     return recipe, problems

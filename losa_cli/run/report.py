@@ -257,7 +257,7 @@ def _speed_section(out: Path, manifests: dict[str, dict], plots: list[Path]) -> 
         f"Batch {settings['batch']}, prefill of {settings['seqlen']} tokens, decode of {settings['decode_tokens']} "
         f"tokens with a past of {settings['seqlen']}; {settings['threads']} thread(s); {settings['iterations']} timed "
         f"runs after {settings['warmup']} warm-up. Sparse: `{results['model']}` "
-        f"({results['sparse']['matmul_zero_fraction']:.1%} zeros in MatMul weights); dense: "
+        f"({_fmt(results['sparse'].get('matmul_zero_fraction'), '.1%')} zeros in MatMul weights); dense: "
         f"`{results['dense']['source']}`.",
         "",
     ]
@@ -275,24 +275,20 @@ def _speed_section(out: Path, manifests: dict[str, dict], plots: list[Path]) -> 
     lines += _table(["phase", "sparse", "dense", "dense median ms", "sparse median ms", "speed-up"], rows)
     run_rows = []
     for r in results.get("runs", []):
-        t = r.get("timing")
-        ceiling = r.get("ceiling")
-        run_rows.append(
-            [
-                r["engine"],
-                r["model"],
-                r.get("precision", "fp32"),
-                r["phase"],
-                _fmt(t and t["median_ms"], ".2f"),
-                _fmt(t and t["p90_ms"], ".2f"),
-                _fmt(t and t["tokens_per_s"], ".1f") if t else f"failed: {r.get('error')}",
-                f"{ceiling['ceiling_ms']:.2f} ({ceiling['format']})" if ceiling else "",
-                f"{ceiling['share']:.0%}" if ceiling else "",
-            ]
-        )
-    lines += _table(
-        ["engine", "model", "precision", "phase", "median ms", "p90 ms", "tokens/s", "ceiling ms", "share"], run_rows
-    )
+        t, ceiling, accuracy = r.get("timing"), r.get("ceiling"), r.get("accuracy") or {}
+        run_rows.append([
+            r["engine"], r["model"], r.get("precision", "fp32"), r["phase"], _fmt(t and t["median_ms"], ".2f"),
+            _fmt(t and t["p90_ms"], ".2f"), _fmt(t and t["tokens_per_s"], ".1f") if t else f"failed: {r.get('error')}",
+            f"{ceiling['ceiling_ms']:.2f} ({ceiling['format']})" if ceiling else "",
+            f"{ceiling['share']:.0%}" if ceiling else "", _fmt(accuracy.get("perplexity"), ".2f"),
+            _fmt(accuracy.get("top1_agreement"), ".1%"),
+        ])
+    lines += _table(["engine", "model", "precision", "phase", "median ms", "p90 ms", "tokens/s", "ceiling ms", "share",
+                     "perplexity", "top-1 = fp32"], run_rows)
+    if settings.get("data"):
+        lines += [f"Perplexity of each row's exact format on {settings['data_windows']} windows x "
+                  f"{settings['data_seqlen']} tokens of `{settings['data']}`; top-1 = fp32: the share of positions "
+                  "whose next-token argmax equals the fp32 sparse model's (teacher-forced).", ""]
     if machine_bandwidth := results.get("machine", {}).get("read_bandwidth_gb_s"):
         lines += [
             f"Ceiling: the bytes one batch-1 decode step reads in the engine's weight format (dense for ONNX Runtime, "

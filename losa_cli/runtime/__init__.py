@@ -23,6 +23,7 @@ __all__, __getattr__ = public_face(
         "EvalResult": "evaluate",
         "run_eval": "evaluate",
         "ZeroShotResult": "zeroshot",
+        "resolve_tasks": "zeroshot",  # losa run checks eval.tasks before any stage runs
         # losa generate
         "GenerateConfig": "config",
         "Kernel": "config",

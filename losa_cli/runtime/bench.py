@@ -328,8 +328,9 @@ def plot_report(path: Path, result: BenchResult) -> Path:
         unit = f"{settings['seqlen']} tokens" if phase == "prefill" else f"1 token, past {settings['seqlen']}"
         ax.set_title(f"{phase} (batch {settings['batch']}, {unit})")
         ax.set_ylabel("median latency, ms (bar: p90)")
+    zeros = result.sparse.get("matmul_zero_fraction")  # None when every sparse timing failed
     fig.suptitle(
-        f"{Path(result.model).name}: {result.sparse['matmul_zero_fraction']:.0%} zeros in MatMul weights, "
+        f"{Path(result.model).name}: {'?' if zeros is None else f'{zeros:.0%}'} zeros in MatMul weights, "
         f"{settings['threads']} thread(s), {result.machine['cpu']}",
         fontsize=9,
     )

@@ -57,11 +57,14 @@ def onnx_engines_to_run(config: BenchConfig) -> list[str]:
 
 
 def engines_to_run(config: BenchConfig, warnings: list[str], notes: list[str]) -> list[str]:
+    """The engines of ``--engines`` that can run here; why each other cannot joins ``warnings`` (and, when
+    none can, the error: the reason is what the user must fix, not the engine list)."""
     engines = list(config.engines)
+    refused: list[str] = []
     if Engine.LOSA in engines:
         reason = losa_unavailable(config.model)
         if reason:
-            warnings.append(reason)
+            refused.append(reason)
             engines.remove(Engine.LOSA)
         else:
             resolve_source(config.model)  # a wrong path fails here, in one line, not in every child
@@ -71,14 +74,16 @@ def engines_to_run(config: BenchConfig, warnings: list[str], notes: list[str]) -
     if Engine.DEEPSPARSE in engines:
         reason = deepsparse_unavailable()
         if reason:
-            warnings.append(reason)
+            refused.append(reason)
             engines.remove(Engine.DEEPSPARSE)
     elif Engine.ONNXRUNTIME in engines and Engine.LOSA not in engines:
         notes.append("DeepSparse not requested: " + ORT_NOTE.lower() + ", so only dense-vs-dense speed is measured")
     if Engine.ONNXRUNTIME in engines:
         notes.append(ORT_NOTE)
     if not engines:
-        raise ConfigError("no engine can run here: add onnxruntime or losa to --engines, or install DeepSparse")
+        raise ConfigError(f"no engine of --engines can run: {'; '.join(refused)}" if refused else
+                          "no engine can run here: add onnxruntime or losa to --engines, or install DeepSparse")
+    warnings += refused
     return engines
 
 

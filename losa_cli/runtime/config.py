@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -168,10 +169,18 @@ class GenerateConfig:
             found.append(f"{key('prompt')} is required: the text to continue")
         if self.max_new_tokens < 1:
             found.append(f"{key('max_new_tokens')} must be at least 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            found.append(f"{key('temperature')} must be positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            found.append(f"{key('temperature')} must be a positive number, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # NaN fails this too
             found.append(f"{key('top_p')} must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**32:
+            found.append(f"{key('seed')} must be in [0, 2**32), got {self.seed}")
+        ignored = [key(name) for name in ("temperature", "top_p", "seed")
+                   if getattr(self, name) != getattr(GenerateConfig, name)]
+        if ignored and not self.sample:  # greedy decoding would silently ignore them
+            verb, them = ("apply", "them") if len(ignored) > 1 else ("applies", "it")
+            found.append(f"{', '.join(ignored)} {verb} to sampling only: add {key('sample')}, or drop {them} for "
+                         "greedy decoding")
         if self.threads is not None and self.threads < 1:
             found.append(f"{key('threads')} must be at least 1, got {self.threads}")
         raise_problems(found)

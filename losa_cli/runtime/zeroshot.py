@@ -43,11 +43,12 @@ from ..core.data import jsonl_lines
 from ..core.errors import ConfigError, DataError
 from ..core.hub import hub_unreachable
 from ..core.sequential import ProgressFn
+from ..core.text import decode_json_text
 
 QUERY_KEYS = ("query", "context", "question")
 GOLD_KEYS = ("gold", "label", "answer")
 FEWSHOT_SEED = 1234  # lm-eval's default few-shot seed, so few-shot prompts match its CLI's
-REQUESTS_PER_PROGRESS_STEP = 256  # log-likelihood requests scored between two progress updates
+PROGRESS = "zero-shot requests"  # one log-likelihood request per (question, choice)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class LocalTask:
     path: Path
     sha256: str
     rows: list[dict[str, Any]]
+    lines: list[int]  # the file's line of each row
 
 
 @dataclass
@@ -116,17 +118,12 @@ def read_local_task(path: Path, name: str) -> LocalTask:
     """Read and check a JSONL task file completely, so a bad line fails before the model loads."""
     if not path.is_file():
         raise DataError(f"task file {path} does not exist (or is not a file)")
-    try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8")
-    except OSError as exc:
-        raise DataError(f"cannot read task file {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"task file {path} is not UTF-8 text") from None
-    rows = [_check_row(parsed, f"{path}:{number}") for number, parsed in jsonl_lines(path, text)]
-    if not rows:
+    text, raw = decode_json_text(path)
+    parsed = [(number, _check_row(row, f"{path}:{number}")) for number, row in jsonl_lines(path, text)]
+    if not parsed:
         raise DataError(f"task file {path} has no questions")
-    return LocalTask(name=name, path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest(), rows=rows)
+    return LocalTask(name=name, path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest(),
+                     rows=[row for _, row in parsed], lines=[number for number, _ in parsed])
 
 
 def is_local_task(spec: str) -> bool:
@@ -232,19 +229,61 @@ def _datasets_network(allowed: bool) -> Iterator[None]:
         datasets.config.HF_UPDATE_DOWNLOAD_COUNTS, datasets.config.HF_HUB_OFFLINE = saved
 
 
-def _scored_in_steps(lm: Any, progress: ProgressFn | None) -> None:
-    """Score log-likelihood requests in steps without lm-eval's bars, reporting each step to losa's progress."""
-    score = lm.loglikelihood
+class _RequestCounter:
+    """Stands in for the tqdm bar lm-eval's HFLM draws over its log-likelihood requests: every request
+    scored is reported to losa's progress (the first report before any is scored), so a long ``--tasks``
+    run shows it is alive from the start.  Accepts tqdm's arguments, iterable or ``total``."""
 
-    def loglikelihood(requests: list, disable_tqdm: bool = True) -> list:
-        scores: list = []
-        for start in range(0, len(requests), REQUESTS_PER_PROGRESS_STEP):
-            scores += score(requests[start : start + REQUESTS_PER_PROGRESS_STEP], disable_tqdm=True)
-            if progress:
-                progress("zero-shot requests", len(scores), len(requests))
-        return scores
+    def __init__(self, progress: ProgressFn, iterable: Any = None, total: int | None = None, **_: Any) -> None:
+        self.progress, self.iterable, self.done = progress, iterable, 0
+        self.total = total if total is not None else len(iterable) if hasattr(iterable, "__len__") else 0
+        progress(PROGRESS, 0, self.total)
 
-    lm.loglikelihood = loglikelihood
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.progress(PROGRESS, self.done, max(self.total, self.done))
+
+    def close(self) -> None:
+        pass
+
+
+@contextmanager
+def _scoring_progress(lm: Any, progress: ProgressFn | None) -> Iterator[None]:
+    """lm-eval's own bars off, and each scored request reported to ``progress`` (``_RequestCounter``)."""
+    import lm_eval.models.huggingface as hflm
+
+    score, bar = lm.loglikelihood, hflm.tqdm
+    lm.loglikelihood = lambda requests, disable_tqdm=True: score(requests, disable_tqdm=True)
+    if progress:
+        hflm.tqdm = functools.partial(_RequestCounter, progress)
+    try:
+        yield
+    finally:
+        hflm.tqdm = bar
+
+
+def _check_fits(tasks: list[LocalTask], num_fewshot: int, tokenizer: Any, max_length: int) -> None:
+    """What lm-eval would stop on with an assertion, said first: more shots than other questions to draw
+    them from, and a choice as long as the model's context (a long query is cut from the left, as lm-eval does)."""
+    for task in tasks:
+        if num_fewshot >= len(task.rows):
+            raise DataError(
+                f"--num-fewshot {num_fewshot} needs at least {num_fewshot + 1} questions in {task.path} (the shots "
+                f"are its other questions), and it holds {len(task.rows)}: lower --num-fewshot or add questions"
+            )
+        for row, line in zip(task.rows, task.lines):
+            for number, choice in enumerate(row["choices"]):
+                length = len(tokenizer(" " + choice, add_special_tokens=False).input_ids)
+                if length >= max_length:
+                    raise DataError(
+                        f"{task.path}:{line}: choice {number} is {length} tokens, no shorter than the model's context "
+                        f"of {max_length}: lm-eval cannot score it; shorten it"
+                    )
 
 
 def _load_tasks(specs: list[LocalTask | str], folder: Path) -> dict[str, Any]:
@@ -334,8 +373,13 @@ def run_zeroshot(
                 task.set_config(key="num_fewshot", value=num_fewshot)
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        _scored_in_steps(lm, progress)
-        results = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=False)
+        _check_fits(list(local.values()), num_fewshot, tokenizer, lm.max_length)
+        with _scoring_progress(lm, progress):
+            try:
+                results = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=False)
+            except (AssertionError, ValueError) as exc:  # a Hub task's data lm-eval cannot score
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise DataError(f"lm-eval could not score {', '.join(loaded['tasks'])}: {first}") from exc
     accuracies = [_task_accuracy(name, results, local.get(name)) for name in loaded["tasks"]]
     return ZeroShotResult(
         tasks=accuracies,

@@ -10,6 +10,8 @@ told otherwise and passes it to every call, so benchmarks can name the path that
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -35,9 +37,20 @@ def extension():
     try:
         return load(name="losa_sparse_mv", sources=[str(s) for s in SOURCES], extra_cflags=["-O3"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - compiler, ninja or linker failures all mean "cannot build"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KernelUnavailable(f"cannot build losa's sparse kernel ({first}): install a C++ compiler (g++ or clang) "
-                                "and ninja (`pip install ninja`)") from exc
+        compiler = os.environ.get("CXX", "c++")  # what torch's extension builder runs
+        if shutil.which(compiler) is None:  # the cause is all there is to say (the build log is its command lines)
+            raise KernelUnavailable(f"losa's sparse kernel is compiled on first use, and there is no C++ compiler "
+                                    f"here ({compiler!r} not found): install g++ or clang, or set CXX") from None
+        raise KernelUnavailable(f"cannot build losa's sparse kernel ({_build_error(exc)}): check the C++ compiler "
+                                "(g++ or clang) and ninja (`pip install ninja`)") from exc
+
+
+def _build_error(exc: Exception) -> str:
+    """The telling line of a failed build: the compiler's first ``error`` line, not the command lines before it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and not line.startswith(("[", "FAILED:"))]
+    found = errors[0] if errors else lines[0] if lines else type(exc).__name__
+    return found if len(found) <= 200 else found[:197] + "..."
 
 
 @functools.lru_cache(maxsize=1)
