@@ -48,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--stages", type=int, default=5, help="stages of every LoSA row (5: the paper's schedule)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-4)
@@ -91,7 +92,7 @@ def main() -> None:
         force=True,
         response_only=False,
     )
-    losa = dict(stages=5, allocation="rmi", rank_allocation="error")
+    losa = dict(stages=args.stages, allocation="rmi", rank_allocation="error")
     plans = {
         "one-shot + masked LoRA (1 stage; uniform rank 10)": dict(
             stages=1, allocation="uniform", rank_allocation="uniform", mean_ranks=[10.0]
@@ -103,6 +104,7 @@ def main() -> None:
         "LoSA CE on SparseGPT": dict(losa, method="sparsegpt"),
         "LoSA CE with LoSiA subnets (ratio 1/8)": dict(losa, adapter="losia"),
         "LoSA KD with LoSiA subnets (ratio 1/8)": dict(losa, adapter="losia", loss="kd"),
+        "LoSA KD with simplified LoSiA subnets (losia-simple)": dict(losa, adapter="losia-simple", loss="kd"),
         # the ceiling: every kept weight trained (a "subnet" of all rows and columns), the mask enforced
         "LoSA CE full fine-tuning of kept weights": dict(losa, **FULL),
         "LoSA KD full fine-tuning of kept weights": dict(losa, loss="kd", **FULL),
@@ -124,6 +126,7 @@ def main() -> None:
         "fine_tuning": {
             "file": Path(data).name,
             "steps": args.steps,
+            "stages": args.stages,
             "batch": args.batch,
             "max_length": args.max_length,
             "lr": args.lr,
@@ -177,6 +180,7 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="losa-bench-"))
         try:
             config = RecoverConfig(out=str(work / "out"), **common, **plan)
+            load_before = list(os.getloadavg())
             started = time.perf_counter()
             result = run_recover(config, progress=_printer())
             recovered = load_model(str(work / "out")).model
@@ -191,6 +195,7 @@ def main() -> None:
                 "adapter": config.adapter,
                 "losa_commit": commit,
                 "cpu": setup["environment"]["machine"]["cpu"],
+                "load_average_before": load_before,
                 "load_average_after": list(os.getloadavg()),
                 "stages": [
                     {

@@ -30,8 +30,8 @@ ALLOWED = {
 #: stage packages other packages may reach only through their ``__init__`` (their public face)
 FACED = {"prune", "recover", "export", "runtime", "run"}
 #: pure math: torch, numpy and the standard library only (and each other)
-MATH_MODULES = ("prune/masks.py", "prune/wanda.py", "prune/sparsegpt.py", "prune/rmi.py", "recover/rank_alloc.py",
-                "recover/schedule.py", "recover/losses.py")
+MATH_MODULES = ("prune/masks.py", "prune/wanda.py", "prune/sparsegpt.py", "prune/rmi.py", "prune/reconstruct.py",
+                "recover/rank_alloc.py", "recover/schedule.py", "recover/losses.py")
 THIRD_PARTY_MATH = {"torch", "numpy"}
 MAX_LINES = 400
 

@@ -539,3 +539,24 @@ def test_recover_survives_activations_beyond_fp16(tiny_llama_6, calib_file, plai
     )
     assert all(math.isfinite(e) and e > 0 for e in result.stages[0].errors)
     assert len(set(result.stages[0].ranks)) > 1  # error-driven ranks, not the all-equal fallback
+
+
+def test_stage_one_takes_its_similarity_from_the_dense_pass(tiny_llama_6, calib_file, plain_text, tmp_path):
+    """The setup's dense pass makes the Gram matrices of stage 1's RMI: the same as a similarity pass of
+    its own, which stage 1 then skips (stage 2 still runs one: its model has changed)."""
+    from losa_cli.prune.allocation import rmi_allocation
+    from losa_cli.recover.stages import dense_pass
+
+    model = load_model(str(tiny_llama_6)).model
+    torch.manual_seed(0)
+    windows = torch.randint(3, 300, (8, 24))
+    cpu = torch.device("cpu")
+    dense = dense_pass(model, windows, 3, 6, cpu)
+    assert len(dense.outputs) == 6 and all(len(outputs) == 3 for outputs in dense.outputs)
+    own = rmi_allocation(model, windows[:6], cpu, 0.5, 0.05, 1.0)
+    folded = rmi_allocation(model, windows[:6], cpu, 0.5, 0.05, 1.0, grams=dense.grams)
+    assert own.rates == folded.rates and own.similarity == folded.similarity
+    passes = []
+    run_recover(config(tiny_llama_6, tmp_path / "out", plain_text, calib_file),
+                lambda description, done, total, info="": passes.append(description) if done == total else None)
+    assert passes.count("similarity pass") == 1

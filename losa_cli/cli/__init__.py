@@ -3,7 +3,7 @@
 ``application.py`` holds the application and what every command shares, ``render.py`` how results read, and
 one module per command parses its options into its stage's config and calls its workflow."""
 
-from . import bench, eval, export, generate, inspect, prune, recover, run  # noqa: F401 - each registers its command
+from . import bench, eval, export, generate, inspect, prune, recover, run, serve  # noqa: F401 - each registers its command
 from .application import app
 
 

@@ -77,6 +77,46 @@ def prune(
             "beside --out (default: when they would take over a quarter of the free memory).",
         ),
     ] = None,
+    reconstruct: Annotated[
+        bool,
+        typer.Option(
+            "--reconstruct",
+            help="Fit each pruned block's kept weights to the dense block's outputs (MSE) before the next "
+            "block is calibrated; pruned weights stay zero.",
+        ),
+    ] = False,
+    reconstruct_steps: Annotated[
+        int,
+        typer.Option("--reconstruct-steps", help="Reconstruction: Adam steps per block (per half with the split)."),
+    ] = PruneConfig.reconstruct_steps,
+    reconstruct_batch: Annotated[
+        int, typer.Option("--reconstruct-batch", help="Reconstruction: calibration windows per step.")
+    ] = PruneConfig.reconstruct_batch,
+    reconstruct_lr: Annotated[
+        float, typer.Option("--reconstruct-lr", help="Reconstruction: Adam learning rate.")
+    ] = PruneConfig.reconstruct_lr,
+    reconstruct_params: Annotated[
+        str,
+        typer.Option(
+            "--reconstruct-params",
+            help="Reconstruction trains: weights (kept weights, masked, with norms and biases) | norms (norms and "
+            "biases only).",
+        ),
+    ] = PruneConfig.reconstruct_params,
+    reconstruct_split: Annotated[
+        bool,
+        typer.Option(
+            "--reconstruct-split", help="Reconstruction: fit the attention half's output first, then the MLP half."
+        ),
+    ] = PruneConfig.reconstruct_split,
+    reconstruct_inputs: Annotated[
+        str,
+        typer.Option(
+            "--reconstruct-inputs",
+            help="Reconstruction inputs: dense (the dense model's own, one more forward per block) | sparse "
+            "(the outputs of the pruned blocks before).",
+        ),
+    ] = PruneConfig.reconstruct_inputs,
     force: ForceOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
     as_json: JsonOpt = False,
@@ -107,6 +147,13 @@ def prune(
         blocksize=blocksize,
         low_memory=low_memory,
         activations_on_disk=activations_on_disk,
+        reconstruct=reconstruct,
+        reconstruct_steps=reconstruct_steps,
+        reconstruct_batch=reconstruct_batch,
+        reconstruct_lr=reconstruct_lr,
+        reconstruct_params=reconstruct_params,
+        reconstruct_split=reconstruct_split,
+        reconstruct_inputs=reconstruct_inputs,
         force=force,
         trust_remote_code=trust_remote_code,
     )

@@ -37,6 +37,7 @@ OPTIONS = {
     "seqlen",
     "dtype",
     "device",
+    "reconstruct",
 }
 
 
@@ -103,6 +104,14 @@ def recover(
     device: Annotated[
         str | None, typer.Option(help="auto | cpu | cuda (accelerate picks the GPU of each process) [default: auto].")
     ] = None,
+    reconstruct: Annotated[
+        bool | None,
+        typer.Option(
+            "--reconstruct/--no-reconstruct",
+            help="In every stage, fit each pruned block to its outputs before the stage's pruning (MSE, zeros kept) "
+            "before the training steps; reconstruct_steps=... and the other reconstruct_* keys tune it [default: off].",
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT.checkpoint.")] = False,
     force: ForceOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
@@ -129,6 +138,7 @@ def recover(
         "seqlen": seqlen,
         "dtype": dtype,
         "device": device,
+        "reconstruct": reconstruct,
     }
     given.update({name: value for name, value in options.items() if value is not None})
     try:

@@ -30,6 +30,12 @@ def prune(result: Any) -> None:
     line(f"calibration {result.nsamples} x {result.seqlen} tokens on {result.device}; "
          f"{result.wall_time_s:.1f} s, peak memory {result.peak_memory_mib:.0f} MiB"
          f"{' (one block at a time)' if result.low_memory else ''}; mask sha256 {result.mask_checksum[:16]}")
+    if result.reconstruction:
+        done = result.reconstruction
+        first = sum(f["first_loss"] for f in done["blocks"]) / len(done["blocks"])
+        last = sum(f["last_loss"] for f in done["blocks"]) / len(done["blocks"])
+        line(f"reconstruction ({done['params']}, {done['inputs']} inputs, {done['steps']} steps per block): "
+             f"block MSE first -> last step, mean over blocks {first:.4g} -> {last:.4g}; {done['wall_time_s']:.1f} s")
 
 
 def recover(result: Any) -> None:
@@ -55,7 +61,8 @@ def recover(result: Any) -> None:
                          soft_wrap=True)
     line(
         f"global sparsity {result.global_sparsity:.4f} (every weight pruned in any stage verified zero after merge); "
-        f"{result.tokens_trained} training tokens on {result.processes} process(es); {result.wall_time_s:.0f} s; "
+        f"{result.tokens_trained} training tokens on {result.processes} process(es)"
+        f"{' (FSDP: sharded)' if getattr(result, 'fsdp', False) else ''}; {result.wall_time_s:.0f} s; "
         f"mask sha256 {result.mask_checksum[:16]}"
     )
 

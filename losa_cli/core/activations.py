@@ -11,6 +11,7 @@ to the compute device.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +19,16 @@ import torch
 
 
 class DiskWindows:
-    """An append-only list of per-window tensors stored as files in ``root/<generation>``."""
+    """An append-only list of per-window tensors stored as files in ``root/<generation>``; a store
+    with a ``label`` (``beside``) gets a folder of its own, unique under ``root``."""
 
-    def __init__(self, root: Path, generation: int = 0) -> None:
-        self.root, self.generation = root, generation
-        self.folder = root / str(generation)
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: Path, generation: int = 0, label: str | None = None) -> None:
+        self.root, self.generation, self.label = root, generation, label
+        if label is None:
+            self.folder = root / str(generation)
+            self.folder.mkdir(parents=True, exist_ok=True)
+        else:
+            self.folder = Path(tempfile.mkdtemp(prefix=f"{generation}-{label}-", dir=root))
         self.count = 0
 
     def append(self, tensor: torch.Tensor) -> None:
@@ -47,7 +52,12 @@ class DiskWindows:
 
     def successor(self) -> DiskWindows:
         """An empty store beside this one, for the next block's outputs."""
-        return DiskWindows(self.root, self.generation + 1)
+        return DiskWindows(self.root, self.generation + 1, self.label)
+
+    def beside(self, label: str) -> DiskWindows:
+        """An empty store in a folder of its own, named after ``label`` (a block's kept outputs,
+        reconstruction targets): whoever asked for it discards it."""
+        return DiskWindows(self.root, self.generation, label)
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

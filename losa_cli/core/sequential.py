@@ -138,43 +138,152 @@ def _output_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+#: tokens per block forward: several short windows go through a block together (bigger matrix
+#: products, fewer calls) while the activations of one forward stay bounded
+BATCH_TOKENS = 4096
+
+Windows = list[torch.Tensor] | DiskWindows
+
+
+def windows_per_forward(seqlen: int, tokens: int = BATCH_TOKENS) -> int:
+    """How many windows of ``seqlen`` tokens one block forward takes (at least one)."""
+    return max(1, tokens // max(1, seqlen))
+
+
+@dataclass
+class Observation:
+    """What one observing forward pass over all windows saw (``BlockStep.observe``)."""
+
+    observers: dict[str, Observer]
+    #: the block's outputs (None unless asked for: the pass stops early without them)
+    outputs: Windows | None = None
+    #: the ``tap`` module's outputs, per window (None without a tap)
+    tapped: Windows | None = None
+
+
+class _Watch:
+    """Forward pre-hooks that feed each linear layer's inputs to its observer, window by window.
+
+    Layers that read the very same input tensor (q/k/v, gate/up) are found on the first forward
+    and share their leader's observer, so their statistics are gathered once.  Each window is added
+    on its own, in window order, so the sums are those of a pass that runs one window at a time.
+    With ``stop`` the forward ends (``_StopForward``) as soon as every layer's inputs were seen:
+    the last layer's product and what follows it are not needed for statistics."""
+
+    def __init__(self, linears: dict[str, nn.Linear], observers: dict[str, Observer], stop: bool) -> None:
+        self.count = len(linears)
+        self.observers = observers
+        self.leader: dict[str, str] = {}
+        self.stop = stop
+        self.rows = 1
+        self.previous: tuple[torch.Tensor, str] | None = None
+        self.seen: set[str] = set()
+
+    def start(self, rows: int) -> None:
+        """A new forward of ``rows`` windows begins."""
+        self.rows, self.previous, self.seen = rows, None, set()
+
+    def hook_for(self, name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if name not in self.leader:
+                same = self.previous is not None and x is self.previous[0]
+                self.leader[name] = self.leader[self.previous[1]] if same else name
+                self.observers[name] = self.observers[self.leader[name]]
+            if self.leader[name] == name:
+                # window by window: (rows, T, d), or (rows * T, d) where a model flattens the tokens (OPT's MLP)
+                windows = x.reshape(self.rows, -1, x.shape[-1]).unbind(0) if x.shape[0] % self.rows == 0 else (x,)
+                for window in windows:
+                    self.observers[name].add(window)
+            self.previous = (x, name)
+            self.seen.add(name)
+            if self.stop and len(self.seen) == self.count:
+                raise _StopForward
+
+        return hook
+
+
 @dataclass
 class BlockStep:
     """One block of the sequential pass, on the compute device, with its current inputs."""
 
     index: int
     block: nn.Module
-    inputs: list[torch.Tensor] | DiskWindows
+    inputs: Windows
     call: dict
     device: torch.device
+    #: windows per block forward (``windows_per_forward``)
+    batch: int = 1
 
-    def run(self) -> list[torch.Tensor] | DiskWindows:
-        """The block's outputs on its current inputs (on disk when the inputs are)."""
-        outputs = self.inputs.successor() if isinstance(self.inputs, DiskWindows) else []
+    def batches(self, inputs: Windows | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first window, windows ``batch`` at a time stacked on the compute device)."""
+        inputs = self.inputs if inputs is None else inputs
+        for start in range(0, len(inputs), self.batch):
+            rows = [inputs[i] for i in range(start, min(start + self.batch, len(inputs)))]
+            yield start, (torch.cat(rows) if len(rows) > 1 else rows[0]).to(self.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output on a stack of windows, with the arguments every block receives."""
+        return _output_tensor(self.block(x, *self.call["args"], **self.call["kwargs"]))
+
+    def run(self, inputs: Windows | None = None) -> Windows:
+        """The block's outputs on its current inputs (or ``inputs``), on disk when the inputs are."""
+        inputs = self.inputs if inputs is None else inputs
+        outputs = _like(inputs)
         with torch.inference_mode():
-            for x in self.inputs:
-                outputs.append(_output_tensor(self.block(x.to(self.device), *self.call["args"], **self.call["kwargs"])))
+            for _, x in self.batches(inputs):
+                _extend(outputs, self.forward(x))
         return outputs
 
     def observe_linear_inputs(self, make: Callable[[nn.Linear], Observer]) -> dict[str, Observer]:
-        """Run the block once, every linear layer's inputs going to the ``add`` of its own observer
-        (``make(linear)``: an input-norm or Hessian accumulator); returns them by layer name."""
-        observers = {name: make(linear) for name, linear in find_linears(self.block).items()}
+        """Every linear layer's inputs to the ``add`` of its observer (``make(linear)``: an input-norm
+        or Hessian accumulator, shared by layers that read the same input); returns them by layer name."""
+        return self.observe(make).observers
 
-        def hook_for(observe: Callable[[torch.Tensor], None]):
-            def hook(_module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
-                observe(args[0])  # returns None: a forward hook's return value would replace the output
-
-            return hook
-
-        linears = find_linears(self.block)
-        handles = [linears[name].register_forward_hook(hook_for(observer.add)) for name, observer in observers.items()]
+    def observe(self, make: Callable[[nn.Linear], Observer] | None, outputs: bool = False,
+                tap: nn.Module | None = None, inputs: Windows | None = None) -> Observation:
+        """One pass of the block as it is over its inputs (or ``inputs``), the linear layers' inputs to
+        observers made by ``make`` (none without it); with ``outputs`` the block's outputs are kept,
+        with ``tap`` that module's outputs too (reconstruction targets; on disk in folders of their
+        own when the inputs are).  Without either the pass skips what follows the last linear
+        layer's input."""
+        inputs = self.inputs if inputs is None else inputs
+        linears = find_linears(self.block) if make is not None else {}
+        observers = {name: make(linear) for name, linear in linears.items()}
+        watch = _Watch(linears, observers, stop=not outputs and tap is None)
+        handles = [linear.register_forward_pre_hook(watch.hook_for(name)) for name, linear in linears.items()]
+        kept = _like(inputs, "outputs") if outputs else None
+        tapped = _like(inputs, "tapped") if tap is not None else None
+        if tap is not None:
+            handles.append(tap.register_forward_hook(lambda _m, _a, out: _extend(tapped, _output_tensor(out))))
         try:
-            self.run()
+            with torch.inference_mode():
+                for _, x in self.batches(inputs):
+                    watch.start(x.shape[0])
+                    try:
+                        out = self.forward(x)
+                    except _StopForward:
+                        continue
+                    if kept is not None:
+                        _extend(kept, out)
         finally:
             for handle in handles:
                 handle.remove()
-        return observers
+        return Observation(observers, kept, tapped)
+
+
+def _like(inputs: Windows, label: str = "") -> Windows:
+    """An empty store of the same kind as ``inputs``: in memory, or on disk as the next generation
+    (the block's outputs, the next block's inputs) or beside them under ``label``."""
+    if not isinstance(inputs, DiskWindows):
+        return []
+    return inputs.beside(label) if label else inputs.successor()
+
+
+def _extend(store: Windows, stacked: torch.Tensor) -> None:
+    """Append each window of a stacked output (views of it in memory, copies on disk)."""
+    for window in stacked.split(1):
+        store.append(window)
 
 
 def sequential_blocks(
@@ -185,6 +294,7 @@ def sequential_blocks(
     on_outputs: Callable[[int, list[torch.Tensor]], None] | None = None,
     loader: BlockLoader | None = None,
     activations_dir: Path | None = None,
+    batch: int | None = None,
 ) -> Iterator[BlockStep]:
     """Yield each block on ``device`` with the outputs of the (already modified) blocks before it.
 
@@ -194,17 +304,20 @@ def sequential_blocks(
     are in memory and only move to ``device`` and back; ``offload.MappedBlocks`` reads them from
     a memory-mapped checkpoint, for models larger than memory).  With ``activations_dir`` the
     windows' hidden states live in files there (``activations.DiskWindows``), not in memory.
+    ``batch`` windows go through a block per forward (default ``windows_per_forward``).
     """
     blocks = find_blocks(model)
     if loader is None:
         loader = ResidentBlocks(next(blocks[0].parameters()).device)
     store = DiskWindows(activations_dir) if activations_dir is not None else None
     hidden, calls = capture_block_inputs(model, windows, device, store)
+    batch = batch or windows_per_forward(windows.shape[1])
     for index, block in enumerate(blocks):
         loader.load(index, block, device)
-        step = BlockStep(index, block, hidden, calls[index], device)
+        step = BlockStep(index, block, hidden, calls[index], device, batch)
         yield step
-        outputs = step.run()
+        last = index == len(blocks) - 1
+        outputs = [] if last and on_outputs is None else step.run()  # nothing reads the last block's outputs
         if isinstance(hidden, DiskWindows):
             hidden.discard()
         hidden = outputs

@@ -51,11 +51,12 @@ class RateRule:
 def block_rates(model: nn.Module, rule: RateRule, target: float, windows: torch.Tensor | None, device: torch.device,
                 *, nm: tuple[int, int] | None = None, per_layer: str | None = None, floor: list[float] | None = None,
                 progress: ProgressFn | None = None, loader: BlockLoader | None = None,
-                activations_dir: Path | None = None) -> BlockRates:
+                activations_dir: Path | None = None, grams: list[torch.Tensor] | None = None) -> BlockRates:
     """Per-block target rates: N:M's n/m, an explicit file, RMI, OWL, or ``target`` for all.
 
     ``floor``: each block's current sparsity (recover prunes the same model again at every stage):
-    no rate goes below it, so pruning never has to revive a weight."""
+    no rate goes below it, so pruning never has to revive a weight.  ``grams``: RMI's Gram matrices
+    of the model as it is, made by a pass that ran anyway (the similarity pass is then skipped)."""
     num_blocks = len(find_blocks(model))
     if nm is not None:
         n, m = nm
@@ -66,7 +67,7 @@ def block_rates(model: nn.Module, rule: RateRule, target: float, windows: torch.
         delta = rule.delta if rule.delta is not None else default_delta(target)
         beta = rule.beta if rule.beta is not None else DEFAULT_BETA[rule.method]
         return rmi_allocation(model, windows[: rule.rmi_samples], device, target, delta, beta, progress, floor=floor,
-                              loader=loader, activations_dir=activations_dir)
+                              loader=loader, activations_dir=activations_dir, grams=grams)
     if rule.allocation == Allocation.OWL and target > 0:
         found = owl_allocation(model, windows, device, target, rule.owl_lambda, rule.owl_m, progress, loader=loader,
                                activations_dir=activations_dir)
@@ -89,13 +90,16 @@ class BlockRates:
 
 def rmi_allocation(model: nn.Module, windows: torch.Tensor, device: torch.device, sparsity: float, delta: float,
                    beta: float, progress: ProgressFn | None = None, floor: list[float] | None = None,
-                   loader: BlockLoader | None = None, activations_dir: Path | None = None) -> BlockRates:
+                   loader: BlockLoader | None = None, activations_dir: Path | None = None,
+                   grams: list[torch.Tensor] | None = None) -> BlockRates:
     """Block similarity on ``windows`` (the paper uses 64), then the exact rate assignment
-    (each block at least at its ``floor`` sparsity when given)."""
-    grams = []
-    for step in sequential_blocks(model, windows, device, _relabel(progress, "similarity pass"), loader=loader,
-                                  activations_dir=activations_dir):
-        grams.append(gram_matrix(step.inputs))
+    (each block at least at its ``floor`` sparsity when given).  Given ``grams`` (one per block, made
+    on these windows by a pass over the same model), no pass is run."""
+    if grams is None:
+        grams = []
+        for step in sequential_blocks(model, windows, device, _relabel(progress, "similarity pass"), loader=loader,
+                                      activations_dir=activations_dir):
+            grams.append(gram_matrix(step.inputs))
     similarity = similarity_matrix(grams)
     rates, weights = rmi_rates(similarity, sparsity, delta, beta, floor)
     return BlockRates("rmi", rates, {"delta": delta, "beta": beta, "samples": int(windows.shape[0])},

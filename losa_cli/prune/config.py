@@ -42,6 +42,55 @@ class Allocation(StrEnum):
     OWL = "owl"
 
 
+class Tuned(StrEnum):
+    """What ``--reconstruct`` trains: the kept weights (masked) with the norms and biases, or the norms
+    and biases only (PERP: they merge for free and change no zero)."""
+
+    WEIGHTS = "weights"
+    NORMS = "norms"
+
+
+class Stream(StrEnum):
+    """Which inputs a pruned block is fitted on: the dense model's own block inputs (a second stream,
+    one more forward per block; the default, measured better), or the outputs of the pruned (and
+    fitted) blocks before it."""
+
+    SPARSE = "sparse"
+    DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class ReconstructDefaults:
+    """Defaults of the ``reconstruct_*`` settings of prune and recover, written once (measured on
+    SmolLM2-135M: see ``benchmarks/reconstruct_quality.py``)."""
+
+    steps: int = 8
+    batch: int = 4
+    lr: float = 3e-3
+    params: Tuned = Tuned.WEIGHTS
+    split: bool = False
+    #: dense: 164 wiki perplexity against 210 with sparse inputs (Wanda 70%, 8 steps of 4 x 512 tokens, lr 3e-3)
+    inputs: Stream = Stream.DENSE
+
+
+RECONSTRUCT = ReconstructDefaults()
+
+
+def reconstruct_problems(config) -> list[str]:
+    """Every problem of a config's ``reconstruct_*`` settings (prune's or recover's); their enums are
+    made members of their choices on the way."""
+    found: list[str] = []
+    config.reconstruct_params = choice(config.reconstruct_params, Tuned, "reconstruct_params", found)
+    config.reconstruct_inputs = choice(config.reconstruct_inputs, Stream, "reconstruct_inputs", found)
+    if config.reconstruct_steps < 1:
+        found.append(f"{key('reconstruct_steps')} must be at least 1, got {config.reconstruct_steps}")
+    if config.reconstruct_batch < 1:
+        found.append(f"{key('reconstruct_batch')} must be at least 1 window, got {config.reconstruct_batch}")
+    if not 0.0 < config.reconstruct_lr < 1.0:
+        found.append(f"{key('reconstruct_lr')} must be in (0, 1), got {config.reconstruct_lr}")
+    return found
+
+
 def sparsegpt_problems(damp: float, blocksize: int) -> list[str]:
     """SparseGPT's settings, shared by prune and recover."""
     found = []
@@ -87,13 +136,21 @@ class PruneConfig:
     low_memory: bool | None = None
     #: the calibration windows' hidden states in files; None: when they would not fit in memory
     activations_on_disk: bool | None = None
+    #: fit each pruned block to the dense block's outputs (``reconstruction.py``)
+    reconstruct: bool = False
+    reconstruct_steps: int = RECONSTRUCT.steps
+    reconstruct_batch: int = RECONSTRUCT.batch
+    reconstruct_lr: float = RECONSTRUCT.lr
+    reconstruct_params: Tuned = RECONSTRUCT.params
+    reconstruct_split: bool = RECONSTRUCT.split
+    reconstruct_inputs: Stream = RECONSTRUCT.inputs
     force: bool = False
     trust_remote_code: bool = False
 
     @property
     def needs_calibration(self) -> bool:
-        """Every method but magnitude, and every allocation but uniform, reads activations."""
-        return self.method != Method.MAGNITUDE or self.allocation != Allocation.UNIFORM
+        """Every method but magnitude, every allocation but uniform, and reconstruction read activations."""
+        return self.method != Method.MAGNITUDE or self.allocation != Allocation.UNIFORM or self.reconstruct
 
     def __post_init__(self) -> None:
         found: list[str] = []
@@ -153,6 +210,7 @@ class PruneConfig:
         if self.owl_m <= 0:
             found.append(f"{key('owl_m')} must be positive, got {self.owl_m}")
         found += sparsegpt_problems(self.damp, self.blocksize)
+        found += reconstruct_problems(self)
         raise_problems(found)
 
 

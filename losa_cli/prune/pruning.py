@@ -24,6 +24,7 @@ from ..core.modeling import clip_seqlen, find_blocks, find_linears
 from ..core.sequential import BlockLoader, ProgressFn, move_all_but_blocks, sequential_blocks
 from .config import parse_nm
 from .masks import layerwise_mask, nm_mask, rowwise_mask, satisfies_nm
+from .reconstruction import Reconstructor
 from .sparsegpt import CholeskyError, HessianAccumulator, sparsegpt_prune
 from .wanda import InputNormAccumulator, magnitude_scores, wanda_scores
 
@@ -94,7 +95,8 @@ def prune_linear(linear: nn.Linear, criterion: Criterion, rate: float, stats, wh
     if criterion.method == "sparsegpt":
         try:
             result = sparsegpt_prune(
-                weight, stats.hessian, rate, criterion.nm, criterion.blocksize, criterion.damp, prune_first=already
+                weight, stats.inverse(criterion.damp), rate, criterion.nm, criterion.blocksize, criterion.damp,
+                prune_first=already,
             )
         except CholeskyError as exc:
             raise NumericalError(
@@ -125,18 +127,21 @@ def prune_blocks(
     on_outputs: OutputsFn | None = None,
     loader: BlockLoader | None = None,
     activations_dir: Path | None = None,
+    reconstructor: Reconstructor | None = None,
 ) -> list[str]:
     """Prune every block's linear layers in place, sequentially; returns warnings.
 
     ``windows`` may be None for magnitude pruning, which needs no activations.  ``on_outputs``
     receives each pruned block's outputs (LoSA measures reconstruction error with them).
     ``loader`` brings each block into memory and takes it out again (``--low-memory``);
-    ``activations_dir`` keeps the windows' hidden states in files there.
+    ``activations_dir`` keeps the windows' hidden states in files there.  With ``reconstructor``
+    each pruned block is fitted to its dense outputs before the next block sees it
+    (``reconstruction.py``; its ``fits`` say how it went).
     """
     warnings: list[str] = []
     blocks = find_blocks(model)
     if windows is None:
-        if criterion.method != "magnitude":
+        if criterion.method != "magnitude" or reconstructor is not None:
             raise ValueError(f"{criterion.method} needs calibration windows")
         for index, block in enumerate(blocks):
             if loader is not None:
@@ -149,16 +154,22 @@ def prune_blocks(
                 progress("blocks", index + 1, len(blocks))
         return warnings
     accumulator = HessianAccumulator if criterion.method == "sparsegpt" else InputNormAccumulator
-    for step in sequential_blocks(model, windows, device, progress, on_outputs, loader, activations_dir):
-        stats = (
-            {}
-            if criterion.method == "magnitude"
-            else step.observe_linear_inputs(lambda linear: accumulator(linear.in_features, device))
-        )
-        for name, linear in find_linears(step.block).items():
-            warnings += prune_linear(
-                linear, criterion, rates[step.index], stats.get(name), f"block {step.index} {name}"
-            )
+    make = None if criterion.method == "magnitude" else (lambda linear: accumulator(linear.in_features, device))
+    try:
+        for step in sequential_blocks(model, windows, device, progress, on_outputs, loader, activations_dir):
+            if reconstructor is not None:
+                stats = reconstructor.observe(step, make)
+            else:
+                stats = {} if make is None else step.observe_linear_inputs(make)
+            for name, linear in find_linears(step.block).items():
+                warnings += prune_linear(
+                    linear, criterion, rates[step.index], stats.get(name), f"block {step.index} {name}"
+                )
+            if reconstructor is not None:
+                reconstructor.fit(step, len(blocks))
+    finally:
+        if reconstructor is not None:
+            reconstructor.close()
     return warnings
 
 

@@ -33,6 +33,33 @@ class HessianAccumulator:
         scaled = flat * (2.0 / self.tokens) ** 0.5
         self.hessian += scaled.T @ scaled
 
+    def inverse(self, damp: float) -> HessianInverse:
+        """``invert_hessian`` of the accumulated H, computed once: layers that read the same input
+        (q/k/v, gate/up) share this accumulator and so one factorisation."""
+        cached = getattr(self, "_inverse", None)
+        if cached is None or cached[0] != damp:
+            self._inverse = (damp, invert_hessian(self.hessian, damp))
+        return self._inverse[1]
+
+
+@dataclass
+class HessianInverse:
+    """What pruning needs of H: the upper Cholesky factor of the damped inverse, the columns no
+    input ever reached (``dead``: zero diagonal, their weights are pruned), the damping used."""
+
+    upper: torch.Tensor
+    dead: torch.Tensor
+    damp: float
+
+
+def invert_hessian(hessian: torch.Tensor, damp: float) -> HessianInverse:
+    """Dead columns get a unit diagonal, then ``inverse_cholesky_upper`` (raising the damping if needed)."""
+    h = hessian.detach().clone().float()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    upper, used = inverse_cholesky_upper(h, damp)
+    return HessianInverse(upper, dead, used)
+
 
 @dataclass
 class SparseGPTResult:
@@ -81,7 +108,7 @@ def inverse_cholesky_upper(hessian: torch.Tensor, damp: float, max_damp: float =
 
 def sparsegpt_prune(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | HessianInverse,
     sparsity: float = 0.0,
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
@@ -96,17 +123,16 @@ def sparsegpt_prune(
     holds, and only the rest of the quota is chosen among the other weights: a flagged weight
     left out of the mask would be moved off zero by the OBS updates of the columns before it.
     The total is then ``max(round(numel * sparsity), flagged)``; N:M groups hold at least N zeros.
+    ``hessian`` may be given already inverted (``invert_hessian``), for layers that share it.
     """
     w = weight.detach().clone().float()
-    h = hessian.detach().clone().float().to(w.device)
+    inverse = hessian if isinstance(hessian, HessianInverse) else invert_hessian(hessian, damp)
+    hinv, used_damp, dead = inverse.upper.to(w.device), inverse.damp, inverse.dead.to(w.device)
     rows, cols = w.shape
     if nm is not None:
         n, m = nm
         blocksize = max(m, (blocksize // m) * m)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    hinv, used_damp = inverse_cholesky_upper(h, damp)
     warnings = []
     if used_damp != damp:
         warnings.append(f"Cholesky failed at damping {damp:g}; used {used_damp:g}")

@@ -36,6 +36,7 @@ from ..core.sequential import ProgressFn
 from .allocation import RateRule, block_rates
 from .config import Method, PruneConfig, parse_nm
 from .pruning import Criterion, calibration_windows, check_nm_widths, prune_blocks, prune_lm_head, untie_lm_head
+from .reconstruction import Reconstruction, Reconstructor
 
 
 @dataclass
@@ -61,6 +62,8 @@ class PruneResult:
     activations_on_disk: bool = False
     allocation: dict = field(default_factory=dict)
     lm_head: dict | None = None
+    #: ``--reconstruct``: its settings, each block's first and last training loss, the time it took
+    reconstruction: dict | None = None
     warnings: list[str] = field(default_factory=list)
 
 
@@ -124,12 +127,15 @@ def _activation_folder(
 ) -> Iterator[Path | None]:
     """A temporary folder for the windows' hidden states when they go to disk, else None.
 
-    ``--activations-on-disk`` unset: on disk when a block's inputs plus outputs would take over a
-    quarter of the free memory.  The folder sits beside the output (the user chose that disk)."""
+    ``--activations-on-disk`` unset: on disk when a block's inputs plus outputs (and, with
+    ``--reconstruct``, its targets and the dense stream) would take over a quarter of the free
+    memory.  The folder sits beside the output (the user chose that disk)."""
     on_disk = config.activations_on_disk
     if on_disk is None:
         free = available_memory_bytes()
-        needed = 0 if windows is None else activation_bytes(windows, model.config.hidden_size, DTYPES[config.dtype])
+        copies = 2 + config.reconstruct * (1 + config.reconstruct_split + (config.reconstruct_inputs == "dense"))
+        needed = 0 if windows is None else (
+            activation_bytes(windows, model.config.hidden_size, DTYPES[config.dtype]) * copies // 2)
         on_disk = free is not None and needed > free // 4
     if not on_disk or windows is None:
         yield None
@@ -156,7 +162,10 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
         else None
     )
     windows = calibration.windows if calibration is not None else None
-    activations = None if config.method == Method.MAGNITUDE else windows  # magnitude needs no activations
+    # magnitude needs no activations, unless the pruned blocks are fitted to their dense outputs
+    activations = None if config.method == Method.MAGNITUDE and not config.reconstruct else windows
+    settings = Reconstruction.of(config)
+    reconstructor = Reconstructor(settings, progress) if settings is not None else None
     nm = parse_nm(config.pattern) if config.pattern else None
     criterion = Criterion(config.method, nm, config.damp, config.blocksize)
     with atomic_folder(out) as staging, _activation_folder(config, loaded.model, windows, out) as activations_dir:
@@ -183,6 +192,7 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
             progress,
             loader=streamed and streamed.reader(keep=True),
             activations_dir=activations_dir,
+            reconstructor=reconstructor,
         )
         head = (
             _prune_head(loaded.model, criterion, sum(rates) / len(rates), activations, device, warnings)
@@ -213,6 +223,7 @@ def run_prune(config: PruneConfig, progress: ProgressFn | None = None) -> PruneR
             activations_on_disk=activations_dir is not None,
             allocation={k: v for k, v in asdict(allocation).items() if k != "rates"},
             lm_head=head,
+            reconstruction=reconstructor.summary() if reconstructor is not None else None,
             warnings=warnings,
         )
         if streamed:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..core.errors import LosaError
+from .sharding import full_state, shard_state
 
 STATE_FILE = "losa_state.json"
 BLOCKS_FILE = "blocks.safetensors"
@@ -95,9 +96,12 @@ class Checkpoints:
     def save(
         self, accelerator, blocks: nn.ModuleList, optimizer: torch.optim.Optimizer, scheduler, state: dict
     ) -> None:
-        """Every process writes its random state; the main process writes the rest, then swaps."""
+        """Every process writes its random state; the main process writes the rest, then swaps.
+        ``blocks`` are the plain ones (never sharded); the optimizer's moments are gathered whole
+        first when they are sharded (FSDP2, ``sharding.py``): every process takes part."""
         from safetensors.torch import save_file
 
+        optimizer_state = full_state(optimizer.state_dict())
         staging = self.folder.parent / f".{self.folder.name}.tmp"
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
@@ -112,7 +116,7 @@ class Checkpoints:
                 {k: v.detach().to("cpu").contiguous() for k, v in blocks.state_dict().items()},
                 str(staging / BLOCKS_FILE),
             )
-            tensors, meta = optimizer_to_safe(optimizer.state_dict())
+            tensors, meta = optimizer_to_safe(optimizer_state)
             save_file(tensors, str(staging / OPTIMIZER_FILE))
             (staging / TRAINER_FILE).write_text(
                 json.dumps({"optimizer": meta, "scheduler": scheduler.state_dict()}) + "\n"
@@ -136,9 +140,8 @@ class Checkpoints:
         try:
             blocks.load_state_dict(load_file(str(self.folder / BLOCKS_FILE)))
             trainer = json.loads((self.folder / TRAINER_FILE).read_text())
-            optimizer.load_state_dict(
-                optimizer_from_safe(load_file(str(self.folder / OPTIMIZER_FILE)), trainer["optimizer"])
-            )
+            whole = optimizer_from_safe(load_file(str(self.folder / OPTIMIZER_FILE)), trainer["optimizer"])
+            optimizer.load_state_dict(shard_state(whole, optimizer))
             scheduler.load_state_dict(trainer["scheduler"])
             rng_path = str(self.folder / _rng_file(accelerator.process_index))
             with safe_open(rng_path, framework="pt") as handle:

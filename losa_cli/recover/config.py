@@ -7,7 +7,19 @@ from enum import StrEnum
 
 from ..core.config import DEFAULT_MODEL, CalibrationConfig, Device, DType, choice, raise_problems
 from ..core.errors import key
-from ..prune import OWL_LAMBDA, OWL_M, Allocation, Method, parse_nm, pattern_problem, sparsegpt_problems
+from ..prune import (
+    OWL_LAMBDA,
+    OWL_M,
+    RECONSTRUCT,
+    Allocation,
+    Method,
+    Stream,
+    Tuned,
+    parse_nm,
+    pattern_problem,
+    reconstruct_problems,
+    sparsegpt_problems,
+)
 
 #: the last stage's target when neither ``sparsity`` nor ``pattern`` is given
 RECOVER_SPARSITY = 0.7
@@ -29,7 +41,7 @@ class Loss(StrEnum):
 
 class Adapter(StrEnum):
     """What is trained: masked LoRA (LoSA, ``masked_lora.py``) or a gradient-localised core sub-matrix
-    of each weight (LoSiA-style, ``subnet.py``)."""
+    of each weight and of the output head (LoSiA as its authors define it, ``subnet.py``)."""
 
     MASKED_LORA = "masked-lora"
     LOSIA = "losia"
@@ -75,8 +87,20 @@ class RecoverConfig:
     fused: bool = True
     adapter: Adapter = Adapter.MASKED_LORA
     losia_ratio: float = 0.125  # LoSiA's rank factor p = 1/8: core rows and columns per layer
-    losia_period: int = 50
+    losia_period: int = 50  # T, one time slot: each block relocalises every T x (blocks [+ head]) steps, in its slot
+    losia_beta1: float = 0.85  # EMA factor of the sensitivity |W G - (W G)^2 / 2|
+    losia_beta2: float = 0.85  # EMA factor of its uncertainty
+    losia_rewarm: int | None = None  # learning-rate re-warm-up steps after a relocalisation; None: T (LoSiA's), 0: none
+    losia_head: float = 1.0  # share of the output head's rows trained (all its columns); 0: frozen
     error_samples: int = 16
+    #: fit each block to its outputs before this stage's pruning, inside every stage before the training steps
+    reconstruct: bool = False
+    reconstruct_steps: int = RECONSTRUCT.steps
+    reconstruct_batch: int = RECONSTRUCT.batch
+    reconstruct_lr: float = RECONSTRUCT.lr
+    reconstruct_params: Tuned = RECONSTRUCT.params
+    reconstruct_split: bool = RECONSTRUCT.split
+    reconstruct_inputs: Stream = RECONSTRUCT.inputs
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     max_length: int = 1024
     batch_size: int = 8
@@ -145,6 +169,7 @@ class RecoverConfig:
                 found.append(f"{key('sparsity')} {self.sparsity} contradicts {key('pattern')} {self.pattern} "
                              f"({self.target_sparsity():g} zeros): drop {key('sparsity')}, N:M sets it")
         found += sparsegpt_problems(self.damp, self.blocksize)
+        found += reconstruct_problems(self)
         if not KD_MIN_TEMPERATURE <= self.kd_temperature <= 100.0:  # a loss of 0 says nothing: refuse it up front
             found.append(f"{key('kd_temperature')} must be in [{KD_MIN_TEMPERATURE}, 100], got {self.kd_temperature}: "
                          "below it both distributions are one-hot and T^2 * KL is ~0, so nothing is learnt (1 to 4 "
@@ -192,6 +217,13 @@ class RecoverConfig:
             found.append(f"{key('losia_ratio')} must be in (0, 1], got {self.losia_ratio}")
         if self.losia_period < 1:
             found.append(f"{key('losia_period')} must be at least 1, got {self.losia_period}")
+        for name in ("losia_beta1", "losia_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                found.append(f"{key(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.losia_rewarm is not None and self.losia_rewarm < 0:
+            found.append(f"{key('losia_rewarm')} must be at least 0 (0: no re-warm-up), got {self.losia_rewarm}")
+        if not 0.0 <= self.losia_head <= 1.0:
+            found.append(f"{key('losia_head')} must be in [0, 1] (0: a frozen head), got {self.losia_head}")
         if self.error_samples < 1:
             found.append(f"{key('error_samples')} must be at least 1, got {self.error_samples}")
         if self.max_length < 8:

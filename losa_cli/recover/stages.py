@@ -19,8 +19,11 @@ from ..core.sequential import ProgressFn, sequential_blocks
 from ..prune import (
     Criterion,
     RateRule,
+    Reconstruction,
+    Reconstructor,
     block_rates,
     check_nm_widths,
+    gram_matrix,
     group_zero_counts,
     parse_nm,
     prune_blocks,
@@ -47,6 +50,8 @@ class StageRecord:
     warnings: list[str] = field(default_factory=list)
     wall_time_s: float = 0.0
     pattern: str | None = None
+    #: ``reconstruct``: the settings and each block's fit (``prune.Reconstructor.summary``)
+    reconstruction: dict | None = None
 
 
 def stage_target(config: RecoverConfig, stage: int) -> tuple[float, tuple[int, int] | None]:
@@ -71,20 +76,34 @@ def check_nm_input(model: nn.Module, pattern: str) -> None:
         )
 
 
-def dense_outputs(model: nn.Module, windows: torch.Tensor, device: torch.device) -> list[list[torch.Tensor]]:
-    """Every block's outputs on ``windows`` in the input model, kept on the CPU in bf16: the
-    reconstruction reference (n x T x d x L values, so only ``error_samples`` windows).  bf16
-    has fp32's range (fp16 overflows past 65,504, which residual streams of e.g. Gemma 3 exceed)
-    and its rounding (2^-9 relative) is far below any pruning error; errors are reduced in fp32."""
+@dataclass
+class DensePass:
+    """What one pass over the input model gives the whole run: every block's outputs on the error
+    windows (the reconstruction-error reference) and, for RMI, every block's Gram matrix on the
+    similarity windows -- the similarity pass of stage 1, whose model is still the input model."""
+
+    outputs: list[list[torch.Tensor]]
+    grams: list[torch.Tensor] | None
+
+
+def dense_pass(model: nn.Module, windows: torch.Tensor, error_samples: int, gram_samples: int,
+               device: torch.device) -> DensePass:
+    """Every block's outputs on the first ``error_samples`` windows, kept on the CPU in bf16 (n x T x d
+    x L values, so only a few windows), and with ``gram_samples`` each block's input Gram matrix on the
+    first ``gram_samples`` windows.  bf16 has fp32's range (fp16 overflows past 65,504, which residual
+    streams of e.g. Gemma 3 exceed) and its rounding (2^-9 relative) is far below any pruning error;
+    errors are reduced in fp32."""
     stored: list[list[torch.Tensor]] = []
-    for _ in sequential_blocks(
+    grams: list[torch.Tensor] = []
+    for step in sequential_blocks(
         model,
-        windows,
+        windows[: max(error_samples, gram_samples)],
         device,
-        on_outputs=lambda i, outs: stored.append([o.detach().to("cpu", torch.bfloat16) for o in outs]),
+        on_outputs=lambda i, outs: stored.append([o.detach().to("cpu", torch.bfloat16) for o in outs[:error_samples]]),
     ):
-        pass
-    return stored
+        if gram_samples:
+            grams.append(gram_matrix(step.inputs[:gram_samples]))
+    return DensePass(stored, grams if gram_samples else None)
 
 
 def pruned_masks(wrappers: dict[str, AdapterLinear]) -> dict[str, torch.Tensor]:
@@ -117,9 +136,11 @@ def prune_stage(
     mean_rank: float,
     steps: int,
     progress: ProgressFn | None,
+    grams: list[torch.Tensor] | None = None,
 ) -> StageRecord:
     """Merge, allocate rates, prune with error measurement (the previous mask kept), unmerge with
-    the new mask, set ranks."""
+    the new mask, set ranks.  ``grams``: the blocks' Gram matrices of the model as it is now, when a
+    pass already made them (stage 1: the dense pass), so RMI needs no similarity pass of its own."""
     target, nm = stage_target(config, stage)
     wrappers = wrappers_of(blocks)
     previous = pruned_masks(wrappers)
@@ -128,7 +149,7 @@ def prune_stage(
     model.eval()
     current = sparsity_report(model)[1]  # no block's rate goes below what it already has
     rates = block_rates(
-        model, RateRule.of(config), target, windows, device, nm=nm, floor=current, progress=progress
+        model, RateRule.of(config), target, windows, device, nm=nm, floor=current, progress=progress, grams=grams
     ).rates
     errors: list[ReconstructionError] = [ReconstructionError() for _ in blocks]
     count = error_windows.shape[0]
@@ -138,7 +159,10 @@ def prune_stage(
             errors[index].add(reference, produced)
 
     criterion = Criterion(config.method, nm, config.damp, config.blocksize)
-    prune_warnings = prune_blocks(model, criterion, rates, windows, device, progress, on_outputs=measure)
+    settings = Reconstruction.of(config)
+    reconstructor = Reconstructor(settings, progress) if settings is not None else None
+    prune_warnings = prune_blocks(model, criterion, rates, windows, device, progress, on_outputs=measure,
+                                  reconstructor=reconstructor)
     check_kept_zeros(previous, wrappers, f"stage {stage} pruning")
     for wrapper in wrappers.values():
         wrapper.unmerge(new_mask=True)
@@ -158,4 +182,5 @@ def prune_stage(
         steps=steps,
         warnings=prune_warnings,
         pattern=f"{nm[0]}:{nm[1]}" if nm else None,
+        reconstruction=reconstructor.summary() if reconstructor is not None else None,
     )

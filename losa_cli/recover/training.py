@@ -1,6 +1,6 @@
 """The fine-tuning of one LoSA stage: K_t optimizer steps on the adapters, data-parallel through
-``accelerate`` (each process takes its slice of every global batch), checkpointed every
-``checkpoint_every`` steps so a killed run resumes exactly."""
+``accelerate`` (each process takes its slice of every global batch) or sharded with FSDP2
+(``sharding.py``), checkpointed every ``checkpoint_every`` steps so a killed run resumes exactly."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from ..core.sequential import ProgressFn
 from .checkpoint import Checkpoints
 from .masked_lora import AdapterLinear, MaskedLoRALinear
 from .objective import Objective
-from .subnet import step_subnets
+from .sharding import assign, full
+from .subnet import record_subnets, rewarm_snapshot, scale_rewarm, step_subnets
 
 
 def dense_teacher(model: nn.Module, device: torch.device) -> nn.Module:
@@ -58,7 +59,7 @@ class Trainer:
     """The pieces one optimizer step needs, built once by the workflow's setup."""
 
     accelerator: object
-    model: nn.Module  # as prepared by accelerate
+    model: nn.Module  # as prepared by accelerate, or the sharded copy (``sharded``)
     objective: Objective
     wrappers: dict[str, AdapterLinear]
     params: list[nn.Parameter]
@@ -68,6 +69,7 @@ class Trainer:
     batches: Batches
     grad_accum: int
     grad_clip: float
+    sharded: bool = False  # FSDP2: accelerate does not wrap the model, the step below accumulates itself
     global_step: int = 0
     tokens_trained: int = 0
 
@@ -75,20 +77,31 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches; returns its mean loss."""
         accelerator = self.accelerator
         inactive = _snapshot_inactive(self.wrappers)
+        rewarming = rewarm_snapshot(self.wrappers)  # LoSiA's relocalised subnets take a share of the lr
         step_loss = 0.0
         for micro in range(self.grad_accum):
             batch = self.batches.micro(self.global_step * self.grad_accum + micro)
-            with accelerator.accumulate(self.model):
+            if self.sharded:  # FSDP2 averages the gradients over the processes in every backward
                 loss = self.objective(self.model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(self.params, self.grad_clip)
-                self.prepared_optimizer.step()
-                self.prepared_optimizer.zero_grad()
+                (loss / self.grad_accum).backward()
+                if micro == self.grad_accum - 1:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)  # the norm over all shards
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+            else:
+                with accelerator.accumulate(self.model):
+                    loss = self.objective(self.model, batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        record_subnets(self.wrappers)  # the step's gradient, before the optimizer moves the weights
+                        accelerator.clip_grad_norm_(self.params, self.grad_clip)
+                    self.prepared_optimizer.step()
+                    self.prepared_optimizer.zero_grad()
             step_loss += float(accelerator.reduce(loss.detach(), "mean")) / self.grad_accum
             self.tokens_trained += int((batch["labels"] != -100).sum()) * self.batches.world
         self.scheduler.step()
         _restore_inactive(inactive)
+        scale_rewarm(rewarming)
         step_subnets(self.wrappers, self.optimizer)
         self.global_step += 1
         return step_loss
@@ -115,13 +128,16 @@ def train_stage(trainer: Trainer, stage: int, stages: int, first_step: int, step
 
 def _snapshot_inactive(wrappers: dict[str, AdapterLinear]) -> list[tuple[MaskedLoRALinear, torch.Tensor, torch.Tensor]]:
     """Adapter components above the active rank, to restore after the optimizer step (AdamW's
-    moments and weight decay would otherwise move them although their gradient is zero)."""
-    return [(w, w.lora_A[w.rank :].detach().clone(), w.lora_B[:, w.rank :].detach().clone())
+    moments and weight decay would otherwise move them although their gradient is zero).  Whole
+    factors: sharded ones are gathered (a LoRA factor is small)."""
+    return [(w, full(w.lora_A)[w.rank :].clone(), full(w.lora_B)[:, w.rank :].clone())
             for w in wrappers.values() if isinstance(w, MaskedLoRALinear) and w.rank < w.r_max]
 
 
 @torch.no_grad()
 def _restore_inactive(saved) -> None:
     for wrapper, a, b in saved:
-        wrapper.lora_A[wrapper.rank :].copy_(a)
-        wrapper.lora_B[:, wrapper.rank :].copy_(b)
+        lora_a, lora_b = full(wrapper.lora_A).clone(), full(wrapper.lora_B).clone()
+        lora_a[wrapper.rank :], lora_b[:, wrapper.rank :] = a, b
+        assign(wrapper.lora_A, lora_a)
+        assign(wrapper.lora_B, lora_b)

@@ -16,9 +16,11 @@ The adapters are not saved: their base (the unmerged last-stage weights) exists 
 run, and the merged model already holds their effect.
 
 Training runs through ``accelerate``: ``accelerate launch --num_processes N losa recover ...``
-trains data-parallel.  A checkpoint (safetensors + JSON, see ``checkpoint.py``) is written at the
-start of every stage and every ``checkpoint_every`` steps; ``--resume`` continues from it and ends
-with the same weights as an uninterrupted run.
+trains data-parallel; with ``--use_fsdp --fsdp_version 2`` the trained copy of the model is sharded
+across the processes (FSDP2, ``sharding.py``) while the stages prune a plain copy.  A checkpoint
+(safetensors + JSON, see ``checkpoint.py``) is written at the start of every stage and every
+``checkpoint_every`` steps; ``--resume`` continues from it and ends with the same weights as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -38,14 +40,15 @@ from ..core.errors import ConfigError, NumericalError, key
 from ..core.manifest import build_manifest, peak_memory_mib, write_manifest
 from ..core.modeling import LoadedModel, find_blocks, load_model, resolve_device, save_model, sparsity_report
 from ..core.sequential import ProgressFn
-from ..prune import CalibrationWindows, calibration_windows, nm_violations, parse_nm, revived
+from ..prune import Allocation, CalibrationWindows, calibration_windows, nm_violations, parse_nm, revived
 from .checkpoint import STATE_FILE, Checkpoints
 from .config import Adapter, Loss, RecoverConfig
 from .masked_lora import attach, detach, set_block_ranks, wrappers_of
 from .objective import Objective
 from .schedule import lr_factor
-from .stages import StageRecord, check_kept_zeros, check_nm_input, dense_outputs, prune_stage, pruned_masks
-from .subnet import attach_subnets
+from .sharding import Sharded, fsdp_settings, shard
+from .stages import DensePass, StageRecord, check_kept_zeros, check_nm_input, dense_pass, prune_stage, pruned_masks
+from .subnet import HEAD, Timing, attach_losia, detach_head
 from .training import Batches, Trainer, dense_teacher, train_stage
 
 __all__ = ["STATE_FILE", "RecoverResult", "StageRecord", "run_recover"]
@@ -66,6 +69,7 @@ class RecoverResult:
     processes: int
     wall_time_s: float
     peak_memory_mib: float
+    fsdp: bool = False  # the trained copy was sharded across the processes (FSDP2)
     resumed_from: dict | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -88,8 +92,9 @@ class _Run:
     head_pruned: dict[str, torch.Tensor]
     calibration: CalibrationWindows
     data: Documents
-    dense: list[list[torch.Tensor]]
+    dense: DensePass
     trainer: Trainer
+    sharded: Sharded | None  # FSDP2: the trained copy, kept in step with the plain model
     history: list[StageRecord]
     warnings: list[str]
 
@@ -111,13 +116,16 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None) -> Re
                 blocks=run.blocks,
                 windows=run.calibration.windows,
                 error_windows=run.calibration.windows[: config.error_samples],
-                dense=run.dense,
+                dense=run.dense.outputs,
                 device=run.accelerator.device,
                 mean_rank=mean_ranks[stage - 1],
                 steps=steps[stage - 1],
                 progress=progress,
+                grams=run.dense.grams if stage == 1 else None,  # the input model's: stage 1 prunes it as it is
             )
             run.history.append(record)
+            if run.sharded:
+                run.sharded.push()
             if config.reset_optimizer:
                 run.trainer.optimizer.state.clear()
             _checkpoint(run, stage, 0)
@@ -134,6 +142,8 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None) -> Re
             run.checkpoints,
             progress,
         )
+        if run.sharded:
+            run.sharded.pull()
         record.wall_time_s += time.perf_counter() - stage_started
     result = _finish(run)
     if run.accelerator.is_main_process:
@@ -182,6 +192,10 @@ def _setup(config: RecoverConfig) -> _Run:
     accelerator = Accelerator(
         cpu=config.device == "cpu" or not torch.cuda.is_available(), gradient_accumulation_steps=config.grad_accum
     )
+    fsdp = fsdp_settings(accelerator)
+    if fsdp is not None and config.adapter == Adapter.LOSIA:
+        raise ConfigError(f"{key('adapter')} losia cannot train sharded (FSDP) yet; use masked-lora, or launch "
+                          "without --use_fsdp")
     device = accelerator.device
     set_seed(config.calibration.seed)
     loaded = load_model(config.model, config.dtype, config.trust_remote_code)
@@ -196,17 +210,20 @@ def _setup(config: RecoverConfig) -> _Run:
     data = load_documents(config.data, config.calibration.encoding, "fine-tuning file", warnings)
     examples = training_examples(tokenizer, config.data, data, config.max_length, config.response_only)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    dense = dense_outputs(model, calibration.windows[: config.error_samples], device)
-    trainer = _trainer(config, accelerator, model, blocks, examples, pad_id)
+    gram_samples = config.rmi_samples if config.allocation == Allocation.RMI and not config.pattern else 0
+    dense = dense_pass(model, calibration.windows, config.error_samples, gram_samples, device)
+    trainer, sharded = _trainer(config, accelerator, model, blocks, examples, pad_id, fsdp, warnings)
     history: list[StageRecord] = []
     if resume_state is not None:
-        checkpoints.load(accelerator, blocks, trainer.optimizer, trainer.scheduler)
+        checkpoints.load(accelerator, _trained(blocks, trainer), trainer.optimizer, trainer.scheduler)
         history = [StageRecord(**record) for record in resume_state["history"]]
         trainer.tokens_trained = resume_state["tokens_trained"]
         trainer.global_step = sum(config.plan_steps()[: resume_state["stage"] - 1]) + resume_state["step"]
         set_block_ranks(blocks, history[-1].ranks)
-        for wrapper in trainer.wrappers.values():
+        for wrapper in wrappers_of(blocks).values():
             wrapper.merged = False
+        if sharded:
+            sharded.push()
     return _Run(
         config,
         out,
@@ -221,58 +238,58 @@ def _setup(config: RecoverConfig) -> _Run:
         data,
         dense,
         trainer,
+        sharded,
         history,
         warnings,
     )
 
 
-def _trainer(
-    config: RecoverConfig, accelerator, model: nn.Module, blocks: nn.ModuleList, examples: list, pad_id: int
-) -> Trainer:
-    """Adapters on every block linear, the objective (with the dense teacher for distillation), AdamW, its schedule."""
-    device = accelerator.device
-    teacher = dense_teacher(model, device) if config.loss != Loss.CE else None
+def _trainer(config: RecoverConfig, accelerator, model: nn.Module, blocks: nn.ModuleList, examples: list, pad_id: int,
+             fsdp: dict | None, warnings: list[str]) -> tuple[Trainer, Sharded | None]:
+    """Adapters on every block linear (LoSiA: and the head), the objective (with the dense teacher for
+    distillation), AdamW, its schedule; with ``fsdp`` settings the trained model (and the teacher) are sharded
+    copies of the plain one."""
+    device, world = accelerator.device, accelerator.num_processes
+    teacher = dense_teacher(model, torch.device("cpu") if fsdp else device) if config.loss != Loss.CE else None
     if config.adapter == Adapter.LOSIA:
-        wrappers = attach_subnets(blocks, config.losia_ratio, config.losia_period)
+        rewarm = config.losia_period if config.losia_rewarm is None else config.losia_rewarm
+        timing = Timing(config.losia_period, config.losia_beta1, config.losia_beta2, rewarm)
+        wrappers, untied = attach_losia(model, blocks, config.losia_ratio, config.losia_head, timing)
+        if untied:
+            warnings.append("lm_head was tied to the input embedding: LoSiA trains a copy of it, saved beside the "
+                            "intact embedding (losia_head=0 keeps it tied and frozen)")
     else:
         wrappers = attach(blocks, config.rank_max, config.alpha, config.dropout, config.fused)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in wrappers.values():
+        for p in w.trainable():
+            p.requires_grad_(True)
+    sharded = None
+    if fsdp is not None:
+        sharded = Sharded.build(model, device, world, fsdp)
+        model, blocks, wrappers = sharded.model, find_blocks(sharded.model), wrappers_of(find_blocks(sharded.model))
+        teacher = shard(teacher, device, world, fsdp) if teacher is not None else None
     objective = Objective(
         config.loss, config.kd_temperature, teacher, blocks, find_blocks(teacher) if teacher else None
     )
     params = [p for w in wrappers.values() for p in w.trainable()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     steps = config.plan_steps()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, config.warmup))
-    prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
-    batches = Batches(
-        examples,
-        config.batch_size,
-        config.calibration.seed,
-        accelerator.num_processes,
-        accelerator.process_index,
-        lambda rows: collate(rows, pad_id),
-        device,
-    )
-    return Trainer(
-        accelerator,
-        prepared_model,
-        objective,
-        wrappers,
-        params,
-        optimizer,
-        prepared_optimizer,
-        scheduler,
-        batches,
-        config.grad_accum,
-        config.grad_clip,
-    )
+    if sharded:
+        prepared_model, prepared_optimizer = model, optimizer
+    else:
+        prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    batches = Batches(examples, config.batch_size, config.calibration.seed, accelerator.num_processes,
+                      accelerator.process_index, lambda rows: collate(rows, pad_id), device)
+    return Trainer(accelerator, prepared_model, objective, wrappers, params, optimizer, prepared_optimizer, scheduler,
+                   batches, config.grad_accum, config.grad_clip, sharded=sharded is not None), sharded
 
 
 def _checkpoint(run: _Run, stage: int, step: int) -> None:
+    if run.sharded:
+        run.sharded.pull()
     state = {
         "stage": stage,
         "step": step,
@@ -280,13 +297,20 @@ def _checkpoint(run: _Run, stage: int, step: int) -> None:
         "settings": _fingerprint(run.config),
         "history": [asdict(h) for h in run.history],
     }
-    run.checkpoints.save(run.accelerator, run.blocks, run.trainer.optimizer, run.trainer.scheduler, state)
+    run.checkpoints.save(run.accelerator, _trained(run.blocks, run.trainer), run.trainer.optimizer,
+                         run.trainer.scheduler, state)
+
+
+def _trained(blocks: nn.ModuleList, trainer: Trainer) -> nn.Module:
+    """What a checkpoint holds: the blocks, and the output head when LoSiA trains it."""
+    head = trainer.wrappers.get(HEAD)
+    return blocks if head is None else nn.ModuleList([*blocks, head])
 
 
 def _finish(run: _Run) -> RecoverResult:
     """Merge, verify the zeros (and N:M), and save the model + manifest atomically (main process)."""
     config, accelerator, loaded = run.config, run.accelerator, run.loaded
-    wrappers = wrappers_of(run.blocks)
+    wrappers = wrappers_of(run.blocks) if run.sharded else run.trainer.wrappers  # LoSiA: and its head
     final_mask = pruned_masks(wrappers)
     for name, wrapper in wrappers.items():
         try:
@@ -296,11 +320,12 @@ def _finish(run: _Run) -> RecoverResult:
                 f"the adapter of {name} holds NaN/inf; not saving (lower --lr and start over)"
             ) from None
     check_kept_zeros(final_mask, wrappers, "merging the adapters")
-    if revived(run.head_pruned, {"lm_head": loaded.model.get_output_embeddings()}):  # a pruned head stays frozen
+    detach_head(loaded.model)
+    if revived(run.head_pruned, {"lm_head": loaded.model.get_output_embeddings()}):  # LoSiA's head keeps its zeros
         raise NumericalError("the pruned output head lost zeros during recovery; not saving -- this is a bug in losa")
     if config.pattern:
         n, m = parse_nm(config.pattern)
-        off = nm_violations({name: w.base for name, w in wrappers.items()}, n, m)
+        off = nm_violations({name: w.base for name, w in wrappers.items() if name != HEAD}, n, m)
         if off:
             raise NumericalError(
                 f"{off[0]} does not hold exactly {n} zeros in every group of {m} (and {len(off) - 1} "
@@ -320,6 +345,7 @@ def _finish(run: _Run) -> RecoverResult:
         tokens_trained=run.trainer.tokens_trained,
         processes=accelerator.num_processes,
         wall_time_s=0.0,
+        fsdp=run.sharded is not None,
         peak_memory_mib=peak_memory_mib(accelerator.device),
         resumed_from={"stage": resume_state["stage"], "step": resume_state["step"]} if resume_state else None,
         warnings=run.warnings,

@@ -1,6 +1,6 @@
 """Reading and running models: ONNX graphs and sessions, the CPU engines (ONNX Runtime, DeepSparse,
-losa's own kernel), ``losa bench``, ``losa eval`` (perplexity, multiple-choice accuracy) and
-``losa generate``.  Imports ``core`` only; ``export`` verifies what it writes through this package."""
+losa's own kernel), ``losa bench``, ``losa eval`` (perplexity, multiple-choice accuracy), ``losa generate``
+and ``losa serve``.  Imports ``core`` only; ``export`` verifies what it writes through this package."""
 
 from ..core.faces import public_face
 
@@ -29,6 +29,11 @@ __all__, __getattr__ = public_face(
         "Kernel": "config",
         "GenerateResult": "generate",
         "run_generate": "generate",
+        # losa serve
+        "ServeConfig": "config",
+        "ServeResult": "serve",
+        "Server": "serve",
+        "load_server": "serve",
         # ONNX reading (export writes, then verifies through these)
         "GraphSpec": "onnx_io",
         "DEFAULT_OPSET": "onnx_io",

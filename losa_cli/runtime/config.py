@@ -1,4 +1,5 @@
-"""Settings of ``losa bench``, ``losa eval`` and ``losa generate`` (validated when built: ``core/config.py``)."""
+"""Settings of ``losa bench``, ``losa eval``, ``losa generate`` and ``losa serve`` (validated when built:
+``core/config.py``)."""
 
 from __future__ import annotations
 
@@ -182,4 +183,39 @@ class GenerateConfig:
                          "greedy decoding")
         if self.threads is not None and self.threads < 1:
             found.append(f"{key('threads')} must be at least 1, got {self.threads}")
+        raise_problems(found)
+
+
+@dataclass
+class ServeConfig:
+    """Settings of ``losa serve`` (the limits that need the model, its context, are checked once it is loaded)."""
+
+    model: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the server reports the one it bound)
+    kernel: Kernel = Kernel.INT8
+    threads: int | None = None
+    model_name: str | None = None  # the id clients send as "model"; default the model folder's name
+    max_prompt_tokens: int | None = None  # default: the model's context less one (room for one new token)
+    max_tokens: int | None = None  # cap on a request's max_tokens; default: the model's context less one
+    max_queue: int = 32  # requests waiting behind the one generating; more get 503
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        found: list[str] = []
+        self.kernel = choice(self.kernel, Kernel, "kernel", found)
+        if not self.model:
+            found.append("give the model folder to serve")
+        if not self.host:
+            found.append(f"{key('host')} must name an address to listen on, e.g. 127.0.0.1")
+        if not 0 <= self.port <= 65535:
+            found.append(f"{key('port')} must be in 0..65535 (0: any free port), got {self.port}")
+        for name, value in (("threads", self.threads), ("max_prompt_tokens", self.max_prompt_tokens),
+                            ("max_tokens", self.max_tokens)):
+            if value is not None and value < 1:
+                found.append(f"{key(name)} must be at least 1, got {value}")
+        if self.max_queue < 0:
+            found.append(f"{key('max_queue')} must be at least 0, got {self.max_queue}")
+        if self.model_name is not None and not self.model_name.strip():
+            found.append(f"{key('model_name')} must not be blank")
         raise_problems(found)

@@ -38,11 +38,15 @@ def build_decoder(source: str, precision: str, kernel: bool, trust_remote_code: 
     else dense fp32.  Returns the decoder and facts for the bench row."""
     from ..core.modeling import load_model, sparsity_report
     from .decode import Decoder
-    from .kernels.native import available_paths
+    from .kernels.native import KernelUnavailable, available_paths
 
     model = load_model(source, "float32", trust_remote_code).model.eval()
     blocks, head = LOSA_FORMATS[Precision(precision)] if kernel else (None, None)
-    decoder = Decoder.from_model(model, blocks, head, max_len=max_len)
+    try:
+        native = kernel or bool(available_paths())
+    except KernelUnavailable:  # no compiler: the dense row still runs, on LeanModel's PyTorch path
+        native = False
+    decoder = Decoder.from_model(model, blocks, head, native=native, max_len=max_len)
     info = {"kernel_path": available_paths()[0] if kernel else None, "block_zero_fraction": sparsity_report(model)[2]}
     return decoder, info
 

@@ -3,6 +3,8 @@
     decoder = Decoder.from_model(model, blocks="int8", head="bfloat16")   # native=True by default
     out = decoder.generate(prompt_ids, max_new_tokens=64)                  # greedy
     out = decoder.generate(prompt_ids, 64, sample=True, temperature=0.8, top_p=0.9, seed=1)
+    for token in decoder.stream(prompt_ids, 64):                           # the same tokens, one at a time
+        ...
 
 The prompt runs through ``LeanModel`` in one forward (packed layers take the kernel's many-row
 path there), which writes its keys and values into the static KV cache; each new token then runs
@@ -15,6 +17,7 @@ a one-line ``ConfigError``, never a silent truncation.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -116,28 +119,46 @@ class Decoder:
                  eos: tuple[int, ...] | None = None) -> Generation:
         """Continue one prompt by up to ``max_new_tokens`` tokens, stopping after an EOS token
         (default: the model's); sampling draws from a ``torch.Generator`` seeded with ``seed``."""
+        tokens = self.stream(prompt_ids, max_new_tokens, sample, temperature, top_p, seed, eos)
+        started = time.perf_counter()
+        result = Generation([next(tokens)], torch.as_tensor(prompt_ids).numel(), (time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        for token in tokens:
+            now = time.perf_counter()
+            result.step_ms.append((now - started) * 1000)
+            result.tokens.append(token)
+            started = now
+        if result.tokens[-1] in set(self.eos if eos is None else eos):
+            result.stopped_by = "eos"
+        return result
+
+    def stream(self, prompt_ids: torch.Tensor | list[int], max_new_tokens: int, sample: bool = False,
+               temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+               eos: tuple[int, ...] | None = None) -> Iterator[int]:
+        """``generate``'s tokens one at a time, each as soon as it is chosen (a server streams them, and stops
+        a generation whose client left by no longer asking).  The prompt and lengths are checked here, before
+        the first token is asked for; the model's state belongs to the stream until it ends or is closed."""
         ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1)
         if ids.shape[1] == 0 or max_new_tokens < 1:
             raise ConfigError("generate needs a non-empty prompt and max_new_tokens of at least 1")
         total = ids.shape[1] + max_new_tokens
         if total > self.plan.max_len:
             raise ConfigError(_too_long(total, self.plan, ids.shape[1], max_new_tokens))
+        return self._tokens(ids, total, set(self.eos if eos is None else eos),
+                            torch.Generator().manual_seed(seed) if sample else None, temperature, top_p)
+
+    def _tokens(self, ids: torch.Tensor, total: int, stop: set[int], generator: torch.Generator | None,
+                temperature: float, top_p: float) -> Iterator[int]:
+        """The prefill's token, then one decode step per token until an EOS token or ``total`` positions."""
         self.reserve(total)
-        stop = set(self.eos if eos is None else eos)
-        generator = torch.Generator().manual_seed(seed) if sample else None
-        started = time.perf_counter()
+        sample = generator is not None
         token = choose(self.prefill(ids)[0], sample, temperature, top_p, generator)
-        result = Generation([token], ids.shape[1], (time.perf_counter() - started) * 1000)
+        yield token
         for position in range(ids.shape[1], total - 1):
             if token in stop:
-                break
-            started = time.perf_counter()
+                return
             token = choose(self.step(token, position), sample, temperature, top_p, generator)
-            result.step_ms.append((time.perf_counter() - started) * 1000)
-            result.tokens.append(token)
-        if result.tokens[-1] in stop:
-            result.stopped_by = "eos"
-        return result
+            yield token
 
     def weight_bytes_per_token(self) -> dict[str, int]:
         """Bytes of weights one batch-1 decode step reads (``Plan.weight_bytes_per_token``)."""

@@ -1,0 +1,177 @@
+"""One decoder, one worker thread: requests wait in a bounded queue and generate one at a time.
+
+Why not a batch: the lean decoder's native step is batch 1 (one C++ call per token over the whole
+model), and on a few cores a second concurrent generation only halves the speed of each, so requests
+queue instead of racing for the cores.  The worker hands each request's text to its HTTP handler through
+an asyncio queue as the tokens come; a request whose client left (``Job.cancel``) stops at its next token,
+and one still waiting is skipped.  A request that fails inside generation gets its error and the worker
+goes on with the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...core.errors import LosaError
+from .protocol import ServeError
+
+log = logging.getLogger("losa.serve")
+
+
+@dataclass
+class Job:
+    """One request's generation: what to generate, and the queue its events go back through.
+
+    Events: ``("text", piece)``, then ``("done", finish_reason, completion_tokens)`` or ``("error", ServeError)``.
+    """
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float
+    seed: int
+    stop: tuple[str, ...]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, *event: Any) -> None:
+        """Hand an event to the request's handler (from the worker thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: the server stopped, nobody is listening
+            pass
+
+    def cancel(self) -> None:
+        """The client is gone: stop at the next token (or never start)."""
+        self.cancelled.set()
+
+
+class TextStream:
+    """Tokens -> text pieces that are safe to send: a piece never ends inside a stop sequence that may still
+    complete, nor inside a character whose bytes have not all arrived (decoded as U+FFFD).
+
+    The tokens so far are decoded whole each time (a token's text can depend on its neighbours), and the
+    new part is what follows the text already sent."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.tokens: list[int] = []
+        self.text, self.sent = "", 0
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """The piece ``token`` releases, and whether a stop sequence ended the text (the stop itself is cut)."""
+        self.tokens.append(token)
+        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        found = [at for at in (self.text.find(s, self.sent) for s in self.stop) if at >= 0]
+        if found:
+            return self._release(min(found)), True
+        held = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        held = max(held, len(self.text) - len(self.text.rstrip("\ufffd")))
+        return self._release(len(self.text) - held), False
+
+    def rest(self) -> str:
+        """What was held back, once no token follows."""
+        return self._release(len(self.text))
+
+    def _release(self, end: int) -> str:
+        piece = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+
+class Worker:
+    """The thread that owns the decoder (see the module docstring)."""
+
+    def __init__(self, decoder: Any, tokenizer: Any, max_queue: int) -> None:
+        self.decoder, self.tokenizer, self.max_queue = decoder, tokenizer, max_queue
+        self._waiting: deque[Job] = deque()
+        self._current: Job | None = None
+        self._lock = threading.Condition(threading.RLock())
+        self._closing = False
+        self.served = self.failed = 0
+        self._thread = threading.Thread(target=self._run, name="losa-serve-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; a full queue (``max_queue`` waiting behind the one generating) is a 503."""
+        with self._lock:
+            if self._closing:
+                raise ServeError(503, "the server is shutting down", "server_error")
+            if len(self._waiting) + (self._current is not None) > self.max_queue:
+                raise ServeError(503, f"the server is busy: {len(self._waiting)} requests are waiting (the limit "
+                                      "set by --max-queue); retry later", "server_error", code="queue_full")
+            self._waiting.append(job)
+            self._lock.notify()
+
+    def state(self) -> dict:
+        with self._lock:
+            return {"generating": self._current is not None, "waiting": len(self._waiting), "served": self.served,
+                    "failed": self.failed}
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop: the generation under way ends at its next token, waiting requests get a 503."""
+        with self._lock:
+            self._closing = True
+            if self._current is not None:
+                self._current.cancel()
+            for job in self._waiting:
+                job.emit("error", ServeError(503, "the server is shutting down", "server_error"))
+            self._waiting.clear()
+            self._lock.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._closing:
+                    self._lock.wait()
+                if self._closing:
+                    return
+                job = self._current = self._waiting.popleft()
+            ok = True
+            try:
+                if not job.cancelled.is_set():
+                    self._generate(job)
+            except LosaError as exc:  # the decoder's own checks (the routes check the same limits first)
+                ok = False
+                job.emit("error", ServeError(400, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - any failure is this request's, never the server's
+                ok = False
+                log.exception("generation failed")
+                first = (str(exc).splitlines() or [""])[0][:200]
+                job.emit("error", ServeError(500, f"generation failed: {type(exc).__name__}: {first}",
+                                             "server_error"))
+            finally:
+                with self._lock:
+                    self._current = None
+                    self.served += ok
+                    self.failed += not ok
+
+    def _generate(self, job: Job) -> None:
+        text = TextStream(self.tokenizer, job.stop)
+        count, finish, stopped = 0, "length", False
+        tokens = self.decoder.stream(job.prompt_ids, job.max_tokens, sample=job.temperature > 0,
+                                     temperature=job.temperature or 1.0, top_p=job.top_p, seed=job.seed)
+        for token in tokens:
+            count += 1
+            piece, stopped = text.add(token)
+            if piece:
+                job.emit("text", piece)
+            if stopped or token in self.decoder.eos:
+                finish = "stop"
+                break
+            if job.cancelled.is_set():
+                tokens.close()
+                return
+        if not stopped:
+            rest = text.rest()
+            if rest:
+                job.emit("text", rest)
+        job.emit("done", finish, count)
