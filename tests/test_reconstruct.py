@@ -148,7 +148,7 @@ def test_prune_reconstruct_through_the_cli(tiny_models, calib_file, tmp_path):
 
 
 def test_recover_with_reconstruction_resumes_exactly(tiny_llama_6, calib_file, tmp_path):
-    from test_recover import base_weights, config
+    from test_recover import assert_resumed_like_straight, config
 
     from losa_cli.recover import run_recover
 
@@ -164,9 +164,4 @@ def test_recover_with_reconstruction_resumes_exactly(tiny_llama_6, calib_file, t
     fits = lambda result: [[(b["first_loss"], b["last_loss"]) for b in s.reconstruction["blocks"]]  # noqa: E731
                            for s in result.stages]
     assert fits(resumed) == fits(straight)
-    for ours, reference in zip(resumed.stages, straight.stages):
-        assert ours.losses == pytest.approx(reference.losses, rel=1e-5)
-    a, b = base_weights(tmp_path / "a"), base_weights(tmp_path / "b")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
-    assert resumed.mask_checksum == straight.mask_checksum
+    assert_resumed_like_straight(resumed, straight, tmp_path / "b", tmp_path / "a")

@@ -65,6 +65,16 @@ def config(model, out, data, calib, **extra) -> RecoverConfig:
     return RecoverConfig(**settings)
 
 
+def assert_resumed_like_straight(resumed, straight, resumed_folder, straight_folder) -> None:
+    """A resumed run equals the uninterrupted one: stage losses, saved weights (fp32 rounding), the zeros."""
+    for ours, reference in zip(resumed.stages, straight.stages):
+        assert ours.losses == pytest.approx(reference.losses, rel=1e-5)
+    a, b = base_weights(straight_folder), base_weights(resumed_folder)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert resumed.mask_checksum == straight.mask_checksum
+
+
 def base_weights(folder):
     model = load_model(str(folder)).model
     return {
@@ -183,12 +193,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_llama_6, cal
     assert (tmp_path / "b.checkpoint").is_dir() and not (tmp_path / "b").exists()
     resumed = run_recover(config(tiny_llama_6, tmp_path / "b", plain_text, calib_file, dropout=0.1, resume=True))
     assert resumed.resumed_from == {"stage": 2, "step": 0}  # checkpoint at the start of stage 2 (steps 6 + 2 of 12)
-    for ours, reference in zip(resumed.stages, straight.stages):
-        assert ours.losses == pytest.approx(reference.losses, rel=1e-5)
-    a, b = base_weights(tmp_path / "a"), base_weights(tmp_path / "b")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
-    assert resumed.mask_checksum == straight.mask_checksum
+    assert_resumed_like_straight(resumed, straight, tmp_path / "b", tmp_path / "a")
 
 
 def test_resume_refuses_other_settings_and_stale_checkpoints(tiny_llama_6, calib_file, plain_text, tmp_path):
