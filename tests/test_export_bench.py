@@ -54,8 +54,12 @@ def pruned_llama(tiny_models, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(pruned_llama, tmp_path_factory) -> tuple[Path, dict]:
     """The pruned tiny Llama exported through the CLI, with its JSON report."""
-    out = tmp_path_factory.mktemp("export") / "llama50-onnx"
-    result = runner.invoke(app, ["export", str(pruned_llama), "--out", str(out), "--onnx", "--json"])
+    return export_onnx(pruned_llama, tmp_path_factory.mktemp("export") / "llama50-onnx")
+
+
+def export_onnx(model: Path, out: Path) -> tuple[Path, dict]:
+    """``losa export --onnx`` through the CLI: the folder and the JSON report."""
+    result = runner.invoke(app, ["export", str(model), "--out", str(out), "--onnx", "--json"])
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout)
 

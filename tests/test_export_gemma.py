@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_export_bench import magnitude_prune
+from test_export_bench import export_onnx, magnitude_prune
 from typer.testing import CliRunner
 
 from conftest import tiny_config, tiny_tokenizer
@@ -34,10 +34,7 @@ def pruned_gemma(tiny_models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported_gemma(pruned_gemma, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("export") / "gemma50-onnx"
-    result = runner.invoke(app, ["export", str(pruned_gemma), "--out", str(out), "--onnx", "--json"])
-    assert result.exit_code == 0, result.output
-    return out, json.loads(result.stdout)
+    return export_onnx(pruned_gemma, tmp_path_factory.mktemp("export") / "gemma50-onnx")
 
 
 def test_gemma_exports_both_graphs_verified_past_the_window(exported_gemma):
