@@ -83,6 +83,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
         "error_samples": 8,
         "max_length": 256,
         "batch_size": 4,
+        "reconstruct": True,
     },
     "export": {"onnx": True},
     "bench": {"engines": "onnxruntime,deepsparse,losa", "precisions": "fp32,bf16,int8", "seqlen": 128,
