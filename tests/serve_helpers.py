@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from conftest import tiny_config, tiny_tokenizer
 from losa_cli.runtime import ServeConfig, load_server
 from losa_cli.runtime.serve import Server
 
@@ -81,12 +81,18 @@ def deadline_fixture(monkeypatch):
 
 @pytest.fixture(scope="module", name="folder")
 def folder_fixture(tmp_path_factory) -> Path:
-    """A tiny Llama whose tokenizer has a chat template."""
-    from transformers import AutoTokenizer
+    """A tiny Llama whose tokenizer has a chat template, its weights drawn 10x the usual scale: attention then
+    picks positions sharply, so a decoder that attends to the wrong place (a token stepped one position late)
+    picks other tokens than transformers does (at the usual 0.02 the attention is near uniform and it does not)."""
+    from transformers import AutoModelForCausalLM
 
-    folder = build_tiny_model(tmp_path_factory.mktemp("serve") / "tiny-llama", "llama", seed=5)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    folder = tmp_path_factory.mktemp("serve") / "tiny-llama"
+    tokenizer = tiny_tokenizer(add_bos=False)
     tokenizer.chat_template = CHAT_TEMPLATE
+    config = tiny_config("llama", len(tokenizer))
+    config.initializer_range = 0.2
+    torch.manual_seed(5)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
