@@ -114,28 +114,28 @@ class Worker:
                 if self._closing:
                     return
                 job = self._current = self._waiting.popleft()
-            outcome = "cancelled"
+            outcome, last = "cancelled", None
             try:
                 if not job.cancelled.is_set():
-                    outcome = self._generate(job)
+                    outcome, last = self._generate(job)
             except LosaError as exc:  # the decoder's own checks (the routes check the same limits first)
-                outcome = "failed"
-                job.emit("error", ServeError(400, str(exc)))
+                outcome, last = "failed", ("error", ServeError(400, str(exc)))
             except Exception as exc:  # noqa: BLE001 - any failure is this request's, never the server's
-                outcome = "failed"
                 log.exception("generation failed")
                 first = (str(exc).splitlines() or [""])[0][:200]
-                job.emit("error", ServeError(500, f"generation failed: {type(exc).__name__}: {first}",
-                                             "server_error"))
+                outcome, last = "failed", ("error", ServeError(500, f"generation failed: {type(exc).__name__}: "
+                                                                    f"{first}", "server_error"))
             finally:
                 with self._lock:
                     self._current = None
                     self.served += outcome == "served"
                     self.failed += outcome == "failed"
                     self.cancelled += outcome == "cancelled"
+            if last is not None:  # after the count: a client that has its answer sees it counted (``state``)
+                job.emit(*last)
 
-    def _generate(self, job: Job) -> str:
-        """Generate ``job``'s events; "served", or "cancelled" where its client left before the end."""
+    def _generate(self, job: Job) -> tuple[str, tuple | None]:
+        """Emit ``job``'s text; ("served", its done event), or ("cancelled", None) where its client left."""
         text = TextStream(self.tokenizer, job.stop)
         count, finish, stopped = 0, "length", False
         tokens = self.decoder.stream(job.prompt_ids, job.max_tokens, sample=job.temperature > 0,
@@ -151,11 +151,10 @@ class Worker:
             if job.cancelled.is_set():
                 tokens.close()
                 log.info("request cancelled after %d tokens: the client left", count)
-                return "cancelled"
+                return "cancelled", None
         if not stopped:
             rest, stopped = text.rest()
             if rest:
                 job.emit("text", rest)
             finish = "stop" if stopped else finish
-        job.emit("done", finish, count)
-        return "served"
+        return "served", ("done", finish, count)
