@@ -33,6 +33,9 @@ def serve(
     max_queue: Annotated[int, typer.Option(
         "--max-queue", help="Requests that may wait behind the one generating; more get 503.")]
     = ServeConfig.max_queue,
+    max_body_bytes: Annotated[int, typer.Option(
+        "--max-body-bytes", help="Largest request body in bytes; a larger one gets 413 unread.")]
+    = ServeConfig.max_body_bytes,
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Serve a model over HTTP in OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models, /health);
@@ -41,11 +44,12 @@ def serve(
 
     config = ServeConfig(model=model, host=host, port=port, kernel=kernel, threads=threads, model_name=model_name,
                          max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_queue=max_queue,
-                         trust_remote_code=trust_remote_code)
+                         max_body_bytes=max_body_bytes, trust_remote_code=trust_remote_code)
     with progress_bars() as progress:
         server = load_server(config, progress)
     warn(server.warnings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")  # request log, stderr
     line(f"serving {server.name} at {server.url}/v1 ({config.kernel} kernel); Ctrl-C stops")
     result = server.run()
-    stderr.print(f"stopped: {result.served} requests served, {result.failed} failed", highlight=False)
+    stderr.print(f"stopped: {result.served} requests served, {result.failed} failed, "
+                 f"{result.cancelled} cancelled (client left)", highlight=False)

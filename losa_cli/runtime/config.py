@@ -199,6 +199,7 @@ class ServeConfig:
     max_prompt_tokens: int | None = None  # default: the model's context less one (room for one new token)
     max_tokens: int | None = None  # cap on a request's max_tokens; default: the model's context less one
     max_queue: int = 32  # requests waiting behind the one generating; more get 503
+    max_body_bytes: int = 1 << 20  # a request body over this is refused (413) before it is read whole
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -214,6 +215,8 @@ class ServeConfig:
                             ("max_tokens", self.max_tokens)):
             if value is not None and value < 1:
                 found.append(f"{key(name)} must be at least 1, got {value}")
+        if self.max_body_bytes < 1:
+            found.append(f"{key('max_body_bytes')} must be at least 1, got {self.max_body_bytes}")
         if self.max_queue < 0:
             found.append(f"{key('max_queue')} must be at least 0, got {self.max_queue}")
         if self.model_name is not None and not self.model_name.strip():

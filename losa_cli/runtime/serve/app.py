@@ -1,5 +1,6 @@
 """The HTTP face: FastAPI routes in OpenAI's shape over the worker (``worker.py``).
 
+A request body over ``--max-body-bytes`` is refused with a 413 before it is read whole (``BodyLimit``).
 A request is checked here, before it queues (the served model's name, fields the server does not
 compute, the prompt within ``--max-prompt-tokens`` and, with ``max_tokens``, within the model's context
 and ``--max-tokens``); any refusal is a 4xx with OpenAI's error object.  A streamed answer is server-sent
@@ -54,6 +55,7 @@ class Service:
     context: int  # positions the decoder covers: prompt + new tokens
     max_prompt_tokens: int
     max_tokens: int
+    max_body_bytes: int
     vocab: int
     created: int
 
@@ -119,6 +121,7 @@ class Service:
 def build_app(service: Service) -> FastAPI:
     """The application: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/health``."""
     app = FastAPI(title="losa serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=service.max_body_bytes)
 
     @app.exception_handler(ServeError)
     async def refused(_: Request, exc: ServeError) -> JSONResponse:
@@ -200,7 +203,7 @@ async def _answer(service: Service, job: Job, body: SamplingRequest, kind: Kind,
     rid = kind.new_id()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _JobStream(_sse(job, kind, rid, service.name, include_usage), job)
+        return _JobStream(_sse(job, kind, rid, service.name, include_usage), job, service.worker)
     pieces: list[str] = []
     checked = time.monotonic()
     try:
@@ -217,22 +220,63 @@ async def _answer(service: Service, job: Job, body: SamplingRequest, kind: Kind,
                 return JSONResponse(kind.response(rid, service.name, "".join(pieces), event[1],
                                                   usage(len(job.prompt_ids), event[2])))
     finally:
-        job.cancel()
+        service.worker.cancel(job)
     raise AssertionError("the worker ends every job with done or error")  # pragma: no cover
 
 
 class _JobStream(StreamingResponse):
     """A server-sent event stream whose job is cancelled however the response ends (done, client gone)."""
 
-    def __init__(self, content: AsyncIterator[str], job: Job) -> None:
+    def __init__(self, content: AsyncIterator[str], job: Job, worker: Worker) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.job = job
+        self.job, self.worker = job, worker
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.job.cancel()
+            self.worker.cancel(self.job)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413 (OpenAI's error object) unread.
+
+    A declared ``Content-Length`` over the limit is refused before a byte of the body is read; a chunked body
+    is counted as it arrives and refused as soon as it passes the limit.  A body within it is read here (the
+    routes read it whole anyway) and handed on."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before its body ended: nobody to answer
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body: list[dict] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay() -> dict:
+            return body.pop() if body else await receive()  # then the client's disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Any, receive: Any, send: Any) -> None:
+        message = f"the request body is over this server's limit of {self.limit} bytes (--max-body-bytes)"
+        response = JSONResponse(error_body(message, "invalid_request_error", code="request_too_large"), 413,
+                                headers={"Connection": "close"})  # the rest of the body is never read
+        await response(scope, receive, send)
 
 
 def _data(payload: dict | str) -> str:

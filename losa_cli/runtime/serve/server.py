@@ -44,6 +44,7 @@ class ServeResult:
     threads: int
     served: int
     failed: int
+    cancelled: int  # requests whose client left before the answer ended (while waiting or generating)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -75,7 +76,7 @@ class Server:
         state = self.worker.state()
         return ServeResult(model=self.config.model, url=self.url, kernel=str(self.config.kernel),
                            threads=torch.get_num_threads(), served=state["served"], failed=state["failed"],
-                           warnings=self.warnings)
+                           cancelled=state["cancelled"], warnings=self.warnings)
 
     def start(self, timeout: float = 30.0) -> Server:
         """``run`` in a background thread; returns once the server answers."""
@@ -156,7 +157,8 @@ def load_server(config: ServeConfig, progress: ProgressFn | None = None) -> Serv
         worker = Worker(decoder, tokenizer, config.max_queue)
         name = config.model_name or Path(config.model).name
         service = Service(name=name, tokenizer=tokenizer, worker=worker, context=context,
-                          vocab=decoder.plan.family.vocab, created=int(time.time()), **limits)
+                          vocab=decoder.plan.family.vocab, created=int(time.time()),
+                          max_body_bytes=config.max_body_bytes, **limits)
         return Server(config, sock, service, _warnings(config, tokenizer))
     except BaseException:
         sock.close()

@@ -3,8 +3,9 @@
 Why not a batch: the lean decoder's native step is batch 1 (one C++ call per token over the whole
 model), and on a few cores a second concurrent generation only halves the speed of each, so requests
 queue instead of racing for the cores.  The worker hands each request's text to its HTTP handler through
-an asyncio queue as the tokens come; a request whose client left (``Job.cancel``) stops at its next token,
-and one still waiting is skipped.  A request that fails inside generation gets its error and the worker
+an asyncio queue as the tokens come; a request whose client left (``Worker.cancel``) stops at its next
+token, and one still waiting leaves the queue at once (its place is free for the next request); either counts
+as cancelled, not served.  A request that fails inside generation gets its error and the worker
 goes on with the next.
 """
 
@@ -19,11 +20,12 @@ from typing import Any
 
 from ...core.errors import LosaError
 from .protocol import ServeError
+from .text import TextStream
 
 log = logging.getLogger("losa.serve")
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself, not its fields: the queue removes this one
 class Job:
     """One request's generation: what to generate, and the queue its events go back through.
 
@@ -48,41 +50,8 @@ class Job:
             pass
 
     def cancel(self) -> None:
-        """The client is gone: stop at the next token (or never start)."""
+        """Stop at the next token (or never start); ``Worker.cancel`` also frees its place in the queue."""
         self.cancelled.set()
-
-
-class TextStream:
-    """Tokens -> text pieces that are safe to send: a piece never ends inside a stop sequence that may still
-    complete, nor inside a character whose bytes have not all arrived (decoded as U+FFFD).
-
-    The tokens so far are decoded whole each time (a token's text can depend on its neighbours), and the
-    new part is what follows the text already sent."""
-
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
-        self.tokenizer, self.stop = tokenizer, stop
-        self.tokens: list[int] = []
-        self.text, self.sent = "", 0
-
-    def add(self, token: int) -> tuple[str, bool]:
-        """The piece ``token`` releases, and whether a stop sequence ended the text (the stop itself is cut)."""
-        self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        found = [at for at in (self.text.find(s, self.sent) for s in self.stop) if at >= 0]
-        if found:
-            return self._release(min(found)), True
-        held = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        held = max(held, len(self.text) - len(self.text.rstrip("\ufffd")))
-        return self._release(len(self.text) - held), False
-
-    def rest(self) -> str:
-        """What was held back, once no token follows."""
-        return self._release(len(self.text))
-
-    def _release(self, end: int) -> str:
-        piece = self.text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return piece
 
 
 class Worker:
@@ -94,7 +63,7 @@ class Worker:
         self._current: Job | None = None
         self._lock = threading.Condition(threading.RLock())
         self._closing = False
-        self.served = self.failed = 0
+        self.served = self.failed = self.cancelled = 0
         self._thread = threading.Thread(target=self._run, name="losa-serve-worker", daemon=True)
         self._thread.start()
 
@@ -112,7 +81,17 @@ class Worker:
     def state(self) -> dict:
         with self._lock:
             return {"generating": self._current is not None, "waiting": len(self._waiting), "served": self.served,
-                    "failed": self.failed}
+                    "failed": self.failed, "cancelled": self.cancelled}
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone (or its answer is complete: then nothing changes).  A waiting job leaves the queue
+        now and counts as cancelled; the one generating stops at its next token and counts so in ``_run``."""
+        with self._lock:
+            job.cancel()
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self.cancelled += 1
+                log.info("request cancelled while waiting: the client left")
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop: the generation under way ends at its next token, waiting requests get a 503."""
@@ -135,26 +114,28 @@ class Worker:
                 if self._closing:
                     return
                 job = self._current = self._waiting.popleft()
-            ok = True
+            outcome, last = "cancelled", None
             try:
                 if not job.cancelled.is_set():
-                    self._generate(job)
+                    outcome, last = self._generate(job)
             except LosaError as exc:  # the decoder's own checks (the routes check the same limits first)
-                ok = False
-                job.emit("error", ServeError(400, str(exc)))
+                outcome, last = "failed", ("error", ServeError(400, str(exc)))
             except Exception as exc:  # noqa: BLE001 - any failure is this request's, never the server's
-                ok = False
                 log.exception("generation failed")
                 first = (str(exc).splitlines() or [""])[0][:200]
-                job.emit("error", ServeError(500, f"generation failed: {type(exc).__name__}: {first}",
-                                             "server_error"))
+                outcome, last = "failed", ("error", ServeError(500, f"generation failed: {type(exc).__name__}: "
+                                                                    f"{first}", "server_error"))
             finally:
                 with self._lock:
                     self._current = None
-                    self.served += ok
-                    self.failed += not ok
+                    self.served += outcome == "served"
+                    self.failed += outcome == "failed"
+                    self.cancelled += outcome == "cancelled"
+            if last is not None:  # after the count: a client that has its answer sees it counted (``state``)
+                job.emit(*last)
 
-    def _generate(self, job: Job) -> None:
+    def _generate(self, job: Job) -> tuple[str, tuple | None]:
+        """Emit ``job``'s text; ("served", its done event), or ("cancelled", None) where its client left."""
         text = TextStream(self.tokenizer, job.stop)
         count, finish, stopped = 0, "length", False
         tokens = self.decoder.stream(job.prompt_ids, job.max_tokens, sample=job.temperature > 0,
@@ -169,9 +150,11 @@ class Worker:
                 break
             if job.cancelled.is_set():
                 tokens.close()
-                return
+                log.info("request cancelled after %d tokens: the client left", count)
+                return "cancelled", None
         if not stopped:
-            rest = text.rest()
+            rest, stopped = text.rest()
             if rest:
                 job.emit("text", rest)
-        job.emit("done", finish, count)
+            finish = "stop" if stopped else finish
+        return "served", ("done", finish, count)
