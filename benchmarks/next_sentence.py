@@ -27,8 +27,9 @@ by) held equal.  Measured on SmolLM2-135M, seed 0, 100 questions (2 busy CPU cor
 dense acc 0.65 +- 0.05 (acc_norm 0.75), one-shot Wanda 70% acc 0.31 +- 0.05 (acc_norm 0.38), chance
 0.25: the dense model is far above chance and the pruned one near it, so recovery has the whole
 0.31..0.65 range to show what it buys back.  Harder distractors (same article, further away) were
-not needed, and would likely bring the dense model nearer chance.  Cost: 400 scored continuations of about 115 tokens, about
-as many tokens as the 2 x 32 x 512 perplexity windows (4.3 CPU-minutes here).
+not needed, and would likely bring the dense model nearer chance.  Cost: 400 scored continuations
+of about 115 tokens, about as many tokens as the 2 x 32 x 512 perplexity windows (4.3 CPU-minutes
+here, 7-8.5 wall minutes with the machine loaded 6 deep on 2 cores).
 
     python benchmarks/next_sentence.py                       # build the file, print the losa eval command
     python benchmarks/next_sentence.py --model smollm2-135m  # ... and score a model (folder or name)
