@@ -24,6 +24,7 @@ __all__, __getattr__ = public_face(
         "run_eval": "evaluate",
         "ZeroShotResult": "zeroshot",
         "resolve_tasks": "zeroshot",  # losa run checks eval.tasks before any stage runs
+        "run_zeroshot": "zeroshot",  # a model already in memory (benchmarks score pruned copies without saving)
         # losa generate
         "GenerateConfig": "config",
         "Kernel": "config",
