@@ -132,7 +132,6 @@ def prepare_teacher_cache(config, accelerator, model: nn.Module, source: dict, b
     indexes = [json.loads((folder / _index(r)).read_text()) for r in range(batches.world)]
     rows = TeacherRows(folder, rank, index["per_file"])
     rows.record = {
-        "folder": str(folder),
         "teacher_topk": k,
         "tokens": sum(i["tokens"] for i in indexes),
         "bytes_per_token": bytes_per_token(k),
