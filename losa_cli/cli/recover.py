@@ -152,8 +152,8 @@ def recover(
             force=force,
             trust_remote_code=trust_remote_code,
         )
+        result = execute(run_recover, config, as_json)
     except ConfigError as exc:  # a setting without an option of its own is named as its KEY
         raise ConfigError(exc.render(name_of=lambda name: option(name) if name in OPTIONS else name)) from None
-    result = execute(run_recover, config, as_json)
     if result is not None:
         render.recover(result)

@@ -68,6 +68,9 @@ class RecoverConfig:
     blocksize: int = 128
     loss: Loss = Loss.CE
     kd_temperature: float = 1.0
+    #: 0: the dense teacher runs live beside the student; K > 0: its top-K logits per token are cached on disk
+    #: by one pass before training and the teacher is freed (``teacher_cache.py``; kd and kd+ce)
+    teacher_topk: int = 0
     allocation: Allocation = Allocation.RMI
     delta: float | None = None
     beta: float | None = None
@@ -175,12 +178,27 @@ class RecoverConfig:
             found.append(f"{key('kd_temperature')} must be in [{KD_MIN_TEMPERATURE}, 100], got {self.kd_temperature}: "
                          "below it both distributions are one-hot and T^2 * KL is ~0, so nothing is learnt (1 to 4 "
                          "is usual)")
+        found += self._teacher_problems()
         if self.owl_m <= 0 or self.owl_lambda <= 0:
             found.append(f"{key('owl_lambda')} and {key('owl_m')} must be positive, got {self.owl_lambda} and "
                          f"{self.owl_m}")
         found += self._schedule_problems()
         found += self._training_problems()
         raise_problems(found)
+
+    def _teacher_problems(self) -> list[str]:
+        """``teacher_topk``: >= 0 (its upper bound, the vocabulary, is checked once the model is loaded), and only
+        for the losses whose teacher is its logits alone."""
+        if self.teacher_topk < 0:
+            return [f"{key('teacher_topk')} must be >= 0 (0: the live teacher), got {self.teacher_topk}"]
+        if self.teacher_topk and self.loss == Loss.SQUAREHEAD:
+            return [f"{key('teacher_topk')} caches the teacher's logits, but {key('loss')} squarehead also needs its "
+                    f"block features every step: use {key('loss')} kd or kd+ce, or {key('teacher_topk')} 0 "
+                    "(the live teacher)"]
+        if self.teacher_topk and self.loss == Loss.CE:
+            return [f"{key('teacher_topk')} caches the distillation teacher, which {key('loss')} ce does not use: "
+                    f"use {key('loss')} kd or kd+ce, or drop it"]
+        return []
 
     def _schedule_problems(self) -> list[str]:
         found = []

@@ -1,4 +1,5 @@
-"""The loss of one training batch of ``losa recover`` for the chosen ``Loss`` (math: ``losses.py``)."""
+"""The loss of one training batch of ``losa recover`` for the chosen ``Loss`` (math: ``losses.py``); the teacher is
+a live model, or its cached rows carried by the batch (``teacher_cache.py``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import Loss
-from .losses import feature_loss, kd_loss
+from .losses import cached_kd_loss, feature_loss, kd_loss
 
 
 class BlockOutputs:
@@ -39,10 +40,14 @@ class Objective:
     """The loss of one training batch for the chosen ``kind`` (see the module docstring)."""
 
     def __init__(self, kind: Loss, temperature: float = 1.0, teacher: nn.Module | None = None,
-                 student_blocks: nn.ModuleList | None = None, teacher_blocks: nn.ModuleList | None = None) -> None:
+                 student_blocks: nn.ModuleList | None = None, teacher_blocks: nn.ModuleList | None = None,
+                 cached: bool = False) -> None:
         kind = Loss(kind)  # ValueError for an unknown loss
-        if kind != Loss.CE and teacher is None:
+        if kind != Loss.CE and teacher is None and not cached:
             raise ValueError(f"loss {kind!r} needs the dense teacher")
+        if cached and kind not in (Loss.KD, Loss.KD_CE):
+            raise ValueError(f"loss {kind!r} cannot train from cached teacher rows")
+        self.cached = cached  # every batch carries teacher_values / teacher_indices / teacher_lse
         self.kind = kind
         self.temperature = temperature
         self.teacher = teacher
@@ -54,6 +59,8 @@ class Objective:
         if self.kind == Loss.CE:
             return model(**batch, use_cache=False).loss
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        if self.cached:
+            return self._cached(model, batch, inputs)
         with torch.no_grad():
             teacher_forward = lambda: self.teacher(**inputs).logits  # noqa: E731
             teacher_logits, teacher_features = (self.teacher_hooks.record(teacher_forward) if self.features
@@ -69,3 +76,10 @@ class Objective:
         if self.features:
             loss = loss + feature_loss(student_features, teacher_features, batch["attention_mask"])
         return loss
+
+    def _cached(self, model: Callable[..., object], batch: dict[str, torch.Tensor], inputs: dict) -> torch.Tensor:
+        labels = {"labels": batch["labels"]} if self.kind == Loss.KD_CE else {}
+        output = model(**inputs, **labels)
+        loss = cached_kd_loss(output.logits, batch["teacher_values"], batch["teacher_indices"], batch["teacher_lse"],
+                              batch["attention_mask"], self.temperature)
+        return loss + output.loss if self.kind == Loss.KD_CE else loss

@@ -8,6 +8,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from .masked_lora import AdapterLinear, MaskedLoRALinear
 from .objective import Objective
 from .sharding import assign, full
 from .subnet import record_subnets, rewarm_snapshot, scale_rewarm, step_subnets
+
+if TYPE_CHECKING:
+    from .teacher_cache import TeacherRows
 
 
 def dense_teacher(model: nn.Module, device: torch.device) -> nn.Module:
@@ -41,9 +45,10 @@ class Batches:
     rank: int
     collate: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]
     device: torch.device
+    teacher: TeacherRows | None = None  # the cached teacher rows of this process's micro-batches (teacher_cache.py)
 
     def micro(self, index: int) -> dict[str, torch.Tensor]:
-        """Micro-batch ``index`` of this process."""
+        """Micro-batch ``index`` of this process (with its cached teacher rows, when there are any)."""
         per_epoch = len(self.examples)
         rows = []
         for k in range(self.batch_size):
@@ -51,7 +56,10 @@ class Batches:
             epoch, offset = divmod(position, per_epoch)
             order = torch.randperm(per_epoch, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
             rows.append(self.examples[int(order[offset])])
-        return {k: v.to(self.device) for k, v in self.collate(rows).items()}
+        batch = self.collate(rows)
+        if self.teacher is not None:
+            batch.update(self.teacher.rows(index))
+        return {k: v.to(self.device) for k, v in batch.items()}
 
 
 @dataclass

@@ -49,6 +49,7 @@ from .schedule import lr_factor
 from .sharding import Sharded, fsdp_settings, shard
 from .stages import DensePass, StageRecord, check_kept_zeros, check_nm_input, dense_pass, prune_stage, pruned_masks
 from .subnet import HEAD, Timing, attach_losia, detach_head
+from .teacher_cache import check_topk, prepare_teacher_cache, remove_cache
 from .training import Batches, Trainer, dense_teacher, train_stage
 
 __all__ = ["STATE_FILE", "RecoverResult", "StageRecord", "run_recover"]
@@ -70,6 +71,7 @@ class RecoverResult:
     wall_time_s: float
     peak_memory_mib: float
     fsdp: bool = False  # the trained copy was sharded across the processes (FSDP2)
+    teacher_cache: dict | None = None  # teacher_topk: K, tokens, bytes per token and in all, the pass's seconds
     resumed_from: dict | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -101,7 +103,7 @@ class _Run:
 
 def run_recover(config: RecoverConfig, progress: ProgressFn | None = None) -> RecoverResult:
     """``losa recover``: see the module docstring (``config`` checked itself when built)."""
-    run = _setup(config)
+    run = _setup(config, progress)
     steps, mean_ranks = config.plan_steps(), config.plan_ranks()
     first_stage = run.resume_state["stage"] if run.resume_state else 1
     for stage in range(first_stage, config.stages + 1):
@@ -148,6 +150,7 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None) -> Re
     result = _finish(run)
     if run.accelerator.is_main_process:
         run.checkpoints.remove()
+        remove_cache(run.trainer.batches.teacher)
     return result
 
 
@@ -179,7 +182,7 @@ def _resume_state(config: RecoverConfig, checkpoints: Checkpoints) -> dict | Non
     return None
 
 
-def _setup(config: RecoverConfig) -> _Run:
+def _setup(config: RecoverConfig, progress: ProgressFn | None) -> _Run:
     """Checks, then the model, data, adapters and optimizer of the run (restored from a checkpoint when resuming)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -205,6 +208,7 @@ def _setup(config: RecoverConfig) -> _Run:
     head_pruned = {"lm_head": head.weight.detach() == 0} if head is not None and bool((head.weight == 0).any()) else {}
     if config.pattern:
         check_nm_input(model, config.pattern)
+    check_topk(config.teacher_topk, model)
     warnings: list[str] = []
     calibration = calibration_windows(model, tokenizer, config.calibration, warnings)
     data = load_documents(config.data, config.calibration.encoding, "fine-tuning file", warnings)
@@ -212,7 +216,12 @@ def _setup(config: RecoverConfig) -> _Run:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     gram_samples = config.rmi_samples if config.allocation == Allocation.RMI and not config.pattern else 0
     dense = dense_pass(model, calibration.windows, config.error_samples, gram_samples, device)
-    trainer, sharded = _trainer(config, accelerator, model, blocks, examples, pad_id, fsdp, warnings)
+    batches = Batches(examples, config.batch_size, config.calibration.seed, accelerator.num_processes,
+                      accelerator.process_index, lambda rows: collate(rows, pad_id), device)
+    if config.teacher_topk:  # the dense model's rows, before any adapter or pruning; no teacher from here on
+        batches.teacher = prepare_teacher_cache(config, accelerator, model, loaded.source.describe(), batches, fsdp,
+                                                warnings, progress)
+    trainer, sharded = _trainer(config, accelerator, model, blocks, batches, fsdp, warnings)
     history: list[StageRecord] = []
     if resume_state is not None:
         checkpoints.load(accelerator, _trained(blocks, trainer), trainer.optimizer, trainer.scheduler)
@@ -244,13 +253,14 @@ def _setup(config: RecoverConfig) -> _Run:
     )
 
 
-def _trainer(config: RecoverConfig, accelerator, model: nn.Module, blocks: nn.ModuleList, examples: list, pad_id: int,
+def _trainer(config: RecoverConfig, accelerator, model: nn.Module, blocks: nn.ModuleList, batches: Batches,
              fsdp: dict | None, warnings: list[str]) -> tuple[Trainer, Sharded | None]:
-    """Adapters on every block linear (LoSiA: and the head), the objective (with the dense teacher for
-    distillation), AdamW, its schedule; with ``fsdp`` settings the trained model (and the teacher) are sharded
-    copies of the plain one."""
+    """Adapters on every block linear (LoSiA: and the head), the objective (with the live dense teacher for
+    distillation unless its rows are cached), AdamW, its schedule; with ``fsdp`` settings the trained model (and
+    the teacher) are sharded copies of the plain one."""
     device, world = accelerator.device, accelerator.num_processes
-    teacher = dense_teacher(model, torch.device("cpu") if fsdp else device) if config.loss != Loss.CE else None
+    live = config.loss != Loss.CE and batches.teacher is None
+    teacher = dense_teacher(model, torch.device("cpu") if fsdp else device) if live else None
     if config.adapter == Adapter.LOSIA:
         rewarm = config.losia_period if config.losia_rewarm is None else config.losia_rewarm
         timing = Timing(config.losia_period, config.losia_beta1, config.losia_beta2, rewarm)
@@ -270,9 +280,8 @@ def _trainer(config: RecoverConfig, accelerator, model: nn.Module, blocks: nn.Mo
         sharded = Sharded.build(model, device, world, fsdp)
         model, blocks, wrappers = sharded.model, find_blocks(sharded.model), wrappers_of(find_blocks(sharded.model))
         teacher = shard(teacher, device, world, fsdp) if teacher is not None else None
-    objective = Objective(
-        config.loss, config.kd_temperature, teacher, blocks, find_blocks(teacher) if teacher else None
-    )
+    objective = Objective(config.loss, config.kd_temperature, teacher, blocks,
+                          find_blocks(teacher) if teacher else None, cached=batches.teacher is not None)
     params = [p for w in wrappers.values() for p in w.trainable()]
     steps = config.plan_steps()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -281,8 +290,6 @@ def _trainer(config: RecoverConfig, accelerator, model: nn.Module, blocks: nn.Mo
         prepared_model, prepared_optimizer = model, optimizer
     else:
         prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
-    batches = Batches(examples, config.batch_size, config.calibration.seed, accelerator.num_processes,
-                      accelerator.process_index, lambda rows: collate(rows, pad_id), device)
     return Trainer(accelerator, prepared_model, objective, wrappers, params, optimizer, prepared_optimizer, scheduler,
                    batches, config.grad_accum, config.grad_clip, sharded=sharded is not None), sharded
 
@@ -346,6 +353,7 @@ def _finish(run: _Run) -> RecoverResult:
         processes=accelerator.num_processes,
         wall_time_s=0.0,
         fsdp=run.sharded is not None,
+        teacher_cache=run.trainer.batches.teacher.record if run.trainer.batches.teacher else None,
         peak_memory_mib=peak_memory_mib(accelerator.device),
         resumed_from={"stage": resume_state["stage"], "step": resume_state["step"]} if resume_state else None,
         warnings=run.warnings,
