@@ -138,7 +138,7 @@ def link_identical(source_folder: Path, staging: Path, pattern: str = "*.safeten
         original = source_folder / staged.name
         if not original.is_file() or original.stat().st_size != staged.stat().st_size:
             continue
-        if _sha256(original) != _sha256(staged):
+        if file_sha256(original) != file_sha256(staged):
             continue
         temporary = staged.with_name(staged.name + ".link")
         try:
@@ -150,7 +150,8 @@ def link_identical(source_folder: Path, staging: Path, pattern: str = "*.safeten
     return linked
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, read in 1 MiB blocks (files here can be larger than memory)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

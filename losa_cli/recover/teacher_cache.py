@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from ..core.atomic import disk_errors
+from ..core.atomic import disk_errors, file_sha256
 from ..core.errors import ConfigError, key
 from ..core.sequential import ProgressFn
 from .losses import top_rows
@@ -155,7 +155,7 @@ def _check(folder: Path, rank: int, wanted: dict) -> tuple[dict | None, str | No
     if differ:
         return index, f"other {', '.join(differ)}"
     for name, digest in index.get("files", {}).items():
-        if not (folder / name).is_file() or _sha256(folder / name) != digest:
+        if not (folder / name).is_file() or file_sha256(folder / name) != digest:
             return index, f"{name} is missing or changed"
     return index, None
 
@@ -249,11 +249,3 @@ def _file(rank: int, chunk: int) -> str:
 
 def _index(rank: int) -> str:
     return f"rank{rank}.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
