@@ -36,6 +36,9 @@ def run_row(folder: Path) -> dict:
         "sparsity": settings.get("sparsity"),
         "pattern": settings.get("pattern"),
         "reconstruct": bool(settings.get("reconstruct", False)),
+        "stages": recover["settings"]["stages"],
+        "steps": sum(recover["settings"]["steps_per_stage"]),
+        "teacher_topk": recover["settings"].get("teacher_topk", 0),
         "zeros": recover["results"]["global_sparsity"],
         "wiki_dense": evaluated["input"]["perplexity"]["perplexity"],
         "wiki": evaluated["final"]["perplexity"]["perplexity"],
@@ -56,7 +59,8 @@ def plot(rows: list[dict], png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in rows:
-        label = f"{'reconstruction per stage' if row['reconstruct'] else 'no reconstruction'}, seed {row['seed']}"
+        label = (f"{row['stages']} stage{'s' if row['stages'] > 1 else ''}, {row['steps']} steps, "
+                 f"{'reconstruction' if row['reconstruct'] else 'no reconstruction'}, seed {row['seed']}")
         ax.scatter(row["recover_wall_s"] / 60, row["wiki"], marker="o", label=label)
     for path in sorted(RESULTS.glob("recover_quality*.json")):
         payload = json.loads(path.read_text())

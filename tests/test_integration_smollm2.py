@@ -62,3 +62,14 @@ def test_wanda_50_on_smollm2(tmp_path, wiki):
     # The bound is Wanda's quality with room for CPU/library noise; magnitude-quality pruning fails it.
     assert 16 < dense < 21, dense
     assert 1.5 * dense < pruned < 2.6 * dense, (dense, pruned)
+
+
+def test_the_default_model_has_crowded_groups_that_nm_targets_keep():
+    """Why an N:M run must accept groups past N zeros: the default model, dequantised from its 4-bit GGUF,
+    holds some (the 2:4 recipe once failed on it), and the target counts them."""
+    from losa_cli.core.modeling import load_model
+    from losa_cli.recover.stages import NMTarget
+
+    target = NMTarget.of(load_model("smollm2-135m").model, "2:4")
+    assert target.groups == 26_542_080 and target.crowded == 473
+    assert "473 of 26,542,080 groups of 4" in target.warning()

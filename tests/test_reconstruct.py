@@ -165,3 +165,27 @@ def test_recover_with_reconstruction_resumes_exactly(tiny_llama_6, calib_file, t
                            for s in result.stages]
     assert fits(resumed) == fits(straight)
     assert_resumed_like_straight(resumed, straight, tmp_path / "b", tmp_path / "a")
+
+
+def test_nm_stages_that_repeat_the_pattern_skip_their_fits(tiny_llama_6, calib_file, tmp_path, monkeypatch):
+    """2:4 over three stages (1:4, 2:4, 2:4): the third prunes nothing new, so its fits are skipped; forced to
+    run, every fit starts and ends at an MSE of exactly 0 and the saved weights are the same bit for bit."""
+    from test_recover import base_weights, config
+
+    from losa_cli.recover import run_recover
+    from losa_cli.recover import stages as recover_stages
+
+    data = tmp_path / "train.txt"
+    data.write_text(" ".join(["the sparse model keeps its zeros"] * 200))
+    extra = dict(reconstruct=True, reconstruct_steps=3, reconstruct_batch=2, reconstruct_lr=1e-3, sparsity=None,
+                 pattern="2:4", stages=3, mean_ranks=[4.0, 5.0, 6.0], total_steps=6)
+    skipped = run_recover(config(tiny_llama_6, tmp_path / "skipped", data, calib_file, **extra))
+    assert [s.pattern for s in skipped.stages] == ["1:4", "2:4", "2:4"]
+    assert skipped.stages[1].reconstruction["blocks"][0]["first_loss"] > 0
+    assert skipped.stages[2].reconstruction is None
+    monkeypatch.setattr(recover_stages, "repeats_pattern", lambda config, stage: False)
+    fitted = run_recover(config(tiny_llama_6, tmp_path / "fitted", data, calib_file, **extra))
+    blocks = fitted.stages[2].reconstruction["blocks"]
+    assert len(blocks) == 6 and all(b["first_loss"] == 0.0 and b["last_loss"] == 0.0 for b in blocks)
+    ours, reference = base_weights(tmp_path / "skipped"), base_weights(tmp_path / "fitted")
+    assert all(torch.equal(ours[name], reference[name]) for name in reference)

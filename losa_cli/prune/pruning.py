@@ -23,7 +23,7 @@ from ..core.errors import ConfigError, NumericalError
 from ..core.modeling import clip_seqlen, find_blocks, find_linears
 from ..core.sequential import BlockLoader, ProgressFn, move_all_but_blocks, sequential_blocks
 from .config import parse_nm
-from .masks import layerwise_mask, nm_mask, rowwise_mask, satisfies_nm
+from .masks import layerwise_mask, nm_mask, rowwise_mask
 from .reconstruction import Reconstructor
 from .sparsegpt import CholeskyError, HessianAccumulator, sparsegpt_prune
 from .wanda import InputNormAccumulator, magnitude_scores, wanda_scores
@@ -185,11 +185,6 @@ def revived(pruned: dict[str, torch.Tensor], linears: dict[str, nn.Linear]) -> d
         if count:
             counts[name] = count
     return counts
-
-
-def nm_violations(linears: dict[str, nn.Linear], n: int, m: int) -> list[str]:
-    """Names of the layers that do not hold exactly ``n`` zeros in every group of ``m``."""
-    return [name for name, linear in linears.items() if not satisfies_nm(linear.weight, n, m, exact=True)]
 
 
 class _HeadInputsSeen(Exception):

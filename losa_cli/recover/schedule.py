@@ -3,7 +3,8 @@
 Unstructured runs follow the cubic ramp s_t = S (1 - (1 - t/T)^3), fast early and gentle near
 the target.  N:M runs ramp the pattern itself along the same curve (2:4 over five stages:
 1:4, 2:4, 2:4, 2:4, 2:4; 4:8: 2:8, 3:8, 4:8, 4:8, 4:8), so every stage is a valid N:M model
-and the last one has exactly N zeros in every group of M.  (The paper does not specify N:M with
+and the last one has exactly N zeros in every group of M (or the input's own zeros, where a group
+already held more: ``stages.NMTarget``).  (The paper does not specify N:M with
 the dynamic schedule; laying N:M over an unstructured ramp leaves more than N zeros in groups.)
 """
 

@@ -40,14 +40,14 @@ from ..core.errors import ConfigError, NumericalError, key
 from ..core.manifest import build_manifest, peak_memory_mib, write_manifest
 from ..core.modeling import LoadedModel, find_blocks, load_model, resolve_device, save_model, sparsity_report
 from ..core.sequential import ProgressFn
-from ..prune import Allocation, CalibrationWindows, calibration_windows, nm_violations, parse_nm, revived
+from ..prune import Allocation, CalibrationWindows, calibration_windows, revived
 from .checkpoint import STATE_FILE, Checkpoints
 from .config import Adapter, Loss, RecoverConfig
 from .masked_lora import attach, detach, set_block_ranks, wrappers_of
 from .objective import Objective
 from .schedule import lr_factor
 from .sharding import Sharded, fsdp_settings, shard
-from .stages import DensePass, StageRecord, check_kept_zeros, check_nm_input, dense_pass, prune_stage, pruned_masks
+from .stages import DensePass, NMTarget, StageRecord, check_kept_zeros, dense_pass, prune_stage, pruned_masks
 from .subnet import HEAD, Timing, attach_losia, detach_head
 from .teacher_cache import check_topk, prepare_teacher_cache, remove_cache
 from .training import Batches, Trainer, dense_teacher, train_stage
@@ -99,6 +99,7 @@ class _Run:
     sharded: Sharded | None  # FSDP2: the trained copy, kept in step with the plain model
     history: list[StageRecord]
     warnings: list[str]
+    nm: NMTarget | None  # N:M runs: the zeros the end must hold
 
 
 def run_recover(config: RecoverConfig, progress: ProgressFn | None = None) -> RecoverResult:
@@ -206,10 +207,9 @@ def _setup(config: RecoverConfig, progress: ProgressFn | None) -> _Run:
     blocks = find_blocks(model)
     head = model.get_output_embeddings()
     head_pruned = {"lm_head": head.weight.detach() == 0} if head is not None and bool((head.weight == 0).any()) else {}
-    if config.pattern:
-        check_nm_input(model, config.pattern)
+    nm = NMTarget.of(model, config.pattern) if config.pattern else None
     check_topk(config.teacher_topk, model)
-    warnings: list[str] = []
+    warnings: list[str] = [nm.warning()] if nm is not None and nm.warning() else []
     calibration = calibration_windows(model, tokenizer, config.calibration, warnings)
     data = load_documents(config.data, config.calibration.encoding, "fine-tuning file", warnings)
     examples = training_examples(tokenizer, config.data, data, config.max_length, config.response_only)
@@ -250,6 +250,7 @@ def _setup(config: RecoverConfig, progress: ProgressFn | None) -> _Run:
         sharded,
         history,
         warnings,
+        nm,
     )
 
 
@@ -330,13 +331,12 @@ def _finish(run: _Run) -> RecoverResult:
     detach_head(loaded.model)
     if revived(run.head_pruned, {"lm_head": loaded.model.get_output_embeddings()}):  # LoSiA's head keeps its zeros
         raise NumericalError("the pruned output head lost zeros during recovery; not saving -- this is a bug in losa")
-    if config.pattern:
-        n, m = parse_nm(config.pattern)
-        off = nm_violations({name: w.base for name, w in wrappers.items() if name != HEAD}, n, m)
+    if run.nm is not None:
+        off = run.nm.violations({name: w.base for name, w in wrappers.items() if name != HEAD})
         if off:
             raise NumericalError(
-                f"{off[0]} does not hold exactly {n} zeros in every group of {m} (and {len(off) - 1} "
-                "more layers); not saving"
+                f"{off[0]} does not hold exactly {run.nm.n} zeros in every group of {run.nm.m} (or the input "
+                f"model's own zeros, where it held more; and {len(off) - 1} more layers); not saving"
             )
     detach(run.blocks)
     per_layer, per_block, global_sparsity, checksum = sparsity_report(loaded.model)
