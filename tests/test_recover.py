@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from conftest import StopRun, stop_after, synthetic_text
 from losa_cli.cli import app
 from losa_cli.core.config import CalibrationConfig
-from losa_cli.core.modeling import find_blocks, find_linears, load_model
+from losa_cli.core.modeling import block_linears, find_blocks, find_linears, load_model
 from losa_cli.recover import RecoverConfig, run_recover
 
 runner = CliRunner()
@@ -507,7 +507,7 @@ def test_nm_recover_keeps_crowded_input_groups(method, tiny_llama_6, calib_file,
     from losa_cli.core.modeling import save_model
 
     loaded = load_model(str(tiny_llama_6))
-    linears = {f"{i}.{n}": lin for i, b in enumerate(find_blocks(loaded.model)) for n, lin in find_linears(b).items()}
+    linears = block_linears(find_blocks(loaded.model))
     planted = {"0.self_attn.q_proj": [(0, 0, 3), (5, 8, 4)], "1.mlp.down_proj": [(2, 4, 3)]}
     with torch.no_grad():
         for name, groups in planted.items():
@@ -572,7 +572,7 @@ def test_nm_target_flags_a_group_past_its_allowance(tiny_llama_6):
     from losa_cli.recover.stages import NMTarget
 
     model = load_model(str(tiny_llama_6)).model
-    linears = {f"{i}.{n}": lin for i, b in enumerate(find_blocks(model)) for n, lin in find_linears(b).items()}
+    linears = block_linears(find_blocks(model))
     name, weight = "0.mlp.up_proj", linears["0.mlp.up_proj"].weight
     with torch.no_grad():
         weight[0, :3] = 0.0  # a crowded group in the input

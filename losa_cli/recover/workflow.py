@@ -209,7 +209,8 @@ def _setup(config: RecoverConfig, progress: ProgressFn | None) -> _Run:
     head_pruned = {"lm_head": head.weight.detach() == 0} if head is not None and bool((head.weight == 0).any()) else {}
     nm = NMTarget.of(model, config.pattern) if config.pattern else None
     check_topk(config.teacher_topk, model)
-    warnings: list[str] = [nm.warning()] if nm is not None and nm.warning() else []
+    crowded = nm.warning() if nm is not None else None
+    warnings: list[str] = [crowded] if crowded else []
     calibration = calibration_windows(model, tokenizer, config.calibration, warnings)
     data = load_documents(config.data, config.calibration.encoding, "fine-tuning file", warnings)
     examples = training_examples(tokenizer, config.data, data, config.max_length, config.response_only)
