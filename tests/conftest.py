@@ -186,6 +186,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def plain_text(tmp_path_factory) -> Path:
+    """Plain fine-tuning text for the recover tests."""
+    path = tmp_path_factory.mktemp("ft") / "train.txt"
+    path.write_text(synthetic_text(60, 80, seed=9))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_6(tmp_path_factory) -> Path:
     """A 6-block tiny Llama, for allocators that need several blocks to tell apart."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny6") / "llama6", "llama", seed=3, layers=6)

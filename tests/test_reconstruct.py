@@ -189,3 +189,38 @@ def test_nm_stages_that_repeat_the_pattern_skip_their_fits(tiny_llama_6, calib_f
     assert len(blocks) == 6 and all(b["first_loss"] == 0.0 and b["last_loss"] == 0.0 for b in blocks)
     ours, reference = base_weights(tmp_path / "skipped"), base_weights(tmp_path / "fitted")
     assert all(torch.equal(ours[name], reference[name]) for name in reference)
+
+
+@pytest.mark.parametrize("loss", ["kd", "ce"])  # the live teacher's blocks, or a frozen copy of the input model
+def test_recover_fits_every_stage_to_the_dense_model_when_told(loss, tiny_llama_6, calib_file, tmp_path, monkeypatch):
+    """reconstruct_target dense: stage 2 fits its blocks to exactly stage 1's targets (the input model's blocks on
+    the input model's stream); with the default (stage), stage 2's targets are its own blocks before its pruning."""
+    from test_recover import config
+
+    from losa_cli.prune import reconstruction
+    from losa_cli.recover import run_recover
+
+    data = tmp_path / "train.txt"
+    data.write_text(" ".join(["the sparse model keeps its zeros"] * 200))
+    real_fit = reconstruction.fit_block
+
+    def targets_of(target: str) -> list[list[torch.Tensor]]:
+        seen: list[torch.Tensor] = []
+
+        def recording(step, inputs, targets, *args):
+            seen.append(torch.cat([window.clone() for window in targets]))
+            return real_fit(step, inputs, targets, *args)
+
+        monkeypatch.setattr(reconstruction, "fit_block", recording)
+        run_recover(config(tiny_llama_6, tmp_path / target, data, calib_file, reconstruct=True, reconstruct_steps=3,
+                           reconstruct_batch=2, reconstruct_lr=1e-3, loss=loss, reconstruct_target=target,
+                           force=True))
+        return [seen[:6], seen[6:]]  # stage 1's six blocks, stage 2's
+
+    first, second = targets_of("dense")
+    assert len(second) == 6
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    first, second = targets_of("stage")
+    for a, b in zip(first, second):
+        assert not torch.allclose(a, b, atol=1e-4)

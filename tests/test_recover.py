@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import StopRun, stop_after, synthetic_text
+from conftest import StopRun, stop_after
 from losa_cli.cli import app
 from losa_cli.core.config import CalibrationConfig
 from losa_cli.core.modeling import block_linears, find_blocks, find_linears, load_model
@@ -29,13 +29,6 @@ def instructions(tmp_path_factory) -> Path:
         for _ in range(40):
             words = " ".join(rng.choice(["cat", "dog", "sun", "moon"]) for _ in range(4))
             handle.write(json.dumps({"instruction": "Repeat.", "input": words, "output": words}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def plain_text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ft") / "train.txt"
-    path.write_text(synthetic_text(60, 80, seed=9))
     return path
 
 

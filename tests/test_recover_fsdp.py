@@ -20,7 +20,6 @@ import pytest
 import torch
 from test_recover import config
 
-from conftest import synthetic_text
 from losa_cli.core.config import to_dict
 from losa_cli.core.modeling import find_blocks, find_linears, load_model
 from losa_cli.recover import run_recover
@@ -29,13 +28,6 @@ TESTS = Path(__file__).parent
 #: the settings of the runs (``config`` of test_recover.py, changed where noted)
 SETTINGS = dict(sparsity=0.5, steps_per_stage=[3, 4], checkpoint_every=2, response_only=False,
                 dropout=0.0, reset_optimizer=False)
-
-
-@pytest.fixture(scope="module")
-def plain_text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ft") / "train.txt"
-    path.write_text(synthetic_text(60, 80, seed=9))
-    return path
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

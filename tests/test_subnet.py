@@ -12,7 +12,7 @@ from test_recover import base_weights, config
 from torch import nn
 from typer.testing import CliRunner
 
-from conftest import StopRun, stop_after, synthetic_text, tiny_config, tiny_tokenizer
+from conftest import StopRun, stop_after, tiny_config, tiny_tokenizer
 from losa_cli.cli import app
 from losa_cli.core.modeling import block_linears, find_blocks, load_model
 from losa_cli.recover import run_recover
@@ -21,13 +21,6 @@ from losa_cli.recover.training import Trainer
 from losa_cli.run.recipe import section_keys
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def plain_text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ft") / "train.txt"
-    path.write_text(synthetic_text(60, 80, seed=9))
-    return path
 
 
 # --- the math, on small tensors against hand computations -------------------------------------------------------

@@ -78,8 +78,8 @@ def recover(
     adapter: Annotated[
         str | None,
         typer.Option(
-            help="masked-lora (LoSA) | losia (train a gradient-localised core sub-matrix of each weight) "
-            "[default: masked-lora]."
+            help="masked-lora (LoSA) | losia (train a gradient-localised core sub-matrix of each weight) | "
+            "kept-weights (train every kept weight in place) [default: masked-lora]."
         ),
     ] = None,
     stages: Annotated[

@@ -17,6 +17,9 @@ Two streams of inputs can be fitted on:
   predecessors left.  On SmolLM2-135M at 70% (Wanda, 8 steps per block) this gave wiki perplexity
   210 against 164 for ``dense``: a few steps on a 70%-sparse block cannot absorb the upstream error
   and chasing it costs the local fit.
+Recover can name ``reference`` blocks (the dense input model's, kept beside the pruned one): the
+targets are then their outputs, and the dense stream flows through them, so a block of a later
+LoSA stage is fitted to the dense model rather than to itself before that stage's pruning.
 With ``split`` the attention half is fitted first (its module's output against the dense one),
 then the rest of the block against the block's dense output with the attention half frozen.
 Everything trains in fp32 (the block is cast for the fit and back), on a seeded window order,
@@ -25,6 +28,7 @@ so a run is reproducible and a streamed run equals an in-memory one bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,22 +92,27 @@ class Reconstructor:
 
     settings: Reconstruction
     progress: ProgressFn | None = None
+    #: blocks whose outputs are the targets (block l's for block l); None: each block itself, before its pruning
+    reference: nn.ModuleList | None = None
     fits: list[BlockFit] = field(default_factory=list)
     _dense: Windows | None = None
     _pending: _Targets | None = None
 
     def observe(self, step: BlockStep, make: Any) -> dict[str, Observer]:
         """The pruning statistics of the (not yet pruned) block, and the targets it will be fitted to,
-        from one pass where they share it (``sparse``), from a second pass over the dense stream otherwise."""
-        tap = attention_module(step.block) if self.settings.split else None
-        if self.settings.inputs == "sparse":
+        from one pass where they share it (``sparse``), from a second pass over the dense stream (or of the
+        reference block) otherwise."""
+        sparse = self.settings.inputs == "sparse"
+        source = step if self.reference is None else dataclasses.replace(step, block=self.reference[step.index])
+        tap = attention_module(source.block) if self.settings.split else None
+        if sparse and self.reference is None:
             seen = step.observe(make, outputs=True, tap=tap)
             self._pending = _Targets(step.inputs, seen.outputs, seen.tapped)
             return seen.observers
         observers = step.observe(make).observers if make is not None else {}
-        dense = step.inputs if self._dense is None else self._dense
-        seen = step.observe(None, outputs=True, tap=tap, inputs=dense)
-        self._pending = _Targets(dense, seen.outputs, seen.tapped)
+        inputs = step.inputs if sparse or self._dense is None else self._dense
+        seen = source.observe(None, outputs=True, tap=tap, inputs=inputs)
+        self._pending = _Targets(inputs, seen.outputs, seen.tapped)
         return observers
 
     def fit(self, step: BlockStep, total: int) -> BlockFit:

@@ -40,11 +40,21 @@ class Loss(StrEnum):
 
 
 class Adapter(StrEnum):
-    """What is trained: masked LoRA (LoSA, ``masked_lora.py``) or a gradient-localised core sub-matrix
-    of each weight and of the output head (LoSiA as its authors define it, ``subnet.py``)."""
+    """What is trained: masked LoRA (LoSA, ``masked_lora.py``), a gradient-localised core sub-matrix
+    of each weight and of the output head (LoSiA as its authors define it, ``subnet.py``), or every
+    kept weight in place (``kept_weights.py``)."""
 
     MASKED_LORA = "masked-lora"
     LOSIA = "losia"
+    KEPT_WEIGHTS = "kept-weights"
+
+
+class ReconstructTarget(StrEnum):
+    """What a stage's block fits reproduce: the block itself before the stage's pruning (what one-shot
+    reconstruction does), or the dense input model's block, so the fit also undoes what earlier stages left."""
+
+    STAGE = "stage"
+    DENSE = "dense"
 
 
 class RankAllocation(StrEnum):
@@ -105,6 +115,8 @@ class RecoverConfig:
     reconstruct_params: Tuned = RECONSTRUCT.params
     reconstruct_split: bool = RECONSTRUCT.split
     reconstruct_inputs: Stream = RECONSTRUCT.inputs
+    #: dense: the targets are the input model's blocks (the live teacher, or a frozen copy of the input model)
+    reconstruct_target: ReconstructTarget = ReconstructTarget.STAGE
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     max_length: int = 1024
     batch_size: int = 8
@@ -155,6 +167,7 @@ class RecoverConfig:
         self.allocation = choice(self.allocation, Allocation, "allocation", found)
         self.rank_allocation = choice(self.rank_allocation, RankAllocation, "rank_allocation", found)
         self.adapter = choice(self.adapter, Adapter, "adapter", found)
+        self.reconstruct_target = choice(self.reconstruct_target, ReconstructTarget, "reconstruct_target", found)
         self.dtype = choice(self.dtype, DType, "dtype", found)
         self.device = choice(self.device, Device, "device", found)
         if not self.out:

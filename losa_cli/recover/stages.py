@@ -177,10 +177,12 @@ def prune_stage(
     steps: int,
     progress: ProgressFn | None,
     grams: list[torch.Tensor] | None = None,
+    reference: nn.ModuleList | None = None,
 ) -> StageRecord:
     """Merge, allocate rates, prune with error measurement (the previous mask kept), unmerge with
     the new mask, set ranks.  ``grams``: the blocks' Gram matrices of the model as it is now, when a
-    pass already made them (stage 1: the dense pass), so RMI needs no similarity pass of its own."""
+    pass already made them (stage 1: the dense pass), so RMI needs no similarity pass of its own.
+    ``reference``: the dense input model's blocks, the reconstruction targets (``reconstruct_target`` dense)."""
     target, nm = stage_target(config, stage)
     wrappers = wrappers_of(blocks)
     previous = pruned_masks(wrappers)
@@ -202,7 +204,7 @@ def prune_stage(
     settings = Reconstruction.of(config)
     if repeats_pattern(config, stage):
         settings = None
-    reconstructor = Reconstructor(settings, progress) if settings is not None else None
+    reconstructor = Reconstructor(settings, progress, reference) if settings is not None else None
     prune_warnings = prune_blocks(model, criterion, rates, windows, device, progress, on_outputs=measure,
                                   reconstructor=reconstructor)
     check_kept_zeros(previous, wrappers, f"stage {stage} pruning")

@@ -42,8 +42,9 @@ from ..core.modeling import LoadedModel, find_blocks, load_model, resolve_device
 from ..core.sequential import ProgressFn
 from ..prune import Allocation, CalibrationWindows, calibration_windows, revived
 from .checkpoint import STATE_FILE, Checkpoints
-from .config import Adapter, Loss, RecoverConfig
-from .masked_lora import attach, detach, set_block_ranks, wrappers_of
+from .config import Adapter, Loss, ReconstructTarget, RecoverConfig
+from .kept_weights import KeptWeightsLinear
+from .masked_lora import attach, detach, set_block_ranks, wrap_linears, wrappers_of
 from .objective import Objective
 from .schedule import lr_factor
 from .sharding import Sharded, fsdp_settings, shard
@@ -100,6 +101,7 @@ class _Run:
     history: list[StageRecord]
     warnings: list[str]
     nm: NMTarget | None  # N:M runs: the zeros the end must hold
+    reference: nn.ModuleList | None = None  # reconstruct_target dense: the input model's blocks, the fits' targets
 
 
 def run_recover(config: RecoverConfig, progress: ProgressFn | None = None) -> RecoverResult:
@@ -125,6 +127,7 @@ def run_recover(config: RecoverConfig, progress: ProgressFn | None = None) -> Re
                 steps=steps[stage - 1],
                 progress=progress,
                 grams=run.dense.grams if stage == 1 else None,  # the input model's: stage 1 prunes it as it is
+                reference=run.reference,
             )
             run.history.append(record)
             if run.sharded:
@@ -197,9 +200,10 @@ def _setup(config: RecoverConfig, progress: ProgressFn | None) -> _Run:
         cpu=config.device == "cpu" or not torch.cuda.is_available(), gradient_accumulation_steps=config.grad_accum
     )
     fsdp = fsdp_settings(accelerator)
-    if fsdp is not None and config.adapter == Adapter.LOSIA:
-        raise ConfigError(f"{key('adapter')} losia cannot train sharded (FSDP) yet; use masked-lora, or launch "
-                          "without --use_fsdp")
+    dense_target = config.reconstruct and config.reconstruct_target == ReconstructTarget.DENSE
+    if fsdp is not None and (config.adapter != Adapter.MASKED_LORA or dense_target):
+        what = f"{key('reconstruct_target')} dense" if dense_target else f"{key('adapter')} {config.adapter}"
+        raise ConfigError(f"{what} cannot run sharded (FSDP) yet: launch without --use_fsdp")
     device = accelerator.device
     set_seed(config.calibration.seed)
     loaded = load_model(config.model, config.dtype, config.trust_remote_code)
@@ -222,7 +226,10 @@ def _setup(config: RecoverConfig, progress: ProgressFn | None) -> _Run:
     if config.teacher_topk:  # the dense model's rows, before any adapter or pruning; no teacher from here on
         batches.teacher = prepare_teacher_cache(config, accelerator, model, loaded.source.describe(), batches, fsdp,
                                                 warnings, progress)
+    live = config.loss != Loss.CE and batches.teacher is None  # the trainer makes a dense teacher: share it
+    own_reference = dense_teacher(model, device) if dense_target and not live else None
     trainer, sharded = _trainer(config, accelerator, model, blocks, batches, fsdp, warnings)
+    reference = find_blocks(own_reference or trainer.objective.teacher) if dense_target else None
     history: list[StageRecord] = []
     if resume_state is not None:
         checkpoints.load(accelerator, _trained(blocks, trainer), trainer.optimizer, trainer.scheduler)
@@ -252,6 +259,7 @@ def _setup(config: RecoverConfig, progress: ProgressFn | None) -> _Run:
         history,
         warnings,
         nm,
+        reference,
     )
 
 
@@ -270,6 +278,8 @@ def _trainer(config: RecoverConfig, accelerator, model: nn.Module, blocks: nn.Mo
         if untied:
             warnings.append("lm_head was tied to the input embedding: LoSiA trains a copy of it, saved beside the "
                             "intact embedding (losia_head=0 keeps it tied and frozen)")
+    elif config.adapter == Adapter.KEPT_WEIGHTS:
+        wrappers = wrap_linears(blocks, KeptWeightsLinear)
     else:
         wrappers = attach(blocks, config.rank_max, config.alpha, config.dropout, config.fused)
     for p in model.parameters():
