@@ -317,11 +317,13 @@ def test_losia_resume_mid_stage_matches_an_uninterrupted_run(tiny_llama_6, calib
     (["--adapter", "losia", "losia_beta1=1"], "losia_beta1 must be in [0, 1)"),
     (["--adapter", "losia", "losia_rewarm=-1"], "losia_rewarm must be at least 0"),
     (["--adapter", "losia", "losia_head=2"], "losia_head must be in [0, 1]"),
+    (["reconstruct_target=foo"], "reconstruct_target 'foo' is unknown; choose one of stage, dense"),
 ])
 def test_bad_adapter_settings_get_one_line(tiny_llama_6, calib_file, plain_text, tmp_path, extra, message):
     result = runner.invoke(app, ["recover", "--model", str(tiny_llama_6), "--out", str(tmp_path / "o"), "--data",
                                  str(plain_text), "--calib", str(calib_file), *extra])
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, result.stderr
-    keys = {"adapter", "losia_ratio", "losia_period", "losia_beta1", "losia_beta2", "losia_rewarm", "losia_head"}
+    keys = {"adapter", "losia_ratio", "losia_period", "losia_beta1", "losia_beta2", "losia_rewarm", "losia_head",
+            "reconstruct_target"}
     assert keys <= set(section_keys("recover"))  # recipes take them too
 
