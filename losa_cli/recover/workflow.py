@@ -226,10 +226,10 @@ def _setup(config: RecoverConfig, progress: ProgressFn | None) -> _Run:
     if config.teacher_topk:  # the dense model's rows, before any adapter or pruning; no teacher from here on
         batches.teacher = prepare_teacher_cache(config, accelerator, model, loaded.source.describe(), batches, fsdp,
                                                 warnings, progress)
-    live = config.loss != Loss.CE and batches.teacher is None  # the trainer makes a dense teacher: share it
-    own_reference = dense_teacher(model, device) if dense_target and not live else None
-    trainer, sharded = _trainer(config, accelerator, model, blocks, batches, fsdp, warnings)
-    reference = find_blocks(own_reference or trainer.objective.teacher) if dense_target else None
+    live = config.loss != Loss.CE and batches.teacher is None  # distillation without cached rows
+    teacher = dense_teacher(model, torch.device("cpu") if fsdp else device) if live or dense_target else None
+    trainer, sharded = _trainer(config, accelerator, model, blocks, batches, fsdp, warnings, teacher if live else None)
+    reference = find_blocks(teacher) if dense_target else None  # one dense copy serves both
     history: list[StageRecord] = []
     if resume_state is not None:
         checkpoints.load(accelerator, _trained(blocks, trainer), trainer.optimizer, trainer.scheduler)
@@ -264,13 +264,11 @@ def _setup(config: RecoverConfig, progress: ProgressFn | None) -> _Run:
 
 
 def _trainer(config: RecoverConfig, accelerator, model: nn.Module, blocks: nn.ModuleList, batches: Batches,
-             fsdp: dict | None, warnings: list[str]) -> tuple[Trainer, Sharded | None]:
-    """Adapters on every block linear (LoSiA: and the head), the objective (with the live dense teacher for
-    distillation unless its rows are cached), AdamW, its schedule; with ``fsdp`` settings the trained model (and
-    the teacher) are sharded copies of the plain one."""
+             fsdp: dict | None, warnings: list[str], teacher: nn.Module | None) -> tuple[Trainer, Sharded | None]:
+    """Adapters on every block linear (LoSiA: and the head), the objective (with ``teacher``, the live dense
+    model, for distillation unless its rows are cached), AdamW, its schedule; with ``fsdp`` settings the trained
+    model (and the teacher) are sharded copies of the plain one."""
     device, world = accelerator.device, accelerator.num_processes
-    live = config.loss != Loss.CE and batches.teacher is None
-    teacher = dense_teacher(model, torch.device("cpu") if fsdp else device) if live else None
     if config.adapter == Adapter.LOSIA:
         rewarm = config.losia_period if config.losia_rewarm is None else config.losia_rewarm
         timing = Timing(config.losia_period, config.losia_beta1, config.losia_beta2, rewarm)
