@@ -84,6 +84,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
         "max_length": 256,
         "batch_size": 4,
         "reconstruct": True,
+        "reconstruct_target": "dense",
     },
     "export": {"onnx": True},
     "bench": {"engines": "onnxruntime,deepsparse,losa", "precisions": "fp32,bf16,int8", "seqlen": 128,
