@@ -36,6 +36,7 @@ def run_row(folder: Path) -> dict:
         "sparsity": settings.get("sparsity"),
         "pattern": settings.get("pattern"),
         "reconstruct": bool(settings.get("reconstruct", False)),
+        "reconstruct_target": recover["settings"].get("reconstruct_target", "stage"),
         "stages": recover["settings"]["stages"],
         "steps": sum(recover["settings"]["steps_per_stage"]),
         "teacher_topk": recover["settings"].get("teacher_topk", 0),
@@ -59,8 +60,10 @@ def plot(rows: list[dict], png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in rows:
+        dense_target = row.get("reconstruct_target") == "dense"
+        fitted = "blocks fitted to " + ("the dense model" if dense_target else "the stage's start")
         label = (f"{row['stages']} stage{'s' if row['stages'] > 1 else ''}, {row['steps']} steps, "
-                 f"{'reconstruction' if row['reconstruct'] else 'no reconstruction'}, seed {row['seed']}")
+                 f"{fitted if row['reconstruct'] else 'no reconstruction'}, seed {row['seed']}")
         ax.scatter(row["recover_wall_s"] / 60, row["wiki"], marker="o", label=label)
     for path in sorted(RESULTS.glob("recover_quality*.json")):
         payload = json.loads(path.read_text())

@@ -19,7 +19,7 @@ The rows (--only picks and orders them; finished rows are kept and skipped on re
     one-shot Wanda 70% + reconstruction (norms and biases only): reconstruct_params=norms (PERP)
     one-shot + masked LoRA (1 stage; uniform rank 10): the one-stage baseline
     LoSA CE / KD / KD+CE / SquareHead, on SparseGPT, with LoSiA subnets (LoSiA as published: ratio 1/8),
-        losia-simple, full fine-tuning of kept weights (the ceiling)
+        full fine-tuning of kept weights (the ceiling)
     LoSA KD with reconstruction per stage: recover's reconstruct=True, at --reconstruct-lr (default 5e-4)
     default recipe: the recover section of examples/default.yaml as `losa run` builds it from the repository
         root (its own steps, lr, data and loss; --seed and --device set the recipe's seed and device)
@@ -145,7 +145,6 @@ def main() -> None:
         "LoSA CE on SparseGPT": dict(losa, method="sparsegpt"),
         "LoSA CE with LoSiA subnets (ratio 1/8)": dict(losa, adapter="losia"),
         "LoSA KD with LoSiA subnets (ratio 1/8)": dict(losa, adapter="losia", loss="kd"),  # LoSiA as published
-        "LoSA KD with simplified LoSiA subnets (losia-simple)": dict(losa, adapter="losia-simple", loss="kd"),
         # the ceiling: every kept weight trained (a "subnet" of all rows and columns), the mask enforced
         "LoSA CE full fine-tuning of kept weights": dict(losa, **FULL),
         "LoSA KD full fine-tuning of kept weights": dict(losa, loss="kd", **FULL),

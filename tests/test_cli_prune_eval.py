@@ -46,6 +46,7 @@ def test_prune_unstructured_every_arch(tiny_models, calib_file, tmp_path, arch, 
     assert manifest["settings"]["method"] == method
     assert manifest["results"]["mask_checksum"] == report["mask_checksum"]
     assert "torch" in manifest["versions"] and manifest["results"]["peak_memory_mib"] > 0
+    assert manifest["machine"]["torch_threads"] == torch.get_num_threads()  # results depend on it
     assert folder_digest(tiny_models[arch]) == before, "the input model was modified"
 
 
