@@ -37,6 +37,7 @@ def run_row(folder: Path) -> dict:
         "pattern": settings.get("pattern"),
         "reconstruct": bool(settings.get("reconstruct", False)),
         "reconstruct_target": recover["settings"].get("reconstruct_target", "stage"),
+        "adapter": recover["settings"].get("adapter", "masked-lora"),
         "stages": recover["settings"]["stages"],
         "steps": sum(recover["settings"]["steps_per_stage"]),
         "teacher_topk": recover["settings"].get("teacher_topk", 0),
@@ -64,6 +65,10 @@ def plot(rows: list[dict], png: Path) -> None:
         fitted = "blocks fitted to " + ("the dense model" if dense_target else "the stage's start")
         label = (f"{row['stages']} stage{'s' if row['stages'] > 1 else ''}, {row['steps']} steps, "
                  f"{fitted if row['reconstruct'] else 'no reconstruction'}, seed {row['seed']}")
+        if row.get("adapter", "masked-lora") != "masked-lora":
+            label += f", {row['adapter']}"
+        if (row.get("machine") or {}).get("torch_threads"):
+            label += f", {row['machine']['torch_threads']} thread(s)"
         ax.scatter(row["recover_wall_s"] / 60, row["wiki"], marker="o", label=label)
     for path in sorted(RESULTS.glob("recover_quality*.json")):
         payload = json.loads(path.read_text())
